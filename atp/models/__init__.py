@@ -1,0 +1,26 @@
+"""Model-family adapters: where each supported HF model keeps its parts."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from atp.models.llava import LlavaAdapter
+
+ADAPTERS = (LlavaAdapter,)
+
+
+def get_adapter(model: nn.Module) -> LlavaAdapter:
+    """Return the adapter for `model`, or raise a clear error for unsupported classes."""
+    for adapter in ADAPTERS:
+        if adapter.supports(model):
+            return adapter(model)
+    supported = ", ".join(a.__name__.replace("Adapter", "ForConditionalGeneration") for a in ADAPTERS)
+    raise TypeError(
+        f"atp token pruning does not support {type(model).__name__}. Supported model classes: "
+        f"{supported} (load with e.g. LlavaForConditionalGeneration.from_pretrained(path)). "
+        "A text-only causal LM has no visual tokens to prune; for structural pruning of LLMs "
+        "use atp.structural. To support another VLM family, add an adapter in atp/models/."
+    )
+
+
+__all__ = ["LlavaAdapter", "get_adapter"]

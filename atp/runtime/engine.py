@@ -1,0 +1,399 @@
+"""The token-pruning runtime: per-instance hooks around an HF VLM's own decoder loop.
+
+Nothing of transformers is forked or globally patched. On one model instance we add:
+
+  * pre-hooks on the top model and the multimodal model, to read `labels` and `input_ids`
+    (where the image and the answer are);
+  * a pre-hook on the language model, which starts a prefill or a decode step and fixes
+    the original position ids;
+  * a pre-hook on every decoder layer, which runs the pruner before the layers it names
+    and hands the layer the hidden states, attention mask, position ids and rotary
+    embeddings of the current layout (drop: gathered; mask: key bias);
+  * a forward hook on the final norm, which scatters the surviving tokens back to their
+    original positions, so logits, labels and `logits_to_keep` keep their HF meaning
+    (positions of dropped tokens get a zero hidden state);
+  * forward hooks on q_proj/k_proj of the layers a pruner probes.
+
+KV cache: each layer's cache holds only the tokens that layer saw; decode steps attend to
+the cached prefix through that layer's prefill layout and continue original positions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atp.models import get_adapter
+from atp.runtime.layout import Layout, decode_mask, prefill_mask
+from atp.runtime.probe import ProjectionCapture, attention_rows, project_qk
+from atp.runtime.prompt import locate_prompt_parts
+from atp.runtime.stage import apply_drop, apply_mask, check_decision, present_visual, remaining_visual
+from atp.runtime.stats import PruningStats
+from atp.token.base import PruneContext, TokenPruner
+
+MODES = ("drop", "mask")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class LayerInputs:
+    """What one decoder layer is given: its layout, mask [B,1,Q,K] and rotary (cos, sin)."""
+
+    layout: Layout
+    mask: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+
+
+class _Prefill:
+    """Scratch state of one prefill forward."""
+
+    def __init__(self, layout: Layout, visual_index: torch.Tensor, instruction: torch.Tensor,
+                 last_prompt: torch.Tensor, original_length: int, num_layers: int) -> None:
+        self.layout = layout
+        self.visual_index = visual_index  # [B, S] in original positions
+        self.instruction = instruction  # [B, S] in original positions
+        self.last_prompt = last_prompt  # [B] original position
+        self.original_length = original_length
+        self.layer_inputs: list[LayerInputs | None] = [None] * num_layers
+        self.layouts: list[Layout] = []  # per layer, kept after the forward for decode steps
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.scoring_seconds = 0.0
+        self.cache = None
+
+
+class _Decode:
+    """Scratch state of one decode (continuation) forward."""
+
+    def __init__(self, new_valid: torch.Tensor, num_cached_new: int, position: torch.Tensor) -> None:
+        self.new_valid = new_valid  # [B, T] validity of all tokens appended after the prefill
+        self.num_cached_new = num_cached_new
+        self.position = position  # [B, Q] original positions of this step's tokens
+        self.by_layout: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+class PruningRuntime:
+    """Owns the hooks and state that `atp.apply` attaches to one model instance."""
+
+    def __init__(self, model: nn.Module, pruner: TokenPruner, mode: str = "drop") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if not isinstance(pruner, TokenPruner):
+            raise TypeError(
+                f"expected a TokenPruner (see atp.build_pruner / atp.available_pruners()), got {type(pruner).__name__}."
+            )
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.pruner = pruner
+        self.mode = mode
+        self.num_layers = self.adapter.num_layers
+        pruner.validate(self.num_layers)
+        self._check_attention()
+        self.captures = {layer: ProjectionCapture() for layer in sorted(pruner.probe_layers())}
+        for layer in self.captures:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"{pruner.name}: probe layer {layer} is outside 0..{self.num_layers - 1}.")
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
+        self._labels: torch.Tensor | None = None
+        self._image_mask: torch.Tensor | None = None
+        self._prefill: _Prefill | None = None  # the forward in flight, if a prefill
+        self._decode: _Decode | None = None  # the forward in flight, if a decode step
+        self._last_prefill: _Prefill | None = None  # what a cache continuation attends to
+        self.last_stats: PruningStats | None = None
+
+    # -- install / remove -------------------------------------------------------------
+    def install(self) -> None:
+        adapter = self.adapter
+        hook = lambda module, fn: self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))  # noqa: E731
+        hook(self.model, self._read_labels)
+        hook(adapter.multimodal_model, self._read_inputs)
+        hook(adapter.language_model, self._begin_forward)
+        for index, layer in enumerate(adapter.layers):
+            hook(layer, self._layer_hook(index))
+        self._handles.append(adapter.final_norm.register_forward_hook(self._after_norm))
+        for index, capture in self.captures.items():
+            attn = adapter.layers[index].self_attn
+            self._probed_modules[index] = (attn.q_proj, attn.k_proj)
+            self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
+            self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._prefill = self._decode = self._last_prefill = None
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_attention(self) -> None:
+        implementation = self.adapter.attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"the atp runtime passes per-layer additive masks, which attn_implementation="
+                f"{implementation!r} does not take. Load the model with attn_implementation='sdpa' "
+                "(fast) or 'eager', or call model.set_attn_implementation('sdpa')."
+            )
+
+    def _check_probed_modules(self) -> None:
+        for index, (q_proj, k_proj) in self._probed_modules.items():
+            attn = self.adapter.layers[index].self_attn
+            if attn.q_proj is not q_proj or attn.k_proj is not k_proj:
+                raise RuntimeError(
+                    f"layer {index}'s q/k projections were replaced after atp.apply (e.g. by peft LoRA). "
+                    "Call atp.remove(model) and atp.apply(...) again after wrapping the model."
+                )
+
+    # -- hooks: inputs ----------------------------------------------------------------
+    def _read_labels(self, _module, args, kwargs):
+        self._labels = kwargs.get("labels")
+        return None
+
+    def _read_inputs(self, _module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        return None
+
+    def _begin_forward(self, _module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError("atp runtime: the language model was called without inputs_embeds; call the full VLM.")
+        image_mask, labels = self._image_mask, self._labels
+        self._image_mask = self._labels = None
+        if image_mask is None or image_mask.shape != embeds.shape[:2]:
+            raise RuntimeError(
+                "atp runtime: could not locate the image tokens of this forward. Call the model itself "
+                "(model(...) or model.generate(...)), not its language model."
+            )
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                f"atp runtime needs a 2D padding attention_mask [batch, seq]; got {attention_mask.ndim}D. "
+                "Custom 4D masks and compiled static caches are not supported with pruning."
+            )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.ndim != 2:
+            raise ValueError(f"atp runtime supports 2D position_ids [batch, seq], got {position_ids.ndim}D.")
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached > 0:
+            position = self._begin_decode(embeds, attention_mask, position_ids, cache, image_mask)
+        else:
+            position = self._begin_prefill(embeds, attention_mask, position_ids, image_mask, labels)
+        kwargs["position_ids"] = position
+        return args, kwargs
+
+    def _begin_prefill(self, embeds, attention_mask, position_ids, image_mask, labels) -> torch.Tensor:
+        batch, length = embeds.shape[:2]
+        window = self.adapter.sliding_window()
+        if window is not None and length > window:
+            raise ValueError(
+                f"sequence length {length} exceeds the model's sliding window ({window}); the atp runtime "
+                "builds full causal masks. Shorten the input or use a model without sliding-window attention."
+            )
+        device = embeds.device
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)[None]
+        position = position_ids.expand(batch, length)
+        parts = locate_prompt_parts(image_mask.to(device), valid, labels)
+        visual_index = torch.where(parts.visual, parts.visual.long().cumsum(1) - 1, -1)
+        layout = Layout.initial(valid, position, parts.visual)
+        self._check_probed_modules()
+        self._prefill = _Prefill(layout, visual_index, parts.instruction, parts.last_prompt, length, self.num_layers)
+        self._decode = None
+        for capture in self.captures.values():
+            capture.clear()
+            capture.armed = True
+        return position
+
+    def _begin_decode(self, embeds, attention_mask, position_ids, cache, image_mask) -> torch.Tensor:
+        record = self._last_prefill
+        if record is None or record.cache is not cache:
+            raise RuntimeError(
+                "this KV cache was not filled by a prefill of the pruned model (atp.apply was called after "
+                "it, or it belongs to another run). Run the prompt again with the pruned model."
+            )
+        if image_mask.any():
+            raise ValueError("image tokens in a continuation of a cached prefill are not supported; put the image in the prompt.")
+        batch, queries = embeds.shape[:2]
+        first = record.layouts[0]
+        num_cached_new = cache.get_seq_length(0) - first.length
+        total_new = num_cached_new + queries
+        if attention_mask is not None:
+            new_valid = attention_mask[:, record.original_length:].bool()
+            if new_valid.shape[1] != total_new:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} positions; expected the prompt's "
+                    f"{record.original_length} plus {total_new} appended tokens."
+                )
+        else:
+            new_valid = torch.ones(batch, total_new, dtype=torch.bool, device=embeds.device)
+        if position_ids is None:
+            start = record.original_length + num_cached_new
+            position_ids = torch.arange(start, start + queries, device=embeds.device)[None]
+        position = position_ids.expand(batch, queries)
+        self._prefill = None
+        self._decode = _Decode(new_valid, num_cached_new, position)
+        return position
+
+    # -- hooks: decoder layers ------------------------------------------------------------
+    def _layer_hook(self, index: int):
+        def before_layer(_module, args, kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if self._prefill is not None:
+                hidden, inputs = self._prefill_layer(index, hidden, kwargs)
+            elif self._decode is not None:
+                inputs = self._decode_layer(index, hidden, kwargs)
+            else:
+                raise RuntimeError("atp runtime: a decoder layer ran outside a model forward; call the full model.")
+            kwargs["attention_mask"] = inputs.mask
+            kwargs["position_embeddings"] = inputs.rotary
+            kwargs["position_ids"] = inputs.layout.position if self._prefill is not None else self._decode_positions(inputs.layout)
+            return (hidden, *rest), kwargs
+
+        return before_layer
+
+    def _prefill_layer(self, index: int, hidden: torch.Tensor, kwargs: dict):
+        state = self._prefill
+        if index == 0:
+            cache = kwargs.get("past_key_values")
+            if cache is not None and getattr(cache, "is_compileable", False):
+                raise ValueError(
+                    f"{type(cache).__name__} is not supported by the pruning runtime (each layer caches a "
+                    "different number of tokens); use the default dynamic cache."
+                )
+            state.cache = cache
+        if index in self.pruner.layers:
+            hidden = self._run_stage(index, hidden)
+        previous = state.layer_inputs[index - 1] if index > 0 else None
+        if previous is not None and previous.layout is state.layout:
+            inputs = previous
+        else:
+            mask = prefill_mask(state.layout, hidden.dtype)
+            rotary = self.adapter.rotary_emb(hidden, state.layout.position)
+            inputs = LayerInputs(state.layout, mask, rotary)
+        state.layer_inputs[index] = inputs
+        return hidden, inputs
+
+    def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict) -> LayerInputs:
+        state, record = self._decode, self._last_prefill
+        layout = record.layouts[index]
+        cache = kwargs.get("past_key_values")
+        expected = layout.length + state.num_cached_new
+        if cache is not None and cache.get_seq_length(index) != expected:
+            raise RuntimeError(
+                f"KV cache of layer {index} holds {cache.get_seq_length(index)} tokens, expected {expected}: "
+                "the cache was cropped or edited outside the pruning runtime."
+            )
+        key = id(layout)
+        if key not in state.by_layout:
+            mask = decode_mask(layout, state.new_valid, state.num_cached_new, hidden.dtype)
+            rotary = self.adapter.rotary_emb(hidden, self._decode_positions(layout))
+            state.by_layout[key] = (mask, rotary)
+        mask, rotary = state.by_layout[key]
+        return LayerInputs(layout, mask, rotary)
+
+    def _decode_positions(self, layout: Layout) -> torch.Tensor:
+        return self._decode.position - layout.shift[:, None]
+
+    # -- the pruning stage ---------------------------------------------------------------
+    def _run_stage(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        state = self._prefill
+        layout = state.layout
+        take = lambda t: torch.gather(t, 1, layout.index)  # original -> current slots  # noqa: E731
+        weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
+        slot_of = torch.zeros(hidden.shape[0], state.original_length + 1, dtype=torch.long, device=hidden.device)
+        slot_of.scatter_(1, torch.where(layout.valid, layout.index, state.original_length), torch.arange(layout.length, device=hidden.device).expand_as(layout.index))
+        ctx = PruneContext(
+            layer=index,
+            hidden=hidden,
+            visual=layout.visual_alive(),
+            visual_index=torch.where(layout.visual & layout.valid, take(state.visual_index), -1),
+            weight=weight,
+            instruction=take(state.instruction) & layout.valid,
+            last_prompt=torch.gather(slot_of, 1, state.last_prompt[:, None])[:, 0],
+            num_visual=(state.visual_index >= 0).sum(1),
+            grid=self.adapter.image_grid,
+            mode=self.mode,
+            attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
+        )
+        start = time.perf_counter()
+        decision = self.pruner.prune(ctx)
+        check_decision(decision, layout, self.pruner.name, self.mode)
+        if self.mode == "drop":
+            new_layout, hidden = apply_drop(layout, hidden, decision, self.pruner.position_ids == "compact")
+        else:
+            new_layout = apply_mask(layout, decision, self.pruner.position_ids == "compact")
+        if hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        state.scoring_seconds += time.perf_counter() - start
+        state.layout = new_layout
+        state.kept[index] = remaining_visual(new_layout, torch.gather(state.visual_index, 1, new_layout.index))
+        return hidden
+
+    def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
+        state = self._prefill
+        if layer == stage:
+            query, key = project_qk(self.adapter.layers[layer], hidden)
+            mask = prefill_mask(state.layout, hidden.dtype)
+            rotary = self.adapter.rotary_emb(hidden, state.layout.position)
+        elif layer == stage - 1 and layer in self.captures:
+            capture = self.captures[layer]
+            if capture.query is None or capture.key is None:
+                raise RuntimeError(f"layer {layer}'s q/k projections were not captured in this forward.")
+            query, key = capture.query, capture.key
+            inputs = state.layer_inputs[layer]
+            mask, rotary = inputs.mask, inputs.rotary
+        else:
+            raise ValueError(
+                f"{self.pruner.name}: before layer {stage} the probe can read layer {stage} (computed on "
+                f"demand) or layer {stage - 1} if listed in probe_layers(); asked for layer {layer}."
+            )
+        return attention_rows(self.adapter.layers[layer].self_attn, query, key, rotary, mask, queries)
+
+    # -- hooks: output ----------------------------------------------------------------------
+    def _after_norm(self, _module, _inputs, output: torch.Tensor):
+        state = self._prefill
+        if state is None:
+            return None
+        self._finish_prefill(state)
+        layout = state.layout
+        if layout.length == state.original_length and bool((layout.index == torch.arange(layout.length, device=layout.index.device)).all()):
+            return None
+        batch, _, width = output.shape
+        target = torch.where(layout.valid, layout.index, state.original_length)
+        full = output.new_zeros(batch, state.original_length + 1, width)
+        full = full.scatter(1, target[..., None].expand(-1, -1, width), output)
+        return full[:, : state.original_length]
+
+    def _finish_prefill(self, state: _Prefill) -> None:
+        for capture in self.captures.values():
+            capture.armed = False
+            capture.clear()
+        layouts = [inputs.layout for inputs in state.layer_inputs]
+        state.layouts, state.layer_inputs = layouts, []  # release masks; decode needs layouts only
+        self.last_stats = PruningStats(
+            visual_tokens=torch.stack([present_visual(lay).sum(1) for lay in layouts], 1).cpu(),
+            tokens=torch.stack([lay.visible().sum(1) for lay in layouts], 1).cpu(),
+            kept=state.kept,
+            num_visual=(state.visual_index >= 0).sum(1).cpu(),
+            soft_visual_tokens=torch.stack([_soft_count(lay) for lay in layouts], 1).detach().cpu(),
+            scoring_seconds=state.scoring_seconds,
+            mode=self.mode,
+            pruner=self.pruner.name,
+        )
+        self._last_prefill = state if state.cache is not None else None
+        self._prefill = None
+
+
+def _soft_count(layout: Layout) -> torch.Tensor:
+    present = layout.visual_alive().float()
+    if layout.weight is not None:
+        present = present * layout.weight
+    return present.sum(1)

@@ -1,0 +1,82 @@
+"""Apply one pruner decision to a layout: drop (gather) or mask (hide as keys)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from atp.runtime.layout import Layout, compact_positions, left_filled_slots
+
+
+def check_decision(decision: torch.Tensor, layout: Layout, pruner: str, mode: str) -> None:
+    """Raise a clear error for a decision of the wrong shape, type or range."""
+    if not isinstance(decision, torch.Tensor) or decision.shape != layout.index.shape:
+        shape = getattr(decision, "shape", type(decision).__name__)
+        raise ValueError(
+            f"pruner {pruner!r} returned a decision of shape {shape}; expected a [batch, slots] "
+            f"tensor of shape {tuple(layout.index.shape)} (bool keep mask or float keep weights)."
+        )
+    if decision.dtype != torch.bool:
+        if not decision.is_floating_point():
+            raise ValueError(f"pruner {pruner!r} returned dtype {decision.dtype}; use bool or float.")
+        if mode == "drop":
+            raise ValueError(
+                f"pruner {pruner!r} returned soft keep weights, but drop mode needs a hard bool "
+                "decision. Use mode='mask' for soft masks (training), or threshold the weights."
+            )
+
+
+def apply_drop(
+    layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool
+) -> tuple[Layout, torch.Tensor]:
+    """Physically remove the visual tokens `keep` rejects.
+
+    layout: the current layout; hidden: [B, S, d]; keep: [B, S] bool (non-visual slots are
+    kept whatever it says); compact: renumber positions of the remaining tokens contiguously.
+    Returns the new layout and the gathered hidden states [B, S', d].
+    """
+    removed = layout.visual_alive() & ~keep
+    if compact:
+        layout = _compacted(layout, removed)
+    slot, filled = left_filled_slots(layout.valid & ~removed)
+    hidden = torch.gather(hidden, 1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
+    return layout.gather(slot, filled), hidden
+
+
+def apply_mask(layout: Layout, decision: torch.Tensor, compact: bool) -> Layout:
+    """Hide rejected visual tokens from every later query (sequence length unchanged).
+
+    decision: [B, S] bool keep mask, or float keep weights in [0, 1] that multiply the
+    weights of earlier stages (soft masks compose as a product across modules).
+    """
+    prunable = layout.visual_alive()
+    if decision.dtype == torch.bool:
+        removed = prunable & ~decision
+        if compact:
+            layout = _compacted(layout, removed)
+        return replace(layout, alive=layout.alive & ~removed)
+    if compact:
+        raise ValueError("compact position ids need hard decisions; soft masks keep original positions.")
+    step = torch.where(prunable, decision.to(torch.float32), torch.ones_like(decision, dtype=torch.float32))
+    weight = step if layout.weight is None else layout.weight * step
+    return replace(layout, weight=weight)
+
+
+def _compacted(layout: Layout, removed: torch.Tensor) -> Layout:
+    position = compact_positions(layout.position, removed)
+    return replace(layout, position=position, shift=layout.shift + removed.sum(1))
+
+
+def remaining_visual(layout: Layout, visual_index: torch.Tensor) -> list[torch.Tensor]:
+    """Sorted image-token indices still present per sample (soft weights count if >= 0.5)."""
+    present = present_visual(layout)
+    return [torch.sort(visual_index[b][present[b]]).values.cpu() for b in range(present.shape[0])]
+
+
+def present_visual(layout: Layout) -> torch.Tensor:
+    """[B, S] bool visual tokens that count as processed by a layer seeing `layout`."""
+    present = layout.visual_alive()
+    if layout.weight is not None:
+        present = present & (layout.weight >= 0.5)
+    return present

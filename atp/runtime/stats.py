@@ -1,0 +1,39 @@
+"""What the last forward (or generate's prefill) did to the visual tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PruningStats:
+    """Per-sample token counts of one prefill.
+
+    visual_tokens: [B, L] long, visual tokens each decoder layer processed (mask mode:
+                   tokens still visible as keys; soft masks count weight >= 0.5)
+    tokens:        [B, L] long, all real (non-padding) tokens each layer processed, by the
+                   same rule: the `n` of the FLOPs and KV-cache accounting
+    kept:          {layer: [LongTensor per sample]}: `layer` is the first decoder layer that
+                   no longer sees the pruned tokens (0 = before the LLM); each tensor holds
+                   the sorted indices of the visual tokens that remain, counting a sample's
+                   image tokens in input order from 0
+    num_visual:    [B] long, visual tokens at the LLM input (before any pruning)
+    soft_visual_tokens: [B, L] float, sum of soft keep weights per layer (mask mode)
+    scoring_seconds: wall time spent inside the pruner (scores and probes), this prefill
+    """
+
+    visual_tokens: torch.Tensor
+    tokens: torch.Tensor
+    kept: dict[int, list[torch.Tensor]]
+    num_visual: torch.Tensor
+    soft_visual_tokens: torch.Tensor
+    scoring_seconds: float = 0.0
+    mode: str = "drop"
+    pruner: str = ""
+    extras: dict = field(default_factory=dict)
+
+    def average_visual_tokens(self) -> torch.Tensor:
+        """[B] float: mean over decoder layers of the visual tokens processed (the paper's "144*")."""
+        return self.visual_tokens.double().mean(1)

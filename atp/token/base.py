@@ -1,0 +1,142 @@
+"""The token-pruner interface and its registry.
+
+A pruner is a scoring rule. The runtime calls `pruner.prune(ctx)` before each decoder
+layer in `pruner.layers` and applies the decision (drop or mask). The pruner never
+touches hidden states, caches or masks itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+POSITION_POLICIES = ("original", "compact")
+
+
+@dataclass
+class PruneContext:
+    """What a pruner sees before decoder layer `layer` (all [B, S] tensors use the current layout).
+
+    layer:             decoder layer about to run (0 = the LLM input embeddings)
+    hidden:            [B, S, d] hidden states entering `layer`
+    visual:            [B, S] bool, visual tokens still present (the only prunable slots)
+    visual_index:      [B, S] long, image-token number counted in input order from 0, -1 elsewhere
+    weight:            [B, S] float, soft keep weight so far (1 where nothing was masked)
+    instruction:       [B, S] bool, prompt tokens after the image and before the answer
+    last_prompt:       [B] long, slot of the last prompt token (the last token before the answer)
+    num_visual:        [B] long, visual tokens each sample had at the LLM input
+    grid:              (rows, cols) of visual tokens per image
+    mode:              "drop" or "mask"
+    attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
+                       probabilities of decoder layer `layer` (this one or the previous one)
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    visual_index: torch.Tensor
+    weight: torch.Tensor
+    instruction: torch.Tensor
+    last_prompt: torch.Tensor
+    num_visual: torch.Tensor
+    grid: tuple[int, int]
+    mode: str
+    attention: Callable[[int, torch.Tensor], torch.Tensor]
+
+    def visual_counts(self) -> torch.Tensor:
+        """[B] long: visual tokens present per sample."""
+        return self.visual.sum(1)
+
+
+class TokenPruner(nn.Module):
+    """Base class: subclasses set `name`, and implement `prune` (and `probe_layers` if needed).
+
+    `prune` returns a [B, S] decision over the current slots: a bool tensor (True = keep)
+    or, in mask mode only, a float tensor of soft keep weights in [0, 1]. Only visual slots
+    can be pruned; the runtime keeps every other slot whatever the decision says.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, layers: int | list[int] | tuple[int, ...], position_ids: str = "original"):
+        super().__init__()
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        if not layer_list and self.name != "none":
+            raise ValueError(f"{self.name}: give at least one layer to prune at.")
+        if sorted(set(layer_list)) != layer_list:
+            raise ValueError(f"{self.name}: layers must be strictly increasing, got {layer_list}.")
+        if any((not isinstance(layer, int)) or layer < 0 for layer in layer_list):
+            raise ValueError(f"{self.name}: layers must be integers >= 0 (0 = before the LLM), got {layer_list}.")
+        if position_ids not in POSITION_POLICIES:
+            raise ValueError(f"{self.name}: position_ids must be one of {POSITION_POLICIES}, got {position_ids!r}.")
+        self.layers = tuple(layer_list)
+        self.position_ids = position_ids
+
+    def probe_layers(self) -> set[int]:
+        """Decoder layers whose q/k projections the runtime must capture for `ctx.attention`."""
+        return set()
+
+    def validate(self, num_layers: int) -> None:
+        """Raise a clear error if the pruner cannot run on a model with `num_layers` layers."""
+        for layer in self.layers:
+            if layer >= num_layers:
+                raise ValueError(
+                    f"{self.name}: layer {layer} is at or past the model's depth ({num_layers} decoder "
+                    f"layers: valid layers are 0..{num_layers - 1}). Choose a smaller layer index."
+                )
+
+    def prune(self, ctx: PruneContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_keep_ratio(name: str, keep_ratio: float) -> float:
+    if not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
+        raise ValueError(
+            f"{name}: keep_ratio must be in (0, 1] (the fraction of visual tokens kept), got {keep_ratio!r}."
+        )
+    return float(keep_ratio)
+
+
+def kept_count(num_tokens: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """[B] tokens to keep: round(n * keep_ratio), at least 1 where n > 0 (round half up)."""
+    keep = torch.floor(num_tokens.double() * keep_ratio + 0.5).long()
+    return torch.where(num_tokens > 0, keep.clamp_min(1), keep).clamp_max(num_tokens)
+
+
+def top_k_per_sample(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the k[b] highest-scoring candidate slots of each row b.
+
+    score: [B, S] float; candidates: [B, S] bool; k: [B] long. Ties break towards the
+    earlier slot (stable), so the choice is deterministic.
+    """
+    masked = score.float().masked_fill(~candidates, -math.inf)
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < k[:, None]) & candidates
+
+
+_REGISTRY: dict[str, type[TokenPruner]] = {}
+
+
+def register(cls: type[TokenPruner]) -> type[TokenPruner]:
+    """Class decorator: make a pruner buildable by its `name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"a pruner named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_pruners() -> list[str]:
+    """Names accepted by `build_pruner`."""
+    return sorted(_REGISTRY)
+
+
+def build_pruner(name: str, **kwargs) -> TokenPruner:
+    """Build a registered pruner by name, e.g. `build_pruner("fastv", layer=2, keep_ratio=0.25)`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pruner {name!r}; available pruners: {', '.join(available_pruners())}.")
+    return _REGISTRY[name](**kwargs)
