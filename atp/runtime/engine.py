@@ -383,6 +383,7 @@ class PruningRuntime:
             tokens=torch.stack([lay.visible().sum(1) for lay in layouts], 1).cpu(),
             kept=state.kept,
             num_visual=(state.visual_index >= 0).sum(1).cpu(),
+            input_tokens=layouts[0].valid.sum(1).cpu(),
             soft_visual_tokens=torch.stack([_soft_count(lay) for lay in layouts], 1).detach().cpu(),
             scoring_seconds=state.scoring_seconds,
             mode=self.mode,

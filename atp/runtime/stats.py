@@ -20,6 +20,8 @@ class PruningStats:
                    the sorted indices of the visual tokens that remain, counting a sample's
                    image tokens in input order from 0
     num_visual:    [B] long, visual tokens at the LLM input (before any pruning)
+    input_tokens:  [B] long, real tokens at the LLM input (what every layer would process
+                   without pruning)
     soft_visual_tokens: [B, L] float, sum of soft keep weights per layer (mask mode)
     scoring_seconds: wall time spent inside the pruner (scores and probes), this prefill
     """
@@ -28,6 +30,7 @@ class PruningStats:
     tokens: torch.Tensor
     kept: dict[int, list[torch.Tensor]]
     num_visual: torch.Tensor
+    input_tokens: torch.Tensor
     soft_visual_tokens: torch.Tensor
     scoring_seconds: float = 0.0
     mode: str = "drop"

@@ -1,0 +1,103 @@
+"""Analytic prefill cost and KV-cache size, one convention for every method.
+
+Prefill MACs of decoder layer l with n tokens (hidden d, head dim hd, h_q query and h_kv
+key/value heads, SwiGLU MLP width m):
+
+    n*d*hd*(2*h_q + 2*h_kv)   q, k, v, o projections
+  + 2*n^2*h_q*hd              QK^T and AV (full square, as the kernels compute it)
+  + 3*n*d*m                   gate, up, down
+
+FLOPs = 2 x MACs. KV cache bytes = sum_l 2 * n_l * h_kv * hd * bytes_per_element.
+Norms, RoPE, softmax and activations are not counted (they are not matmuls). The vision
+encoder and the pruner's own scoring are reported separately, never folded in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from atp.runtime.stats import PruningStats
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of one decoder layer that its cost depends on."""
+
+    hidden: int
+    head_dim: int
+    heads: int
+    kv_heads: int
+    mlp: int
+
+    @classmethod
+    def from_config(cls, config) -> DecoderShape:
+        """From a text config (LlamaConfig, MistralConfig, Qwen2Config, ...)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden=int(config.hidden_size),
+            head_dim=int(head_dim),
+            heads=int(config.num_attention_heads),
+            kv_heads=int(config.num_key_value_heads or config.num_attention_heads),
+            mlp=int(config.intermediate_size),
+        )
+
+
+def decoder_layer_macs(tokens: torch.Tensor | int, shape: DecoderShape) -> torch.Tensor:
+    """Prefill MACs of one decoder layer for `tokens` tokens (any shape, elementwise)."""
+    n = torch.as_tensor(tokens, dtype=torch.float64)
+    projections = n * shape.hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+    attention = 2 * n * n * shape.heads * shape.head_dim
+    mlp = 3 * n * shape.hidden * shape.mlp
+    return projections + attention + mlp
+
+
+def _layer_shapes(config, num_layers: int) -> list[DecoderShape]:
+    return [DecoderShape.from_config(config)] * num_layers
+
+
+def prefill_flops(config, tokens_per_layer: torch.Tensor) -> torch.Tensor:
+    """[B] prefill FLOPs of the decoder stack; tokens_per_layer: [B, L] tokens each layer processed."""
+    tokens = torch.as_tensor(tokens_per_layer)
+    shapes = _layer_shapes(config, tokens.shape[-1])
+    macs = sum(decoder_layer_macs(tokens[..., layer], shape) for layer, shape in enumerate(shapes))
+    return 2 * macs
+
+
+def kv_cache_bytes(config, tokens_per_layer: torch.Tensor, bytes_per_element: int = 2) -> torch.Tensor:
+    """[B] bytes of K and V cached after prefill; tokens_per_layer: [B, L]."""
+    tokens = torch.as_tensor(tokens_per_layer, dtype=torch.float64)
+    shapes = _layer_shapes(config, tokens.shape[-1])
+    per_token = torch.tensor([2 * s.kv_heads * s.head_dim * bytes_per_element for s in shapes], dtype=torch.float64)
+    return (tokens * per_token).sum(-1)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Per-sample analytic cost of a pruned prefill next to the unpruned one ([B] tensors)."""
+
+    flops: torch.Tensor
+    flops_unpruned: torch.Tensor
+    kv_bytes: torch.Tensor
+    kv_bytes_unpruned: torch.Tensor
+
+    @property
+    def flops_ratio(self) -> float:
+        """Total pruned FLOPs / total unpruned FLOPs over the batch."""
+        return float(self.flops.sum() / self.flops_unpruned.sum())
+
+    @property
+    def kv_ratio(self) -> float:
+        return float(self.kv_bytes.sum() / self.kv_bytes_unpruned.sum())
+
+
+def cost_report(config, stats: PruningStats, bytes_per_element: int = 2) -> CostReport:
+    """Analytic FLOPs and KV bytes of the prefill `stats` describe, and of the unpruned model."""
+    unpruned = stats.input_tokens[:, None].expand_as(stats.tokens)
+    return CostReport(
+        flops=prefill_flops(config, stats.tokens),
+        flops_unpruned=prefill_flops(config, unpruned),
+        kv_bytes=kv_cache_bytes(config, stats.tokens, bytes_per_element),
+        kv_bytes_unpruned=kv_cache_bytes(config, unpruned, bytes_per_element),
+    )

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny seeded LLaVA models and ragged, padded batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from atp.models.tiny import tiny_llava
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+GRID = 4  # 4x4 = 16 visual tokens per image in the tiny models
+NUM_VISUAL = GRID * GRID
+VOCAB = 128
+IMAGE = VOCAB - 1
+PAD = 0
+
+
+def make_batch(text_lengths, seed: int = 0, padding: str = "left", with_image=None):
+    """A batch of prompts `[bos, prefix..., <image>*16, suffix...]`, padded to one length.
+
+    text_lengths: list of (prefix, suffix) token counts per sample; with_image: list of
+    bools (default all True). Returns dict(input_ids, attention_mask, pixel_values).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with_image = with_image or [True] * len(text_lengths)
+    rows = []
+    for (prefix, suffix), has_image in zip(text_lengths, with_image):
+        text = torch.randint(3, VOCAB - 1, (prefix + suffix,), generator=generator)
+        image = torch.full((NUM_VISUAL if has_image else 0,), IMAGE)
+        rows.append(torch.cat([torch.tensor([1]), text[:prefix], image, text[prefix:]]))
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding == "left" else slice(0, len(row))
+        input_ids[b, span] = row
+        attention_mask[b, span] = 1
+    pixel_values = torch.randn(sum(with_image), 3, GRID * 4, GRID * 4, generator=generator)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if sum(with_image):
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def single(batch, b: int):
+    """Sample b of a batch made by make_batch, with its padding removed."""
+    keep = batch["attention_mask"][b].bool()
+    out = dict(input_ids=batch["input_ids"][b : b + 1, keep], attention_mask=batch["attention_mask"][b : b + 1, keep])
+    if "pixel_values" in batch:
+        image_index = int((batch["input_ids"][:b] == IMAGE).any(1).sum())
+        if (batch["input_ids"][b] == IMAGE).any():
+            out["pixel_values"] = batch["pixel_values"][image_index : image_index + 1]
+    return out
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def attn(request):
+    return request.param
+
+
+@pytest.fixture
+def model_factory():
+    def build(**kwargs):
+        kwargs.setdefault("grid", GRID)
+        kwargs.setdefault("vocab_size", VOCAB)
+        return tiny_llava(**kwargs)
+
+    return build
