@@ -1,0 +1,117 @@
+"""Prefill speed of the drop-mode runtime: measured vs analytic speedup, side by side.
+
+A LLaVA whose language stack is shaped like LLaVA-1.5-7B's (hidden 4096, MLP 11008,
+32 heads, vocab 32000) with fewer layers, a small CLIP tower on LLaVA-1.5's geometry
+(336 px, patch 14: 576 visual tokens) and a prompt of LLaVA-1.5's template length.
+Every configuration runs in the same process, interleaved, median of repeats.
+
+    python benchmarks/prefill_speed.py --layers 8 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import atp
+from atp.metrics import cost_report
+
+IMAGE_TOKEN = 31999
+
+
+def build_model(layers: int, attn: str) -> LlavaForConditionalGeneration:
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576)
+    config._attn_implementation = config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def build_inputs(system_tokens: int, question_tokens: int) -> dict:
+    """LLaVA-1.5's template: ~35 system/USER tokens, the image, the question and 'ASSISTANT:'."""
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, 31000, (system_tokens,), generator=generator)
+    after = torch.randint(3, 31000, (question_tokens,), generator=generator)
+    ids = torch.cat([torch.tensor([1]), before, torch.full((576,), IMAGE_TOKEN), after])[None]
+    pixels = torch.randn(1, 3, 336, 336, generator=generator)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, logits_to_keep=1)
+
+
+def timed_prefill(model, inputs) -> float:
+    start = time.perf_counter()
+    model(**inputs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (LLaVA-1.5-7B has 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (median)")
+    parser.add_argument("--keep-ratio", type=float, default=0.25, help="fraction of the 576 visual tokens kept")
+    parser.add_argument("--layer", type=int, default=2, help="prune before this layer (FastV's K)")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--system-tokens", type=int, default=35)
+    parser.add_argument("--question-tokens", type=int, default=30)
+    args = parser.parse_args()
+
+    model = build_model(args.layers, args.attn)
+    inputs = build_inputs(args.system_tokens, args.question_tokens)
+    config = model.config.text_config
+    pruners = {
+        "stock HF (no atp)": None,
+        "atp runtime, none": atp.build_pruner("none"),
+        f"fastv K={args.layer}": atp.build_pruner("fastv", layer=args.layer, keep_ratio=args.keep_ratio),
+        f"random L={args.layer}": atp.build_pruner("random", layers=[args.layer], keep_ratio=args.keep_ratio),
+    }
+    times = {name: [] for name in pruners}
+    scoring = {name: [] for name in pruners}
+    reports = {}
+    with torch.inference_mode():
+        for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
+            for name, pruner in pruners.items():
+                if pruner is None:
+                    atp.remove(model)
+                else:
+                    atp.apply(model, pruner, mode="drop")
+                elapsed = timed_prefill(model, inputs)
+                if pruner is not None:
+                    stats = atp.stats(model)
+                    reports[name] = (cost_report(config, stats), stats)
+                    if repeat:
+                        scoring[name].append(stats.scoring_seconds)
+                if repeat:
+                    times[name].append(elapsed)
+    atp.remove(model)
+
+    base = statistics.median(times["stock HF (no atp)"])
+    print(f"\nPrefill, {args.layers} decoder layers of LLaVA-1.5-7B's shape, {inputs['input_ids'].shape[1]} tokens "
+          f"(576 visual), keep {args.keep_ratio:.0%} of visual tokens, attn={args.attn}, drop mode, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print("| method | visual tokens/layer | prefill s | measured speedup | analytic speedup | measured/analytic "
+          "| scoring overhead | KV cache |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in pruners:
+        median = statistics.median(times[name])
+        measured = base / median
+        if name not in reports:
+            print(f"| {name} | 576.0 | {median:.3f} | 1.00x | 1.00x | 1.000 | - | 100.0 % |")
+            continue
+        report, stats = reports[name]
+        analytic = 1.0 / report.flops_ratio
+        overhead = 100 * statistics.median(scoring[name]) / base
+        print(f"| {name} | {float(stats.average_visual_tokens()[0]):.1f} | {median:.3f} | {measured:.2f}x "
+              f"| {analytic:.2f}x | {measured / analytic:.3f} | {overhead:.2f} % | {100 * report.kv_ratio:.1f} % |")
+    print("\nKV cache: bytes after prefill relative to unpruned. Scoring overhead: time inside the pruner "
+          "(scores, probes) as % of the unpruned prefill.")
+
+
+if __name__ == "__main__":
+    main()
