@@ -1,0 +1,205 @@
+"""`atp`: ATP-LLaVA's learned, instance-adaptive token pruning (Ye et al., CVPR 2025).
+
+An ATP module sits before decoder layer l and reads layer l-1's attention (probes, no
+eager attention). For every visual token j still present:
+
+    S_self[j]  = mean attention j receives from the other remaining visual tokens that can
+                 attend to it (causal), averaged over heads      [ours: queries weighted by
+                 their soft keep weight]
+    S_cross[j] = mean attention j receives from the instruction tokens, averaged over heads
+    each rescaled per instance to [0, 1] (divided by its max);  S_r = (S_self + S_cross) / 2
+    S_s[j]     = spatial (SAP) score from a nested grid hierarchy: 1.0 on the stride-8 grid,
+                 0.75 stride 4, 0.5 stride 2, 0.25 elsewhere
+
+A threshold MLP (two heads) maps instance statistics of the scores to (theta_r, theta_s).
+
+    training (mask mode):  m_j = max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s - theta_s)))
+    inference (drop mode): keep j  iff  S_r > theta_r  or  S_s > theta_s
+
+Scores are detached: gradients reach the thresholds through the masks [ours]. The soft
+token counts per module are kept for the ATP and target-token losses (`atp_losses`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atp.token.base import PruneContext, TokenPruner, register
+
+DEPTH_FRACTIONS = (0.125, 0.4375, 0.75)  # before layers 4, 14, 24 of a 32-layer LLM
+QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
+NUM_FEATURES = 2 * (2 + len(QUANTILES)) + 2
+SAP_LEVELS = ((8, 1.0), (4, 0.75), (2, 0.5))
+SAP_FLOOR = 0.25
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """round(L * {0.125, 0.4375, 0.75}), at least 1 (a module reads the previous layer)."""
+    return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in DEPTH_FRACTIONS})
+
+
+def sap_scores(visual_index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, S] spatial score of every visual slot (visual_index -1 elsewhere gives 0)."""
+    rows, cols = grid
+    within = visual_index.clamp_min(0) % (rows * cols)
+    row, col = within // cols, within % cols
+    score = torch.full(visual_index.shape, SAP_FLOOR, device=visual_index.device)
+    for stride, value in reversed(SAP_LEVELS):
+        on_grid = (row % stride == 0) & (col % stride == 0)
+        score = torch.where(on_grid, torch.full_like(score, value), score)
+    return score.masked_fill(visual_index < 0, 0.0)
+
+
+class ThresholdMLP(nn.Module):
+    """Instance statistics [B, F] -> (theta_r, theta_s), each [B] in (0, 1)."""
+
+    def __init__(self, hidden: int = 256, init_bias: float = -3.0) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU())
+        self.redundancy_head = nn.Linear(hidden, 1)
+        self.spatial_head = nn.Linear(hidden, 1)
+        for head in (self.redundancy_head, self.spatial_head):  # start near theta = 0.05: keep ~all
+            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.constant_(head.bias, init_bias)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.trunk(features)
+        return torch.sigmoid(self.redundancy_head(hidden))[:, 0], torch.sigmoid(self.spatial_head(hidden))[:, 0]
+
+
+def redundancy_scores(attention: torch.Tensor, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_self, S_cross), each [B, S] in [0, 1] on visual slots, 0 elsewhere.
+
+    attention: [B, H, S, S] post-softmax probabilities of the previous layer (queries x keys).
+    """
+    probs = attention.mean(1)  # [B, S(query), S(key)]
+    visual = ctx.visual
+    length = visual.shape[1]
+    query_weight = (ctx.weight * visual).float()  # remaining visual queries, soft-weighted
+    later = torch.ones(length, length, dtype=torch.bool, device=probs.device).tril(-1)  # query i > key j
+    weighted = probs * (query_weight[:, :, None] * later[None])
+    self_total = weighted.sum(1)
+    self_count = (query_weight[:, :, None] * later[None]).sum(1)
+    s_self = torch.where(self_count > 0, self_total / self_count.clamp_min(1e-12), torch.zeros_like(self_total))
+    instruction = ctx.instruction.float()
+    s_cross = (probs * instruction[:, :, None]).sum(1) / instruction.sum(1, keepdim=True).clamp_min(1.0)
+    return _rescaled(s_self, visual), _rescaled(s_cross, visual)
+
+
+def _rescaled(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    score = score.masked_fill(~visual, 0.0)
+    return score / score.amax(1, keepdim=True).clamp_min(1e-12)
+
+
+def instance_features(s_self: torch.Tensor, s_cross: torch.Tensor, ctx: PruneContext, depth: float) -> torch.Tensor:
+    """[B, 16]: mean, std, quantiles of S_self and S_cross; fraction remaining; relative depth."""
+    levels = torch.tensor(QUANTILES, device=s_self.device)
+    rows = []
+    for b in range(s_self.shape[0]):
+        present = ctx.visual[b]
+        parts = []
+        for score in (s_self[b][present], s_cross[b][present]):
+            if score.numel() == 0:
+                parts.append(torch.zeros(2 + len(QUANTILES), device=s_self.device))
+                continue
+            std = score.std() if score.numel() > 1 else score.new_zeros(())
+            parts.append(torch.cat([score.mean()[None], std[None], torch.quantile(score, levels)]))
+        total = ctx.num_visual[b].clamp_min(1).float()
+        remaining = (ctx.weight[b].detach() * present).sum() / total
+        parts.append(torch.stack([remaining, torch.tensor(depth, device=s_self.device)]))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+@register
+class ATPPruner(TokenPruner):
+    """Learned ATP modules before `layers` (default: round(L * {0.125, 0.4375, 0.75})).
+
+    num_layers: the LLM's depth (for default placement and relative-depth features);
+    tau: soft-mask temperature; straight_through: hard forward, soft backward in training;
+    hidden: threshold-MLP width.
+    """
+
+    name = "atp"
+
+    def __init__(self, num_layers: int, layers: list[int] | None = None, tau: float = 10.0,
+                 straight_through: bool = False, hidden: int = 256) -> None:
+        layers = default_layers(num_layers) if layers is None else list(layers)
+        super().__init__(layers)
+        if 0 in self.layers:
+            raise ValueError("atp: a module reads the previous layer's attention, so layers must be >= 1.")
+        self.num_layers = int(num_layers)
+        self.tau = float(tau)
+        self.straight_through = bool(straight_through)
+        self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(hidden) for layer in self.layers})
+        self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
+        self.thresholds: dict[int, torch.Tensor] = {}  # layer -> [B, 2] (theta_r, theta_s)
+
+    def validate(self, num_layers: int) -> None:
+        if num_layers != self.num_layers:
+            raise ValueError(
+                f"atp: built for a {self.num_layers}-layer LLM, applied to one with {num_layers} layers; "
+                f"build it with num_layers={num_layers}."
+            )
+        super().validate(num_layers)
+
+    def probe_layers(self) -> set[int]:
+        return {layer - 1 for layer in self.layers}
+
+    def scores(self, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S_self, S_cross, S_s), each [B, S], detached."""
+        with torch.no_grad():
+            slots = torch.arange(ctx.visual.shape[1], device=ctx.visual.device).expand_as(ctx.visual)
+            s_self, s_cross = redundancy_scores(ctx.attention(ctx.layer - 1, slots), ctx)
+            return s_self, s_cross, sap_scores(ctx.visual_index, ctx.grid)
+
+    def prune(self, ctx: PruneContext) -> torch.Tensor:
+        if ctx.layer == min(self.layers):
+            self.soft_counts, self.thresholds = {}, {}
+        s_self, s_cross, s_spatial = self.scores(ctx)
+        s_redundancy = (s_self + s_cross) / 2
+        features = instance_features(s_self, s_cross, ctx, ctx.layer / self.num_layers)
+        theta_r, theta_s = self.modules_by_layer[str(ctx.layer)](features)
+        self.thresholds[ctx.layer] = torch.stack([theta_r, theta_s], 1).detach()
+        hard = ((s_redundancy > theta_r[:, None]) | (s_spatial > theta_s[:, None])) & ctx.visual
+        if ctx.mode == "drop" or not self.training:
+            self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
+            return hard | ~ctx.visual
+        soft = torch.maximum(torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None])),
+                             torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
+        if self.straight_through:
+            soft = hard.float() + soft - soft.detach()
+        soft = torch.where(ctx.visual, soft, torch.ones_like(soft))
+        self.soft_counts[ctx.layer] = (ctx.weight * soft * ctx.visual).sum(1)
+        return soft
+
+
+def tokens_per_layer(pruner: ATPPruner, num_visual: torch.Tensor) -> torch.Tensor:
+    """[B, L] (soft) visual tokens each decoder layer processes: N before the first module,
+    then the count after the latest module (differentiable in training)."""
+    counts, current = [], num_visual.float()
+    for layer in range(pruner.num_layers):
+        if layer in pruner.soft_counts:
+            current = pruner.soft_counts[layer]
+        counts.append(current)
+    return torch.stack(counts, 1)
+
+
+def atp_losses(pruner: ATPPruner, num_visual: torch.Tensor, target_tokens: float | torch.Tensor,
+               lambda_atp: float = 0.05, lambda_target: float = 0.2) -> dict[str, torch.Tensor]:
+    """The ATP loss and the target-token loss of the last forward (METHODS.md section 1).
+
+    num_visual: [B] visual tokens at the LLM input (N); target_tokens: N_target (absolute,
+    a float or [B]). Samples without an image are left out. Returns the weighted terms
+    `atp` and `target` and the unweighted `average_tokens` ([B] mean_l n_l, the "144*").
+    """
+    n = tokens_per_layer(pruner, num_visual)  # [B, L]
+    total = num_visual.float().clamp_min(1.0)
+    depth = torch.arange(pruner.num_layers, device=n.device, dtype=n.dtype) / pruner.num_layers
+    has_image = (num_visual > 0).float()
+    denominator = has_image.sum().clamp_min(1.0)
+    atp_term = ((depth * n / total[:, None]).mean(1) * has_image).sum() / denominator
+    average = n.mean(1)
+    target_term = ((average - torch.as_tensor(target_tokens, device=n.device)).abs() / total * has_image).sum() / denominator
+    return {"atp": lambda_atp * atp_term, "target": lambda_target * target_term, "average_tokens": average.detach()}

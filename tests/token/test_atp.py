@@ -1,0 +1,156 @@
+"""The learned ATP module: scores against brute force, decisions, soft masks and losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import atp
+from atp.token.atp import ATPPruner, atp_losses, default_layers, sap_scores, tokens_per_layer
+from tests.conftest import IMAGE, make_batch
+
+RAGGED = [(2, 3), (6, 1), (1, 7)]
+
+
+def brute_force_scores(model, batch, layer: int):
+    """S_self, S_cross (rescaled) per sample from HF eager attentions of layer `layer - 1`."""
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(**batch, output_attentions=True).attentions[layer - 1].mean(1)
+    results = []
+    for b in range(probs.shape[0]):
+        ids, real = batch["input_ids"][b], batch["attention_mask"][b].bool()
+        visual = ((ids == IMAGE) & real).nonzero()[:, 0].tolist()
+        instruction = [i for i in range(len(ids)) if real[i] and i > visual[-1]]
+        s_self = torch.zeros(len(visual))
+        for n, j in enumerate(visual):
+            queries = [i for i in visual if i > j]
+            s_self[n] = probs[b, queries, j].mean() if queries else 0.0
+        s_cross = torch.stack([probs[b, instruction, j].mean() for j in visual])
+        results.append((s_self / s_self.max(), s_cross / s_cross.max(), visual))
+    return results
+
+
+def recording(pruner):
+    calls = []
+    original = pruner.scores
+    pruner.scores = lambda ctx: calls.append((ctx.layer, ctx.visual.clone(), *original(ctx))) or calls[-1][2:]
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_redundancy_scores_match_brute_force(model_factory, attn):
+    model = model_factory()
+    batch = make_batch(RAGGED, seed=2)
+    reference = brute_force_scores(model, batch, layer=2)
+    model.set_attn_implementation(attn)
+    pruner = ATPPruner(num_layers=4, layers=[2]).eval()
+    calls = recording(pruner)
+    atp.apply(model, pruner, mode="drop")
+    with torch.no_grad():
+        model(**batch)
+    layer, visual, s_self, s_cross, s_spatial = calls[0]
+    assert layer == 2
+    for b, (ref_self, ref_cross, positions) in enumerate(reference):
+        assert_close(s_self[b, positions], ref_self, rtol=1e-4, atol=1e-6)
+        assert_close(s_cross[b, positions], ref_cross, rtol=1e-4, atol=1e-6)
+        assert visual[b].nonzero()[:, 0].tolist() == positions
+
+
+def test_hard_decision_is_the_threshold_rule(model_factory):
+    model = model_factory()
+    batch = make_batch(RAGGED, seed=2)
+    reference = brute_force_scores(model, batch, layer=2)
+    model.set_attn_implementation("sdpa")
+    pruner = ATPPruner(num_layers=4, layers=[2]).eval()
+    with torch.no_grad():  # thresholds in the middle of the score range, so the rule matters
+        pruner.modules_by_layer["2"].redundancy_head.bias.fill_(0.0)
+        pruner.modules_by_layer["2"].spatial_head.bias.fill_(0.4)
+    atp.apply(model, pruner, mode="drop")
+    with torch.no_grad():
+        model(**batch)
+    spatial = sap_scores(torch.arange(16)[None], (4, 4))[0]
+    for b, (ref_self, ref_cross, _) in enumerate(reference):
+        theta_r, theta_s = pruner.thresholds[2][b].tolist()
+        keep = ((ref_self + ref_cross) / 2 > theta_r) | (spatial > theta_s)
+        assert 0 < int(keep.sum()) < 16
+        assert atp.stats(model).kept[2][b].tolist() == keep.nonzero()[:, 0].tolist()
+
+
+def test_sap_hierarchy_on_llava_grid():
+    score = sap_scores(torch.arange(576)[None], (24, 24))[0].view(24, 24)
+    assert score[0, 0] == 1.0 and score[8, 16] == 1.0 and score[4, 8] == 0.75 and score[2, 6] == 0.5
+    assert score[1, 0] == 0.25 and score[23, 23] == 0.25
+    assert [int((score == v).sum()) for v in (1.0, 0.75, 0.5, 0.25)] == [9, 36 - 9, 144 - 36, 576 - 144]
+    # a second image in the same sample restarts the grid; non-visual slots score 0
+    assert sap_scores(torch.tensor([[-1, 576, 577]]), (24, 24)).tolist() == [[0.0, 1.0, 0.25]]
+
+
+def test_initial_modules_keep_everything(model_factory):
+    model = model_factory()
+    atp.apply(model, ATPPruner(num_layers=4, layers=[1, 3]).eval(), mode="drop")
+    with torch.no_grad():
+        model(**make_batch(RAGGED))
+    assert (atp.stats(model).visual_tokens == 16).all()
+
+
+def test_drop_and_eval_mask_agree(model_factory):
+    model = model_factory()
+    batch = make_batch(RAGGED)
+    pruner = ATPPruner(num_layers=4, layers=[1, 3]).eval()
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            module.redundancy_head.bias.fill_(0.0)
+            module.spatial_head.bias.fill_(0.6)
+    logits, kept = {}, {}
+    for mode in ("drop", "mask"):
+        atp.apply(model, pruner, mode=mode)
+        with torch.no_grad():
+            logits[mode] = model(**batch).logits[:, -1]
+        kept[mode] = atp.stats(model).kept
+    assert kept["drop"].keys() == {1, 3}
+    for layer in kept["drop"]:
+        for a, b in zip(kept["drop"][layer], kept["mask"][layer]):
+            assert torch.equal(a, b)
+    assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_soft_training_trains_every_module(model_factory, straight_through):
+    model = model_factory()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], straight_through=straight_through).train()
+    atp.apply(model, pruner, mode="mask")
+    batch = make_batch(RAGGED, padding="right")
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    labels[:, :-2] = -100
+    out = model(**batch, labels=labels)
+    num_visual = atp.stats(model).num_visual
+    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
+    (out.loss + losses["atp"] + losses["target"]).backward()
+    for name, param in pruner.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_losses_match_the_formula():
+    pruner = ATPPruner(num_layers=4, layers=[1, 3])
+    pruner.soft_counts = {1: torch.tensor([10.0, 0.0]), 3: torch.tensor([4.0, 0.0])}
+    num_visual = torch.tensor([16, 0])  # the second sample has no image and is left out
+    n = tokens_per_layer(pruner, num_visual)
+    assert n.tolist() == [[16, 10, 10, 4], [0, 0, 0, 0]]
+    losses = atp_losses(pruner, num_visual, target_tokens=4.0, lambda_atp=0.05, lambda_target=0.2)
+    expected_atp = sum((layer / 4) * count / 16 for layer, count in enumerate([16, 10, 10, 4])) / 4
+    expected_target = abs((16 + 10 + 10 + 4) / 4 - 4.0) / 16
+    assert losses["atp"].item() == pytest.approx(0.05 * expected_atp)
+    assert losses["target"].item() == pytest.approx(0.2 * expected_target)
+
+
+def test_default_placement_and_errors():
+    assert default_layers(32) == [4, 14, 24]
+    assert default_layers(4) == [1, 2, 3]
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        ATPPruner(num_layers=4, layers=[0, 2])
+    with pytest.raises(ValueError, match="built for a 8-layer LLM"):
+        atp.apply(atp.models.tiny.tiny_llava(num_layers=4, grid=4), ATPPruner(num_layers=8))
