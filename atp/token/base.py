@@ -7,6 +7,7 @@ touches hidden states, caches or masks itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -61,6 +62,18 @@ class TokenPruner(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+
+    def __new__(cls, *args, **kwargs):
+        instance = super().__new__(cls)
+        bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
+        object.__setattr__(instance, "_build_kwargs", arguments)  # before nn.Module.__init__
+        return instance
+
+    def build_kwargs(self) -> dict:
+        """The constructor arguments, so `build_pruner(self.name, **self.build_kwargs())` rebuilds it."""
+        return dict(self._build_kwargs)
 
     def __init__(self, layers: int | list[int] | tuple[int, ...], position_ids: str = "original"):
         super().__init__()

@@ -1,0 +1,152 @@
+"""LLaVA conversation JSON -> model inputs, through the model's own HF processor.
+
+A record is `{"image": "file.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}, ...]}` (LLaVA-665K's format; extra keys are kept as metadata).
+The conversation is rendered with the processor's chat template; only assistant turns are
+supervised. Their spans are found by rendering the template up to each turn, so any
+template works (ours, LLaVA-1.5's, Vicuna's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from atp.runtime.prompt import IGNORE_INDEX
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def load_records(json_path: str | Path, image_folder: str | Path) -> list[dict]:
+    """Read a LLaVA-format JSON list and check that every image file exists."""
+    json_path, image_folder = Path(json_path), Path(image_folder)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"LLaVA-format JSON {json_path} does not exist; check the data path.")
+    records = json.loads(json_path.read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path} must hold a JSON list of conversation records.")
+    missing = [r["image"] for r in records if "image" in r and not (image_folder / r["image"]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) named in {json_path} are missing from {image_folder}, e.g. "
+            f"{image_folder / missing[0]}. Fix the image folder (data.image_folder) or the JSON."
+        )
+    return records
+
+
+def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA turns -> HF chat messages (the image becomes a content part of its turn)."""
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
+    if placeholders != int(has_image):
+        raise ValueError(
+            f"conversation has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {int(has_image)} image(s); "
+            "a LLaVA record needs exactly one placeholder when it names an image and none otherwise."
+        )
+    messages = []
+    for turn in conversations:
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"unknown conversation role {turn['from']!r}; expected one of {sorted(ROLES)}.")
+        text = turn["value"]
+        content = []
+        if IMAGE_PLACEHOLDER in text:
+            content.append({"type": "image"})
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def image_token_count(processor, pixel_values: torch.Tensor) -> int:
+    """How many image tokens the processor expands one image to (576 for LLaVA-1.5)."""
+    height, width = pixel_values.shape[-2:]
+    count = (height // processor.patch_size) * (width // processor.patch_size)
+    count += processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        count -= 1
+    return count
+
+
+class LlavaConversationDataset(Dataset):
+    """Tokenised LLaVA conversations: input_ids [S], labels [S], pixel_values [3, H, W]."""
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path, processor, max_samples: int | None = None,
+                 prompt_only: bool = False) -> None:
+        self.records = load_records(json_path, image_folder)[:max_samples]
+        self.image_folder = Path(image_folder)
+        self.processor = processor
+        self.prompt_only = prompt_only  # evaluation: the prompt up to the first answer
+        self._tokens: dict[int, tuple[list[int], list[int]]] = {}  # index -> (ids, labels), computed once
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        has_image = "image" in record
+        messages = to_messages(record["conversations"], has_image)
+        pixel_values = None
+        image_tokens = 0
+        if has_image:
+            image = Image.open(self.image_folder / record["image"]).convert("RGB")
+            pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+            image_tokens = image_token_count(self.processor, pixel_values)
+        if index not in self._tokens:
+            if self.prompt_only:
+                first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                ids = self._tokenize(messages[:first_answer], image_tokens, generation_prompt=True)
+                self._tokens[index] = ids, [IGNORE_INDEX] * len(ids)
+            else:
+                self._tokens[index] = self._supervised(messages, image_tokens)
+        ids, labels = self._tokens[index]
+        answer = next((t["value"] for t in record["conversations"] if ROLES[t["from"]] == "assistant"), "")
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+            "answer": answer.strip(),
+            "question_type": record.get("question_type", "all"),
+            "num_objects": record.get("num_objects", -1),
+            "id": record.get("id", str(index)),
+        }
+
+    def _tokenize(self, messages: list[dict], image_tokens: int, generation_prompt: bool) -> list[int]:
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        text = text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * image_tokens)
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _supervised(self, messages: list[dict], image_tokens: int) -> tuple[list[int], list[int]]:
+        ids = self._tokenize(messages, image_tokens, generation_prompt=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self._tokenize(messages[:turn], image_tokens, generation_prompt=True))
+            end = len(self._tokenize(messages[: turn + 1], image_tokens, generation_prompt=False))
+            labels[start:end] = ids[start:end]
+        return ids, labels
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Left-pad a list of dataset items into a model batch (+ metadata lists)."""
+    length = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
+    for b, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[b, length - n:] = item["input_ids"]
+        labels[b, length - n:] = item["labels"]
+        attention_mask[b, length - n:] = 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
+    if images:
+        out["pixel_values"] = torch.stack(images)
+    for key in ("answer", "question_type", "num_objects", "id"):
+        out[key] = [item[key] for item in batch]
+    return out

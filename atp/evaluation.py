@@ -1,0 +1,168 @@
+"""One evaluation protocol for every pruner: accuracy, tokens, FLOPs, KV cache, latency.
+
+- accuracy: exact match of the first generated word against the reference answer
+  (greedy HF `generate`), overall and per question type;
+- average visual tokens per decoder layer, and the kept count at the LLM input;
+- analytic prefill FLOPs and KV-cache bytes relative to the unpruned model;
+- measured prefill latency ratio: the same batches through the pruned and the stock
+  model, side by side in one process, median of repeats;
+- adaptivity: Spearman correlation between per-instance kept tokens and the number of
+  objects (when the data says how many there are).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+import atp
+from atp.metrics import cost_report
+
+
+@dataclass
+class EvaluationResult:
+    method: str
+    accuracy: float
+    accuracy_by_type: dict[str, float]
+    avg_visual_tokens: float  # mean over samples of mean_l n_l
+    input_visual_tokens: float  # visual tokens at the LLM input (after any pre-LLM pruning)
+    flops_ratio: float
+    kv_ratio: float
+    latency_ratio: float | None
+    spearman_tokens_objects: float | None
+    num_samples: int
+    per_sample: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def first_word(text: str) -> str:
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None if either side is constant."""
+    if len(x) < 3:
+        return None
+
+    def ranks(values: list[float]) -> torch.Tensor:
+        v = torch.tensor(values, dtype=torch.float64)
+        order = v.argsort()
+        rank = torch.empty_like(v)
+        rank[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in v.unique():  # average the ranks of ties
+            tied = v == value
+            rank[tied] = rank[tied].mean()
+        return rank
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+
+
+@torch.inference_mode()
+def evaluate(model, processor, loader: DataLoader, method: str, max_new_tokens: int = 3,
+             latency_batches: int = 2, latency_repeats: int = 3) -> EvaluationResult:
+    """Evaluate `model` as it is (a pruner attached with atp.apply, or the stock model).
+
+    loader: prompt-only batches from `LlavaConversationDataset(..., prompt_only=True)`.
+    """
+    device = next(model.parameters()).device
+    pruned = getattr(model, "_atp_runtime", None) is not None
+    tokenizer = processor.tokenizer
+    config = model.config.text_config
+    per_sample, flops, flops_unpruned, kv, kv_unpruned = [], 0.0, 0.0, 0.0, 0.0
+    for batch in loader:
+        inputs = _model_inputs(batch, device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        if pruned:
+            stats = atp.stats(model)
+            report = cost_report(config, stats)
+            flops += float(report.flops.sum())
+            flops_unpruned += float(report.flops_unpruned.sum())
+            kv += float(report.kv_bytes.sum())
+            kv_unpruned += float(report.kv_bytes_unpruned.sum())
+            average = stats.average_visual_tokens().tolist()
+            at_input = stats.visual_tokens[:, 0].tolist()
+        else:
+            visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+            average, at_input = [float(v) for v in visual], visual
+        for b, text in enumerate(texts):
+            per_sample.append({
+                "id": batch["id"][b], "question_type": batch["question_type"][b], "answer": batch["answer"][b],
+                "prediction": first_word(text), "correct": first_word(text) == first_word(batch["answer"][b]),
+                "avg_visual_tokens": float(average[b]), "input_visual_tokens": int(at_input[b]),
+                "num_objects": int(batch["num_objects"][b]),
+            })
+    by_type: dict[str, list[bool]] = {}
+    for sample in per_sample:
+        by_type.setdefault(sample["question_type"], []).append(sample["correct"])
+    objects = [s["num_objects"] for s in per_sample]
+    return EvaluationResult(
+        method=method,
+        accuracy=sum(s["correct"] for s in per_sample) / max(1, len(per_sample)),
+        accuracy_by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        avg_visual_tokens=statistics.fmean(s["avg_visual_tokens"] for s in per_sample),
+        input_visual_tokens=statistics.fmean(s["input_visual_tokens"] for s in per_sample),
+        flops_ratio=flops / flops_unpruned if pruned else 1.0,
+        kv_ratio=kv / kv_unpruned if pruned else 1.0,
+        latency_ratio=prefill_latency_ratio(model, loader, latency_batches, latency_repeats) if pruned else 1.0,
+        spearman_tokens_objects=spearman([s["avg_visual_tokens"] for s in per_sample], objects)
+        if min(objects) >= 0 else None,
+        num_samples=len(per_sample),
+        per_sample=per_sample,
+    )
+
+
+def prefill_latency_ratio(model, loader: DataLoader, batches: int, repeats: int) -> float:
+    """Median pruned prefill time / median stock prefill time on the first `batches` batches."""
+    runtime = atp.runtime_of(model)
+    device = next(model.parameters()).device
+    chosen = [_model_inputs(b, device) for _, b in zip(range(batches), loader)]
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for inputs in chosen:
+            model(**inputs, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    pruner, mode = runtime.pruner, runtime.mode
+    pruned_times, stock_times = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        pruned_times.append(timed())
+        atp.remove(model)
+        stock_times.append(timed())
+        atp.apply(model, pruner, mode=mode)
+    return statistics.median(pruned_times[1:]) / statistics.median(stock_times[1:])
+
+
+def markdown_table(results: list[EvaluationResult]) -> str:
+    types = sorted({t for r in results for t in r.accuracy_by_type})
+    header = ["method", "accuracy", *types, "avg visual tokens/layer", "visual tokens at LLM input", "FLOPs",
+              "KV cache", "prefill latency", "Spearman(tokens, objects)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = [r.method, f"{100 * r.accuracy:.1f}"]
+        cells += [f"{100 * r.accuracy_by_type[t]:.1f}" if t in r.accuracy_by_type else "-" for t in types]
+        cells += [f"{r.avg_visual_tokens:.1f}", f"{r.input_visual_tokens:.1f}", f"{100 * r.flops_ratio:.1f} %",
+                  f"{100 * r.kv_ratio:.1f} %", "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x",
+                  "-" if r.spearman_tokens_objects is None else f"{r.spearman_tokens_objects:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

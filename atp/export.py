@@ -1,0 +1,89 @@
+"""Export a pruned VLM and load it back ready to prune in drop mode.
+
+    <dir>/atp_config.json      {"format": 1, "pruner": name, "kwargs": {...}, "base_model": ...}
+    <dir>/pruner.safetensors   the pruner's weights (absent for training-free pruners)
+    <dir>/base/                the base model and its processor (`save_pretrained`), unless
+                               `base_model` points at an existing directory instead
+
+The directory is written next to its final place and renamed into it, so a crash never
+leaves a half-written export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+import atp
+from atp.models.build import load_llava
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "atp_config.json"
+WEIGHTS_NAME = "pruner.safetensors"
+
+
+def save_pruned(directory: str | Path, model, processor, pruner: atp.TokenPruner,
+                base_reference: str | None = None) -> Path:
+    """Write an export; `base_reference` (a model directory) avoids copying the base weights."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if base_reference is None:
+            model.save_pretrained(staging / "base")  # hooks are not weights: the stock model is saved
+            processor.save_pretrained(staging / "base")
+            base = "base"
+        else:
+            base = str(Path(base_reference).resolve())
+        state = {k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
+        if state:
+            save_file(state, staging / WEIGHTS_NAME)
+        config = {"format": FORMAT_VERSION, "pruner": pruner.name, "kwargs": pruner.build_kwargs(), "base_model": base}
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """(model, processor) with the exported pruner attached in `mode` (drop by default)."""
+    directory = Path(path)
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} is not an atp export: {CONFIG_NAME} is missing. Export with atp.save_pruned.")
+    try:
+        config = json.loads(config_file.read_text())
+        name, kwargs, base = config["pruner"], config["kwargs"], config["base_model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_file} is corrupt ({error}); re-export the checkpoint.") from error
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads format {FORMAT_VERSION}.")
+    base_path = directory / base if not Path(base).is_absolute() else Path(base)
+    model, processor = load_llava(str(base_path), dtype=dtype, attn_implementation=attn_implementation)
+    pruner = atp.build_pruner(name, **kwargs)
+    weights = directory / WEIGHTS_NAME
+    expected = pruner.state_dict()
+    if expected:
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: the {name!r} pruner has weights. Re-export the checkpoint.")
+        try:
+            state = load_file(weights)
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{weights} is corrupt ({error}); re-export the checkpoint.") from error
+        mismatched = {k for k in expected if k not in state or state[k].shape != expected[k].shape}
+        if mismatched or set(state) - set(expected):
+            raise ValueError(
+                f"{weights} does not match the {name!r} pruner built from {CONFIG_NAME} (mismatched keys: "
+                f"{sorted(mismatched | (set(state) - set(expected)))[:5]}). Was the export edited or mixed up?"
+            )
+        pruner.load_state_dict(state)
+    atp.apply(model, pruner.eval(), mode=mode)
+    return model, processor

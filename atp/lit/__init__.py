@@ -1,0 +1,1 @@
+"""Lightning composition: modules, data modules and callbacks (the only Lightning-aware code)."""

@@ -1,0 +1,42 @@
+"""Callbacks that log what the pruner is doing."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from atp.token.atp import ATPPruner
+
+
+class TokenBudgetLogger(L.Callback):
+    """Per ATP module: mean (soft) visual tokens kept and the mean thresholds; and the budget."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        pruner = getattr(module, "pruner", None)
+        if not isinstance(pruner, ATPPruner) or trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        size = batch["input_ids"].shape[0]
+        metrics = {}
+        for layer, count in pruner.soft_counts.items():
+            metrics[f"atp/kept_tokens_layer{layer}"] = count.detach().float().mean()
+        for layer, thresholds in pruner.thresholds.items():
+            metrics[f"atp/theta_r_layer{layer}"] = thresholds[:, 0].mean()
+            metrics[f"atp/theta_s_layer{layer}"] = thresholds[:, 1].mean()
+        metrics["atp/target_tokens"] = float(module.hparams.target_tokens)
+        module.log_dict(metrics, batch_size=size)
+
+
+class SaveTrainablesPerRank(L.Callback):
+    """At the end of fit, save each rank's trainable parameters to
+    `<dirpath>/trainables_rank<r>.safetensors` (to check that distributed ranks agree)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        save_file(state, str(Path(self.dirpath) / f"trainables_rank{trainer.global_rank}.safetensors"))

@@ -1,0 +1,162 @@
+"""LightningModule for VLM training with or without a token pruner.
+
+`shapes_base` trains a whole tiny LLaVA (no pruner). ATP training freezes the vision tower,
+projector and LLM and trains the ATP modules through soft masks (runtime mask mode); it
+validates with hard pruning in drop mode, as at inference. Optional LoRA on the LLM (peft).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+import atp
+from atp.token.atp import ATPPruner, atp_losses
+
+TRAIN_PARTS = ("all", "pruner", "lora")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class VLMTrainingModule(L.LightningModule):
+    """model: an HF LLaVA; pruner: a TokenPruner or None; train_parts: "all" | "pruner" | "lora".
+
+    target_tokens: ATP's N_target as a fraction of the visual tokens (<= 1) or an absolute
+    count (> 1, e.g. 144 of 576).
+    """
+
+    def __init__(self, model: nn.Module, pruner: atp.TokenPruner | None = None, train_parts: str = "all",
+                 lr: float = 1e-3, pruner_lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
+                 lambda_atp: float = 0.05, lambda_target: float = 0.2, target_tokens: float = 0.25,
+                 train_mode: str = "mask", eval_mode: str = "drop", lora_rank: int = 16, lora_alpha: int = 32) -> None:
+        super().__init__()
+        if train_parts not in TRAIN_PARTS:
+            raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, got {train_parts!r}.")
+        self.save_hyperparameters(ignore=["model", "pruner"])
+        self.model = model
+        self.pruner = pruner
+        self._check_target(target_tokens)
+        if train_parts == "lora":
+            self._inject_lora(lora_rank, lora_alpha)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(train_parts == "all" or (train_parts == "lora" and "lora_" in name))
+        self.strict_loading = train_parts == "all"  # checkpoints of frozen-model runs hold trainables only
+        self._mode: str | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _check_target(self, target: float) -> None:
+        if self.pruner is None:
+            return
+        if not isinstance(self.pruner, ATPPruner):
+            return
+        visual = self.model.config.image_seq_length
+        if not 0 < target <= visual:
+            raise ValueError(
+                f"target_tokens={target} is outside (0, {visual}]: give a fraction of the {visual} visual tokens "
+                "(e.g. 0.25) or a count no larger than that."
+            )
+
+    def _inject_lora(self, rank: int, alpha: int) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        inject_adapter_in_model(config, self.model)
+
+    def merged_model(self) -> nn.Module:
+        """The model with LoRA (if any) merged into its weights: a stock HF model again."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, layer in list(self.model.named_modules()):
+            if isinstance(layer, LoraLayer):
+                layer.merge()
+                parent, child = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), child, layer.get_base_layer())
+        return self.model
+
+    def use_mode(self, mode: str) -> None:
+        """Attach the pruner in `mode` ("drop" or "mask"), if not attached that way already."""
+        if self.pruner is not None and self._mode != mode:
+            atp.apply(self.model, self.pruner, mode=mode)
+            self._mode = mode
+
+    def on_fit_start(self) -> None:
+        self.use_mode(self.hparams.train_mode)
+
+    def on_train_epoch_start(self) -> None:
+        self.use_mode(self.hparams.train_mode)
+
+    def on_validation_epoch_start(self) -> None:
+        self.use_mode(self.hparams.eval_mode)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.training:
+            self.use_mode(self.hparams.train_mode)
+
+    # -- steps ----------------------------------------------------------------------------
+    def forward(self, batch: dict, **kwargs):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        return self.model(**inputs, **kwargs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch, labels=batch["labels"])
+        loss = out.loss
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss_lm", out.loss, prog_bar=True, batch_size=size)
+        if isinstance(self.pruner, ATPPruner):
+            stats = atp.stats(self.model)
+            num_visual = stats.num_visual.to(loss.device)
+            target = self.hparams.target_tokens
+            target = target * num_visual.float() if target <= 1 else torch.full_like(num_visual, target, dtype=torch.float)
+            terms = atp_losses(self.pruner, num_visual, target, self.hparams.lambda_atp, self.hparams.lambda_target)
+            loss = loss + terms["atp"] + terms["target"]
+            self.log_dict({"train/loss_atp": terms["atp"], "train/loss_target": terms["target"],
+                           "train/avg_visual_tokens": terms["average_tokens"].mean()}, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """First-token accuracy of the answer (one-word answers) and tokens per layer."""
+        logits = self(batch, logits_to_keep=1).logits[:, -1]
+        tokenizer_ids = self._answer_token_ids(batch["answer"]).to(logits.device)
+        accuracy = (logits.argmax(-1) == tokenizer_ids).float().mean()
+        size = len(batch["answer"])
+        self.log("val/accuracy", accuracy, prog_bar=True, batch_size=size, sync_dist=True)
+        if self.pruner is not None:
+            stats = atp.stats(self.model)
+            self.log("val/avg_visual_tokens", stats.average_visual_tokens().mean().float(), batch_size=size, sync_dist=True)
+
+    def _answer_token_ids(self, answers: list[str]) -> torch.Tensor:
+        tokenizer = self.trainer.datamodule.processor.tokenizer
+        return torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers])
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = []
+        if model_params:
+            groups.append({"params": model_params, "lr": self.hparams.lr})
+        if self.pruner is not None and any(p.requires_grad for p in self.pruner.parameters()):
+            groups.append({"params": list(self.pruner.parameters()), "lr": self.hparams.pruner_lr})
+        if not groups:
+            raise ValueError("nothing to train: no trainable model parameters and no pruner parameters.")
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Frozen-model runs keep only what trains (pruner, LoRA): small checkpoints."""
+        if self.hparams.train_parts == "all":
+            return
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        pruner_keys = {f"pruner.{k}" for k in (self.pruner.state_dict() if self.pruner is not None else {})}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable | pruner_keys}

@@ -1,0 +1,127 @@
+"""train.py end to end on tiny models: experiments compose and run, resume, DDP, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from atp.lit.run import MissingAssetError, run_training
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+NEEDS_REAL_WEIGHTS = {"atp_llava"}
+TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2", "model.num_kv_heads=2",
+              "model.vision_hidden=32", "model.vision_layers=1"]
+
+
+class StopAfterSteps(L.Callback):
+    """Stops a run after `steps` optimizer steps, as if it were killed right after them."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def tiny_data(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.train_samples=8", "data.pruner_train_samples=8", "data.val_samples=4",
+            "data.test_samples=4", "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny testbed model trained for 2 steps with experiment=shapes_base and exported."""
+    root = tmp_path_factory.mktemp("base")
+    cfg = compose_train(["experiment=shapes_base", f"output_dir={root}/run", f"export_dir={root}/model",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
+                         "trainer.enable_progress_bar=false", *TINY_MODEL, *tiny_data(root / "data")])
+    metrics = run_training(cfg)
+    assert "val/accuracy" in metrics
+    assert (root / "model" / "config.json").is_file() and (root / "model" / "processor_config.json").is_file()
+    return root / "model"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model, tmp_path):
+    overrides = [f"experiment={experiment}", "debug=fast_dev_run", f"output_dir={tmp_path}", "logger=none",
+                 *tiny_data(tmp_path / "data")]
+    if experiment in NEEDS_REAL_WEIGHTS:
+        cfg = compose_train(overrides)
+        with pytest.raises(MissingAssetError, match=r"model\.path=None.*data\.train_json=None.*Example: python train\.py"):
+            run_training(cfg)
+        return
+    if experiment == "shapes_base":
+        overrides += TINY_MODEL
+    else:
+        overrides.append(f"model.path={base_model}")
+    run_training(compose_train(overrides))
+
+
+def atp_overrides(base_model: Path, output: Path, data: Path, steps: int) -> list[str]:
+    return ["experiment=atp_llava_shapes", f"model.path={base_model}", f"output_dir={output}",
+            f"export_dir={output}/export", f"trainer.max_steps={steps}", "trainer.val_check_interval=null",
+            "trainer.check_val_every_n_epoch=100", "logger=none", "trainer.enable_progress_bar=false",
+            "callbacks.checkpoint.every_n_train_steps=1", "pruner.hidden=16", *tiny_data(data)]
+
+
+def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
+    """Same config three ways: unbroken 6 steps; stopped after 3; resumed from the step-3 checkpoint."""
+    data = tmp_path / "data"
+    run_training(compose_train(atp_overrides(base_model, tmp_path / "unbroken", data, steps=6)))
+    stop = ["+callbacks.stop._target_=tests.lit.test_train.StopAfterSteps", "+callbacks.stop.steps=3"]
+    run_training(compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6), *stop]))
+    checkpoint = tmp_path / "killed/checkpoints/epoch=1-step=3.ckpt"  # mid-epoch: 2 steps per epoch
+    assert checkpoint.is_file()
+    run_training(compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6),
+                                f"ckpt_path='{checkpoint}'"]))
+    unbroken = torch.load(tmp_path / "unbroken/checkpoints/last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)
+    assert unbroken["global_step"] == resumed["global_step"] == 6
+    assert unbroken["state_dict"].keys() == resumed["state_dict"].keys()
+    assert all(k.startswith("pruner.") for k in unbroken["state_dict"])  # frozen model not checkpointed
+    initial = torch.load(checkpoint, weights_only=False)["state_dict"]
+    for key, value in unbroken["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0)
+    assert any(not torch.equal(initial[k], v) for k, v in unbroken["state_dict"].items())  # it did train
+
+
+def test_ddp_two_cpu_processes_keep_identical_atp_parameters(base_model, tmp_path):
+    overrides = atp_overrides(base_model, tmp_path / "ddp", tmp_path / "data", steps=3)
+    overrides += ["strategy=ddp", "trainer.devices=2", "export=false",
+                  "+callbacks.ranks._target_=atp.lit.callbacks.SaveTrainablesPerRank",
+                  f"+callbacks.ranks.dirpath={tmp_path}/ranks"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = load_file(tmp_path / "ranks" / "trainables_rank0.safetensors")
+    rank1 = load_file(tmp_path / "ranks" / "trainables_rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_target_tokens_above_the_visual_tokens(base_model, tmp_path):
+    cfg = compose_train([*atp_overrides(base_model, tmp_path, tmp_path / "data", 1), "module.target_tokens=600"])
+    with pytest.raises(ValueError, match=r"target_tokens=600.* outside \(0, 576\]"):
+        run_training(cfg)
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_train(["experiment=shapes_base", "module.no_such_key=1"])
