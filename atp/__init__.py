@@ -1,11 +1,11 @@
 """atp: learned, adaptive pruning of vision-language and language models.
 
-    import atp
-    atp.apply(model, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), mode="drop")
-    out = model(**inputs)            # HF signature and output types, unchanged
-    ids = model.generate(**inputs)   # HF generate, KV cache, batch > 1
-    s = atp.stats(model)             # s.visual_tokens [batch, layers]; s.kept {layer: [...]}
-    atp.remove(model)                # back to the stock model
+import atp
+atp.apply(model, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), mode="drop")
+out = model(**inputs)            # HF signature and output types, unchanged
+ids = model.generate(**inputs)   # HF generate, KV cache, batch > 1
+s = atp.stats(model)             # s.visual_tokens [batch, layers]; s.kept {layer: [...]}
+atp.remove(model)                # back to the stock model
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def stats(model: nn.Module) -> PruningStats:
     return runtime.last_stats
 
 
+from atp.export import load_pruned, save_pruned  # noqa: E402  (uses the API above)
+
 __all__ = [
     "PruneContext",
     "PruningStats",
@@ -67,8 +69,10 @@ __all__ = [
     "apply",
     "available_pruners",
     "build_pruner",
+    "load_pruned",
     "register",
     "remove",
     "runtime_of",
+    "save_pruned",
     "stats",
 ]

@@ -67,16 +67,30 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
 
 
-def _model_inputs(batch: dict, device) -> dict:
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+def _model_inputs(batch: dict, device, blind: bool = False) -> dict:
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    if blind and "pixel_values" in inputs:  # the control: same prompts, images replaced by noise
+        generator = torch.Generator().manual_seed(len(batch["id"]))
+        noise = torch.randn(inputs["pixel_values"].shape, generator=generator)
+        inputs["pixel_values"] = noise.to(device, inputs["pixel_values"].dtype)
+    return inputs
 
 
 @torch.inference_mode()
-def evaluate(model, processor, loader: DataLoader, method: str, max_new_tokens: int = 3,
-             latency_batches: int = 2, latency_repeats: int = 3) -> EvaluationResult:
+def evaluate(
+    model,
+    processor,
+    loader: DataLoader,
+    method: str,
+    max_new_tokens: int = 3,
+    latency_batches: int = 2,
+    latency_repeats: int = 3,
+    blind: bool = False,
+) -> EvaluationResult:
     """Evaluate `model` as it is (a pruner attached with atp.apply, or the stock model).
 
-    loader: prompt-only batches from `LlavaConversationDataset(..., prompt_only=True)`.
+    loader: prompt-only batches from `LlavaConversationDataset(..., prompt_only=True)`;
+    blind: replace every image by Gaussian noise (the control that shows questions need the image).
     """
     device = next(model.parameters()).device
     pruned = getattr(model, "_atp_runtime", None) is not None
@@ -84,10 +98,11 @@ def evaluate(model, processor, loader: DataLoader, method: str, max_new_tokens: 
     config = model.config.text_config
     per_sample, flops, flops_unpruned, kv, kv_unpruned = [], 0.0, 0.0, 0.0, 0.0
     for batch in loader:
-        inputs = _model_inputs(batch, device)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        inputs = _model_inputs(batch, device, blind)
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         if pruned:
             stats = atp.stats(model)
             report = cost_report(config, stats)
@@ -101,12 +116,18 @@ def evaluate(model, processor, loader: DataLoader, method: str, max_new_tokens: 
             visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
             average, at_input = [float(v) for v in visual], visual
         for b, text in enumerate(texts):
-            per_sample.append({
-                "id": batch["id"][b], "question_type": batch["question_type"][b], "answer": batch["answer"][b],
-                "prediction": first_word(text), "correct": first_word(text) == first_word(batch["answer"][b]),
-                "avg_visual_tokens": float(average[b]), "input_visual_tokens": int(at_input[b]),
-                "num_objects": int(batch["num_objects"][b]),
-            })
+            per_sample.append(
+                {
+                    "id": batch["id"][b],
+                    "question_type": batch["question_type"][b],
+                    "answer": batch["answer"][b],
+                    "prediction": first_word(text),
+                    "correct": first_word(text) == first_word(batch["answer"][b]),
+                    "avg_visual_tokens": float(average[b]),
+                    "input_visual_tokens": int(at_input[b]),
+                    "num_objects": int(batch["num_objects"][b]),
+                }
+            )
     by_type: dict[str, list[bool]] = {}
     for sample in per_sample:
         by_type.setdefault(sample["question_type"], []).append(sample["correct"])
@@ -121,7 +142,8 @@ def evaluate(model, processor, loader: DataLoader, method: str, max_new_tokens: 
         kv_ratio=kv / kv_unpruned if pruned else 1.0,
         latency_ratio=prefill_latency_ratio(model, loader, latency_batches, latency_repeats) if pruned else 1.0,
         spearman_tokens_objects=spearman([s["avg_visual_tokens"] for s in per_sample], objects)
-        if min(objects) >= 0 else None,
+        if min(objects) >= 0
+        else None,
         num_samples=len(per_sample),
         per_sample=per_sample,
     )
@@ -155,14 +177,28 @@ def prefill_latency_ratio(model, loader: DataLoader, batches: int, repeats: int)
 
 def markdown_table(results: list[EvaluationResult]) -> str:
     types = sorted({t for r in results for t in r.accuracy_by_type})
-    header = ["method", "accuracy", *types, "avg visual tokens/layer", "visual tokens at LLM input", "FLOPs",
-              "KV cache", "prefill latency", "Spearman(tokens, objects)"]
+    header = [
+        "method",
+        "accuracy",
+        *types,
+        "avg visual tokens/layer",
+        "visual tokens at LLM input",
+        "FLOPs",
+        "KV cache",
+        "prefill latency",
+        "Spearman(tokens, objects)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r.method, f"{100 * r.accuracy:.1f}"]
         cells += [f"{100 * r.accuracy_by_type[t]:.1f}" if t in r.accuracy_by_type else "-" for t in types]
-        cells += [f"{r.avg_visual_tokens:.1f}", f"{r.input_visual_tokens:.1f}", f"{100 * r.flops_ratio:.1f} %",
-                  f"{100 * r.kv_ratio:.1f} %", "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x",
-                  "-" if r.spearman_tokens_objects is None else f"{r.spearman_tokens_objects:.2f}"]
+        cells += [
+            f"{r.avg_visual_tokens:.1f}",
+            f"{r.input_visual_tokens:.1f}",
+            f"{100 * r.flops_ratio:.1f} %",
+            f"{100 * r.kv_ratio:.1f} %",
+            "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x",
+            "-" if r.spearman_tokens_objects is None else f"{r.spearman_tokens_objects:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -26,13 +28,36 @@ CONFIG_NAME = "atp_config.json"
 WEIGHTS_NAME = "pruner.safetensors"
 
 
-def save_pruned(directory: str | Path, model, processor, pruner: atp.TokenPruner,
-                base_reference: str | None = None) -> Path:
-    """Write an export; `base_reference` (a model directory) avoids copying the base weights."""
+@contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a staging directory beside `directory`; on success it replaces `directory` by rename,
+    on failure it is deleted, so readers never see a half-written directory."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        yield staging
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def save_model(directory: str | Path, model, processor) -> Path:
+    """`save_pretrained` of the model and its processor, atomically (a plain HF directory)."""
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(directory)
+
+
+def save_pruned(
+    directory: str | Path, model, processor, pruner: atp.TokenPruner, base_reference: str | None = None
+) -> Path:
+    """Write an export; `base_reference` (a model directory) avoids copying the base weights."""
+    with atomic_directory(directory) as staging:
         if base_reference is None:
             model.save_pretrained(staging / "base")  # hooks are not weights: the stock model is saved
             processor.save_pretrained(staging / "base")
@@ -44,13 +69,7 @@ def save_pruned(directory: str | Path, model, processor, pruner: atp.TokenPruner
             save_file(state, staging / WEIGHTS_NAME)
         config = {"format": FORMAT_VERSION, "pruner": pruner.name, "kwargs": pruner.build_kwargs(), "base_model": base}
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
+    return Path(directory)
 
 
 def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", attn_implementation: str = "sdpa"):
@@ -58,7 +77,9 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
     directory = Path(path)
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{directory} is not an atp export: {CONFIG_NAME} is missing. Export with atp.save_pruned.")
+        raise FileNotFoundError(
+            f"{directory} is not an atp export: {CONFIG_NAME} is missing. Export with atp.save_pruned."
+        )
     try:
         config = json.loads(config_file.read_text())
         name, kwargs, base = config["pruner"], config["kwargs"], config["base_model"]

@@ -24,10 +24,18 @@ IMAGE_TOKEN = 31999
 
 
 def build_model(layers: int, attn: str) -> LlavaForConditionalGeneration:
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=336, patch_size=14)
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=layers,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=336, patch_size=14
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576)
     config._attn_implementation = config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
@@ -92,11 +100,15 @@ def main() -> None:
     atp.remove(model)
 
     base = statistics.median(times["stock HF (no atp)"])
-    print(f"\nPrefill, {args.layers} decoder layers of LLaVA-1.5-7B's shape, {inputs['input_ids'].shape[1]} tokens "
-          f"(576 visual), keep {args.keep_ratio:.0%} of visual tokens, attn={args.attn}, drop mode, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| method | visual tokens/layer | prefill s | measured speedup | analytic speedup | measured/analytic "
-          "| scoring overhead | KV cache |")
+    print(
+        f"\nPrefill, {args.layers} decoder layers of LLaVA-1.5-7B's shape, {inputs['input_ids'].shape[1]} tokens "
+        f"(576 visual), keep {args.keep_ratio:.0%} of visual tokens, attn={args.attn}, drop mode, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
+    print(
+        "| method | visual tokens/layer | prefill s | measured speedup | analytic speedup | measured/analytic "
+        "| scoring overhead | KV cache |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in pruners:
         median = statistics.median(times[name])
@@ -107,10 +119,14 @@ def main() -> None:
         report, stats = reports[name]
         analytic = 1.0 / report.flops_ratio
         overhead = 100 * statistics.median(scoring[name]) / base
-        print(f"| {name} | {float(stats.average_visual_tokens()[0]):.1f} | {median:.3f} | {measured:.2f}x "
-              f"| {analytic:.2f}x | {measured / analytic:.3f} | {overhead:.2f} % | {100 * report.kv_ratio:.1f} % |")
-    print("\nKV cache: bytes after prefill relative to unpruned. Scoring overhead: time inside the pruner "
-          "(scores, probes) as % of the unpruned prefill.")
+        print(
+            f"| {name} | {float(stats.average_visual_tokens()[0]):.1f} | {median:.3f} | {measured:.2f}x "
+            f"| {analytic:.2f}x | {measured / analytic:.3f} | {overhead:.2f} % | {100 * report.kv_ratio:.1f} % |"
+        )
+    print(
+        "\nKV cache: bytes after prefill relative to unpruned. Scoring overhead: time inside the pruner "
+        "(scores, probes) as % of the unpruned prefill."
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The token-pruning API on a tiny, randomly initialised LLaVA (seconds, CPU).
 
-    python examples/prune_tiny_llava.py
+python examples/prune_tiny_llava.py
 """
 
 import torch
@@ -11,9 +11,14 @@ from atp.models.tiny import tiny_llava
 
 model = tiny_llava(grid=24, patch_size=14, num_layers=8)  # LLaVA-1.5 geometry: 24x24 visual tokens
 image = model.config.image_token_id
-prompt = torch.cat([torch.tensor([1]), torch.randint(3, 100, (35,)), torch.full((576,), image), torch.randint(3, 100, (20,))])
-inputs = dict(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-              pixel_values=torch.randn(1, 3, 336, 336))
+prompt = torch.cat(
+    [torch.tensor([1]), torch.randint(3, 100, (35,)), torch.full((576,), image), torch.randint(3, 100, (20,))]
+)
+inputs = dict(
+    input_ids=prompt[None],
+    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    pixel_values=torch.randn(1, 3, 336, 336),
+)
 
 atp.apply(model, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), mode="drop")
 generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)

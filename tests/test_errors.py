@@ -11,8 +11,16 @@ from tests.conftest import make_batch
 
 
 def test_unsupported_model_class():
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(TypeError, match=r"LlamaForCausalLM.*LlavaForConditionalGeneration"):
         atp.apply(llm, atp.build_pruner("none"))
 

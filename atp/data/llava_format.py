@@ -75,8 +75,14 @@ def image_token_count(processor, pixel_values: torch.Tensor) -> int:
 class LlavaConversationDataset(Dataset):
     """Tokenised LLaVA conversations: input_ids [S], labels [S], pixel_values [3, H, W]."""
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path, processor, max_samples: int | None = None,
-                 prompt_only: bool = False) -> None:
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path,
+        processor,
+        max_samples: int | None = None,
+        prompt_only: bool = False,
+    ) -> None:
         self.records = load_records(json_path, image_folder)[:max_samples]
         self.image_folder = Path(image_folder)
         self.processor = processor
@@ -140,9 +146,9 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
     for b, item in enumerate(batch):
         n = len(item["input_ids"])
-        input_ids[b, length - n:] = item["input_ids"]
-        labels[b, length - n:] = item["labels"]
-        attention_mask[b, length - n:] = 1
+        input_ids[b, length - n :] = item["input_ids"]
+        labels[b, length - n :] = item["labels"]
+        attention_mask[b, length - n :] = 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
     if images:

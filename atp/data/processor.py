@@ -29,8 +29,13 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer
@@ -39,10 +44,15 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 def build_processor(words: list[str], image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
     """LlavaProcessor: CLIP preprocessing at `image_size`, the word-level tokenizer, our chat template."""
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(words), patch_size=patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(words),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
         num_additional_image_tokens=1,
     )

@@ -9,7 +9,7 @@ question has a one-word answer and is written in LLaVA's conversation JSON forma
     color     what color is the circle ?             -> red        (the only circle)
     shape     what shape is the blue object ?        -> square     (the only blue object)
     presence  is there a green triangle ?            -> yes / no
-    position  is the red circle on the left or right ? -> left / right
+    position  is the red shape on the left or right ?  -> left / right (the only red object)
 
 `generate_split` is seeded and deterministic; `write_dataset` writes PNGs and JSON files.
 """
@@ -106,17 +106,18 @@ def ask(objects: list[ShapeObject], kind: str, rng: random.Random) -> tuple[str,
             color, shape = rng.choice(absent)
         return f"is there a {color} {shape} ?", "yes" if (color, shape) in present else "no"
     if kind == "position":
-        unique = [o for o in objects if sum((p.color, p.shape) == (o.color, o.shape) for p in objects) == 1]
+        unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
         if not unique:
             return None
         target = rng.choice(unique)
         side = "left" if target.center[0] < IMAGE_SIZE // 2 else "right"
-        return f"is the {target.color} {target.shape} on the left or right ?", side
+        return f"is the {target.color} shape on the left or right ?", side
     raise ValueError(f"unknown question type {kind!r}; choose from {QUESTION_TYPES}")
 
 
-def generate_split(num_samples: int, seed: int, image_prefix: str = "",
-                   questions_per_image: int = 1) -> tuple[list[dict], list[Image.Image]]:
+def generate_split(
+    num_samples: int, seed: int, image_prefix: str = "", questions_per_image: int = 1
+) -> tuple[list[dict], list[Image.Image]]:
     """`num_samples` LLaVA-format records (one image each) and their images.
 
     questions_per_image = 1: a single question (types in rotation): for evaluation and for
@@ -140,21 +141,42 @@ def generate_split(num_samples: int, seed: int, image_prefix: str = "",
         for number, (question, answer) in enumerate(turns):
             prefix = "<image>\n" if number == 0 else ""
             conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-        records.append({
-            "id": f"{image_prefix}{index:06d}",
-            "image": f"{image_prefix}{index:06d}.png",
-            "conversations": conversations,
-            "question_type": kinds[0] if questions_per_image == 1 else "mixed",
-            "num_objects": len(objects),
-        })
+        records.append(
+            {
+                "id": f"{image_prefix}{index:06d}",
+                "image": f"{image_prefix}{index:06d}.png",
+                "conversations": conversations,
+                "question_type": kinds[0] if questions_per_image == 1 else "mixed",
+                "num_objects": len(objects),
+            }
+        )
         images.append(render(objects))
     return records, images
 
 
 def vocabulary() -> list[str]:
     """Every word a ShapesVQA question or answer uses (for the word-level tokenizer)."""
-    words = {"how", "many", "shapes", "are", "there", "?", "what", "color", "is", "the", "shape",
-             "object", "a", "on", "left", "or", "right", "yes", "no"}
+    words = {
+        "how",
+        "many",
+        "shapes",
+        "are",
+        "there",
+        "?",
+        "what",
+        "color",
+        "is",
+        "the",
+        "shape",
+        "object",
+        "a",
+        "on",
+        "left",
+        "or",
+        "right",
+        "yes",
+        "no",
+    }
     words |= set(COLORS) | set(SHAPES) | set(NUMBERS)
     return sorted(words)
 

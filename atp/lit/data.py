@@ -32,7 +32,7 @@ class EpochShuffleSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         if self._resume is not None and self._resume[0] == self.epoch:
-            order = order[self._resume[1]:]
+            order = order[self._resume[1] :]
             self._resume = None
         return iter(order)
 
@@ -66,9 +66,19 @@ class LlavaDataModule(L.LightningDataModule):
     processor: the model's HF processor (chat template, image preprocessing, tokenizer).
     """
 
-    def __init__(self, processor, train_json: str, val_json: str, image_folder: str, batch_size: int = 16,
-                 eval_batch_size: int = 32, num_workers: int = 0, max_train_samples: int | None = None,
-                 max_val_samples: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        processor,
+        train_json: str,
+        val_json: str,
+        image_folder: str,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.processor = processor
         self.train_json, self.val_json, self.image_folder = train_json, val_json, image_folder
@@ -78,27 +88,43 @@ class LlavaDataModule(L.LightningDataModule):
         self._collate = functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = LlavaConversationDataset(self.train_json, self.image_folder, self.processor,
-                                                  self.max_train_samples)
-        self.val_set = LlavaConversationDataset(self.val_json, self.image_folder, self.processor,
-                                                self.max_val_samples, prompt_only=True)
+        self.train_set = LlavaConversationDataset(
+            self.train_json, self.image_folder, self.processor, self.max_train_samples
+        )
+        self.val_set = LlavaConversationDataset(
+            self.val_json, self.image_folder, self.processor, self.max_val_samples, prompt_only=True
+        )
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                                   collate_fn=self._collate, num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0, progress=self._batches_this_epoch)
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            progress=self._batches_this_epoch,
+        )
 
     def _batches_this_epoch(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, collate_fn=self._collate,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.eval_batch_size, collate_fn=self._collate, num_workers=self.num_workers
+        )
 
 
-def ensure_shapes_dataset(root: str, train_samples: int, val_samples: int, test_samples: int,
-                          pruner_train_samples: int = 0, questions_per_image: int = 5, seed: int = 0) -> Path:
+def ensure_shapes_dataset(
+    root: str,
+    train_samples: int,
+    val_samples: int,
+    test_samples: int,
+    pruner_train_samples: int = 0,
+    questions_per_image: int = 5,
+    seed: int = 0,
+) -> Path:
     """Generate ShapesVQA under `root` unless it is already there with these sizes.
 
     train.json: multi-turn (`questions_per_image` questions per image) for the base model;
@@ -108,8 +134,11 @@ def ensure_shapes_dataset(root: str, train_samples: int, val_samples: int, test_
     key = f"{train_samples}-{val_samples}-{test_samples}-{pruner_train_samples}-{questions_per_image}-{seed}"
     marker = root_path / f".complete-{key}"
     if not marker.exists():
-        splits = {"train": (train_samples, seed + 1, questions_per_image), "val": (val_samples, seed + 2, 1),
-                  "test": (test_samples, seed + 3, 1)}
+        splits = {
+            "train": (train_samples, seed + 1, questions_per_image),
+            "val": (val_samples, seed + 2, 1),
+            "test": (test_samples, seed + 3, 1),
+        }
         if pruner_train_samples:
             splits["train_single"] = (pruner_train_samples, seed + 4, 1)
         write_dataset(root_path, splits)

@@ -25,18 +25,27 @@ def method_label(cfg: DictConfig, pruner) -> str:
         return f"{pruner.name} ({Path(cfg.export_path).name})"
     if pruner is None:
         return "unpruned"
-    settings = ", ".join(f"{k}={v}" for k, v in pruner.build_kwargs().items() if k not in ("position_ids", "num_layers"))
+    settings = ", ".join(
+        f"{k}={v}" for k, v in pruner.build_kwargs().items() if k not in ("position_ids", "num_layers")
+    )
     return f"{pruner.name} ({settings})"
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
     if cfg.data.kind == "shapes":
         data = cfg.data
-        ensure_shapes_dataset(data.root, data.train_samples, data.val_samples, data.test_samples,
-                              data.pruner_train_samples, data.questions_per_image)
+        ensure_shapes_dataset(
+            data.root,
+            data.train_samples,
+            data.val_samples,
+            data.test_samples,
+            data.pruner_train_samples,
+            data.questions_per_image,
+        )
     if cfg.export_path:
-        model, processor = load_pruned(cfg.export_path, mode=cfg.mode, dtype=cfg.dtype,
-                                       attn_implementation=cfg.attn_implementation)
+        model, processor = load_pruned(
+            cfg.export_path, mode=cfg.mode, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
+        )
         pruner = atp.runtime_of(model).pruner
     else:
         model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
@@ -44,12 +53,23 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         if pruner is not None:
             atp.apply(model, pruner.eval(), mode=cfg.mode)
     model.eval()
-    dataset = LlavaConversationDataset(cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor,
-                                       max_samples=cfg.max_samples, prompt_only=True)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size,
-                        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id))
-    result = evaluate(model, processor, loader, method_label(cfg, pruner), max_new_tokens=cfg.max_new_tokens,
-                      latency_batches=cfg.latency_batches, latency_repeats=cfg.latency_repeats)
+    dataset = LlavaConversationDataset(
+        cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor, max_samples=cfg.max_samples, prompt_only=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    )
+    result = evaluate(
+        model,
+        processor,
+        loader,
+        method_label(cfg, pruner),
+        max_new_tokens=cfg.max_new_tokens,
+        latency_batches=cfg.latency_batches,
+        latency_repeats=cfg.latency_repeats,
+    )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1))

@@ -27,10 +27,23 @@ class VLMTrainingModule(L.LightningModule):
     count (> 1, e.g. 144 of 576).
     """
 
-    def __init__(self, model: nn.Module, pruner: atp.TokenPruner | None = None, train_parts: str = "all",
-                 lr: float = 1e-3, pruner_lr: float = 1e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
-                 lambda_atp: float = 0.05, lambda_target: float = 0.2, target_tokens: float = 0.25,
-                 train_mode: str = "mask", eval_mode: str = "drop", lora_rank: int = 16, lora_alpha: int = 32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: atp.TokenPruner | None = None,
+        train_parts: str = "all",
+        lr: float = 1e-3,
+        pruner_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        lambda_atp: float = 0.05,
+        lambda_target: float = 0.2,
+        target_tokens: float = 0.25,
+        train_mode: str = "mask",
+        eval_mode: str = "drop",
+        lora_rank: int = 16,
+        lora_alpha: int = 32,
+    ) -> None:
         super().__init__()
         if train_parts not in TRAIN_PARTS:
             raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, got {train_parts!r}.")
@@ -108,11 +121,20 @@ class VLMTrainingModule(L.LightningModule):
             stats = atp.stats(self.model)
             num_visual = stats.num_visual.to(loss.device)
             target = self.hparams.target_tokens
-            target = target * num_visual.float() if target <= 1 else torch.full_like(num_visual, target, dtype=torch.float)
+            target = (
+                target * num_visual.float() if target <= 1 else torch.full_like(num_visual, target, dtype=torch.float)
+            )
             terms = atp_losses(self.pruner, num_visual, target, self.hparams.lambda_atp, self.hparams.lambda_target)
             loss = loss + terms["atp"] + terms["target"]
-            self.log_dict({"train/loss_atp": terms["atp"], "train/loss_target": terms["target"],
-                           "train/avg_visual_tokens": terms["average_tokens"].mean()}, prog_bar=True, batch_size=size)
+            self.log_dict(
+                {
+                    "train/loss_atp": terms["atp"],
+                    "train/loss_target": terms["target"],
+                    "train/avg_visual_tokens": terms["average_tokens"].mean(),
+                },
+                prog_bar=True,
+                batch_size=size,
+            )
         self.log("train/loss", loss, batch_size=size)
         return loss
 
@@ -125,7 +147,9 @@ class VLMTrainingModule(L.LightningModule):
         self.log("val/accuracy", accuracy, prog_bar=True, batch_size=size, sync_dist=True)
         if self.pruner is not None:
             stats = atp.stats(self.model)
-            self.log("val/avg_visual_tokens", stats.average_visual_tokens().mean().float(), batch_size=size, sync_dist=True)
+            self.log(
+                "val/avg_visual_tokens", stats.average_visual_tokens().mean().float(), batch_size=size, sync_dist=True
+            )
 
     def _answer_token_ids(self, answers: list[str]) -> torch.Tensor:
         tokenizer = self.trainer.datamodule.processor.tokenizer

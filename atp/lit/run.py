@@ -5,8 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import atp
 from atp.data.processor import build_processor
 from atp.data.shapes import vocabulary
-from atp.export import save_pruned
+from atp.export import save_model, save_pruned
 from atp.lit.data import LlavaDataModule, ensure_shapes_dataset
 from atp.lit.module import VLMTrainingModule
 from atp.models.build import build_testbed_llava, load_llava
@@ -38,7 +36,8 @@ def check_assets(cfg: DictConfig) -> None:
                 problems.append(f"data.{key}={value}")
     if problems:
         raise MissingAssetError(
-            "this experiment needs weights or data that are not here. Set: " + "; ".join(problems)
+            "this experiment needs weights or data that are not here. Set: "
+            + "; ".join(problems)
             + ". Example: python train.py experiment=atp_llava model.path=/models/llava-1.5-7b-hf "
             "data.train_json=/data/llava_v1_5_mix665k.json data.val_json=/data/val.json data.image_folder=/data/images"
         )
@@ -69,12 +68,26 @@ def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPru
 def build_datamodule(cfg: DictConfig, processor) -> LlavaDataModule:
     data = cfg.data
     if data.kind == "shapes":
-        ensure_shapes_dataset(data.root, data.train_samples, data.val_samples, data.test_samples,
-                              data.pruner_train_samples, data.questions_per_image)
-    return LlavaDataModule(processor, data.train_json, data.val_json, data.image_folder, batch_size=data.batch_size,
-                           eval_batch_size=data.eval_batch_size, num_workers=data.num_workers,
-                           max_train_samples=data.max_train_samples, max_val_samples=data.max_val_samples,
-                           seed=cfg.seed)
+        ensure_shapes_dataset(
+            data.root,
+            data.train_samples,
+            data.val_samples,
+            data.test_samples,
+            data.pruner_train_samples,
+            data.questions_per_image,
+        )
+    return LlavaDataModule(
+        processor,
+        data.train_json,
+        data.val_json,
+        data.image_folder,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        num_workers=data.num_workers,
+        max_train_samples=data.max_train_samples,
+        max_val_samples=data.max_val_samples,
+        seed=cfg.seed,
+    )
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -101,23 +114,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(last) if last.is_file() else None
 
 
-def export_base_model(directory: str | Path, model, processor) -> Path:
-    """save_pretrained of model + processor, written atomically (temp dir, then rename)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
-
-
 def run_training(cfg: DictConfig) -> dict:
     """Fit the configured module; export the result. Returns the final logged metrics."""
     check_assets(cfg)
@@ -130,16 +126,21 @@ def run_training(cfg: DictConfig) -> dict:
     callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     if not loggers:  # nothing to log learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), strategy=build_strategy(cfg),
-                        callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.output_dir,
-                        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        strategy=build_strategy(cfg),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=cfg.output_dir,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+    )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.export and trainer.is_global_zero and not trainer.fast_dev_run:
             model = module.merged_model()
             if pruner is None:
-                export_base_model(cfg.export_dir, model, processor)
+                save_model(cfg.export_dir, model, processor)
             else:
                 atp.remove(model)
                 base = cfg.model.path if cfg.model.kind == "pretrained" and cfg.module.train_parts == "pruner" else None

@@ -12,18 +12,35 @@ from atp.models.tiny import tiny_llava_config
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_testbed_llava(processor, text: str = "llama", hidden_size: int = 128, intermediate_size: int = 256,
-                        num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 4, vision_hidden: int = 64,
-                        vision_layers: int = 2, seed: int = 0,
-                        attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+def build_testbed_llava(
+    processor,
+    text: str = "llama",
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 4,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
     """A small LLaVA on LLaVA-1.5's geometry (336 px, patch 14: 24 x 24 visual tokens) for the
     testbed's processor, randomly initialised (seeded) for training from scratch."""
     tokenizer = processor.tokenizer
     crop = processor.image_processor.crop_size["height"]
     config = tiny_llava_config(
-        text=text, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, grid=crop // processor.patch_size,
-        patch_size=processor.patch_size, vision_hidden=vision_hidden, vision_layers=vision_layers,
+        text=text,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        grid=crop // processor.patch_size,
+        patch_size=processor.patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
         attn_implementation=attn_implementation,
     )
     config.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -47,6 +64,8 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
     processor = AutoProcessor.from_pretrained(path)
     return model, processor

@@ -88,9 +88,7 @@ class LlavaAdapter:
             return None
         return int(window) if window else None
 
-    def image_token_mask(
-        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
-    ) -> torch.Tensor:
+    def image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[B, S] bool: which input positions are image placeholder tokens."""
         if input_ids is not None:
             return input_ids == self.image_token_id

@@ -50,8 +50,15 @@ class LayerInputs:
 class _Prefill:
     """Scratch state of one prefill forward."""
 
-    def __init__(self, layout: Layout, visual_index: torch.Tensor, instruction: torch.Tensor,
-                 last_prompt: torch.Tensor, original_length: int, num_layers: int) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        visual_index: torch.Tensor,
+        instruction: torch.Tensor,
+        last_prompt: torch.Tensor,
+        original_length: int,
+        num_layers: int,
+    ) -> None:
         self.layout = layout
         self.visual_index = visual_index  # [B, S] in original positions
         self.instruction = instruction  # [B, S] in original positions
@@ -193,7 +200,11 @@ class PruningRuntime:
                 "builds full causal masks. Shorten the input or use a model without sliding-window attention."
             )
         device = embeds.device
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]
         position = position_ids.expand(batch, length)
@@ -216,13 +227,15 @@ class PruningRuntime:
                 "it, or it belongs to another run). Run the prompt again with the pruned model."
             )
         if image_mask.any():
-            raise ValueError("image tokens in a continuation of a cached prefill are not supported; put the image in the prompt.")
+            raise ValueError(
+                "image tokens in a continuation of a cached prefill are not supported; put the image in the prompt."
+            )
         batch, queries = embeds.shape[:2]
         first = record.layouts[0]
         num_cached_new = cache.get_seq_length(0) - first.length
         total_new = num_cached_new + queries
         if attention_mask is not None:
-            new_valid = attention_mask[:, record.original_length:].bool()
+            new_valid = attention_mask[:, record.original_length :].bool()
             if new_valid.shape[1] != total_new:
                 raise ValueError(
                     f"attention_mask covers {attention_mask.shape[1]} positions; expected the prompt's "
@@ -253,7 +266,9 @@ class PruningRuntime:
                 raise RuntimeError("atp runtime: a decoder layer ran outside a model forward; call the full model.")
             kwargs["attention_mask"] = inputs.mask
             kwargs["position_embeddings"] = inputs.rotary
-            kwargs["position_ids"] = inputs.layout.position if self._prefill is not None else self._decode_positions(inputs.layout)
+            kwargs["position_ids"] = (
+                inputs.layout.position if self._prefill is not None else self._decode_positions(inputs.layout)
+            )
             return (hidden, *rest), kwargs
 
         return before_layer
@@ -308,7 +323,11 @@ class PruningRuntime:
         take = lambda t: torch.gather(t, 1, layout.index)  # original -> current slots  # noqa: E731
         weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
         slot_of = torch.zeros(hidden.shape[0], state.original_length + 1, dtype=torch.long, device=hidden.device)
-        slot_of.scatter_(1, torch.where(layout.valid, layout.index, state.original_length), torch.arange(layout.length, device=hidden.device).expand_as(layout.index))
+        slot_of.scatter_(
+            1,
+            torch.where(layout.valid, layout.index, state.original_length),
+            torch.arange(layout.length, device=hidden.device).expand_as(layout.index),
+        )
         ctx = PruneContext(
             layer=index,
             hidden=hidden,
@@ -364,7 +383,9 @@ class PruningRuntime:
             return None
         self._finish_prefill(state)
         layout = state.layout
-        if layout.length == state.original_length and bool((layout.index == torch.arange(layout.length, device=layout.index.device)).all()):
+        if layout.length == state.original_length and bool(
+            (layout.index == torch.arange(layout.length, device=layout.index.device)).all()
+        ):
             return None
         batch, _, width = output.shape
         target = torch.where(layout.valid, layout.index, state.original_length)

@@ -124,9 +124,7 @@ def prefill_mask(layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(causal[None, None], bias, minimum)
 
 
-def decode_mask(
-    prefix: Layout, new_valid: torch.Tensor, num_cached_new: int, dtype: torch.dtype
-) -> torch.Tensor:
+def decode_mask(prefix: Layout, new_valid: torch.Tensor, num_cached_new: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, Q, K] additive mask for Q new tokens attending to a cached prefix.
 
     prefix:         the layout of the prefill at this layer (what the cache holds first)

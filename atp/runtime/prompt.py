@@ -24,9 +24,7 @@ class PromptParts:
     last_prompt: torch.Tensor
 
 
-def locate_prompt_parts(
-    image_mask: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None
-) -> PromptParts:
+def locate_prompt_parts(image_mask: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None) -> PromptParts:
     """Split every sample into image, instruction and answer.
 
     image_mask: [B, S] bool image placeholder tokens; valid: [B, S] bool real tokens;

@@ -27,9 +27,7 @@ def check_decision(decision: torch.Tensor, layout: Layout, pruner: str, mode: st
             )
 
 
-def apply_drop(
-    layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool
-) -> tuple[Layout, torch.Tensor]:
+def apply_drop(layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool) -> tuple[Layout, torch.Tensor]:
     """Physically remove the visual tokens `keep` rejects.
 
     layout: the current layout; hidden: [B, S, d]; keep: [B, S] bool (non-visual slots are

@@ -123,8 +123,14 @@ class ATPPruner(TokenPruner):
 
     name = "atp"
 
-    def __init__(self, num_layers: int, layers: list[int] | None = None, tau: float = 10.0,
-                 straight_through: bool = False, hidden: int = 256) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        layers: list[int] | None = None,
+        tau: float = 10.0,
+        straight_through: bool = False,
+        hidden: int = 256,
+    ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
         if 0 in self.layers:
@@ -166,8 +172,10 @@ class ATPPruner(TokenPruner):
         if ctx.mode == "drop" or not self.training:
             self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
             return hard | ~ctx.visual
-        soft = torch.maximum(torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None])),
-                             torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
+        soft = torch.maximum(
+            torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None])),
+            torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])),
+        )
         if self.straight_through:
             soft = hard.float() + soft - soft.detach()
         soft = torch.where(ctx.visual, soft, torch.ones_like(soft))
@@ -186,8 +194,13 @@ def tokens_per_layer(pruner: ATPPruner, num_visual: torch.Tensor) -> torch.Tenso
     return torch.stack(counts, 1)
 
 
-def atp_losses(pruner: ATPPruner, num_visual: torch.Tensor, target_tokens: float | torch.Tensor,
-               lambda_atp: float = 0.05, lambda_target: float = 0.2) -> dict[str, torch.Tensor]:
+def atp_losses(
+    pruner: ATPPruner,
+    num_visual: torch.Tensor,
+    target_tokens: float | torch.Tensor,
+    lambda_atp: float = 0.05,
+    lambda_target: float = 0.2,
+) -> dict[str, torch.Tensor]:
     """The ATP loss and the target-token loss of the last forward (METHODS.md section 1).
 
     num_visual: [B] visual tokens at the LLM input (N); target_tokens: N_target (absolute,
@@ -201,5 +214,7 @@ def atp_losses(pruner: ATPPruner, num_visual: torch.Tensor, target_tokens: float
     denominator = has_image.sum().clamp_min(1.0)
     atp_term = ((depth * n / total[:, None]).mean(1) * has_image).sum() / denominator
     average = n.mean(1)
-    target_term = ((average - torch.as_tensor(target_tokens, device=n.device)).abs() / total * has_image).sum() / denominator
+    target_term = (
+        (average - torch.as_tensor(target_tokens, device=n.device)).abs() / total * has_image
+    ).sum() / denominator
     return {"atp": lambda_atp * atp_term, "target": lambda_target * target_term, "average_tokens": average.detach()}

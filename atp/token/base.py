@@ -128,7 +128,9 @@ def top_k_per_sample(score: torch.Tensor, candidates: torch.Tensor, k: torch.Ten
     """
     masked = score.float().masked_fill(~candidates, -math.inf)
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return (rank < k[:, None]) & candidates
 
 

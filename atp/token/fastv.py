@@ -17,7 +17,9 @@ class FastV(TokenPruner):
 
     def __init__(self, layer: int = 2, keep_ratio: float = 0.5, position_ids: str = "original") -> None:
         if not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"fastv: layer K must be an integer >= 1 (it scores with layer K-1's attention), got {layer!r}.")
+            raise ValueError(
+                f"fastv: layer K must be an integer >= 1 (it scores with layer K-1's attention), got {layer!r}."
+            )
         super().__init__([layer], position_ids)
         self.layer = layer
         self.keep_ratio = check_keep_ratio(self.name, keep_ratio)

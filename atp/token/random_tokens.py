@@ -18,8 +18,13 @@ class RandomPruner(TokenPruner):
 
     name = "random"
 
-    def __init__(self, layers: int | list[int] = 2, keep_ratio: float | list[float] = 0.5, seed: int = 0,
-                 position_ids: str = "original") -> None:
+    def __init__(
+        self,
+        layers: int | list[int] = 2,
+        keep_ratio: float | list[float] = 0.5,
+        seed: int = 0,
+        position_ids: str = "original",
+    ) -> None:
         super().__init__(layers, position_ids)
         ratios = keep_ratio if isinstance(keep_ratio, (list, tuple)) else [keep_ratio] * len(self.layers)
         if len(ratios) != len(self.layers):

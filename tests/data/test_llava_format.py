@@ -50,7 +50,7 @@ def test_collate_left_pads(shapes_dir, processor):
     length = max(len(i["input_ids"]) for i in items)
     for b, item in enumerate(items):
         n = len(item["input_ids"])
-        assert torch.equal(batch["input_ids"][b, length - n:], item["input_ids"])
+        assert torch.equal(batch["input_ids"][b, length - n :], item["input_ids"])
         assert batch["attention_mask"][b].tolist() == [0] * (length - n) + [1] * n
         assert (batch["labels"][b, : length - n] == -100).all()
     assert batch["pixel_values"].shape == (2, 3, 336, 336)

@@ -18,8 +18,14 @@ from atp.lit.run import MissingAssetError, run_training
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 NEEDS_REAL_WEIGHTS = {"atp_llava"}
-TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2", "model.num_kv_heads=2",
-              "model.vision_hidden=32", "model.vision_layers=1"]
+TINY_MODEL = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.vision_hidden=32",
+    "model.vision_layers=1",
+]
 
 
 class StopAfterSteps(L.Callback):
@@ -39,17 +45,35 @@ def compose_train(overrides: list[str]):
 
 
 def tiny_data(root: Path) -> list[str]:
-    return [f"data.root={root}", "data.train_samples=8", "data.pruner_train_samples=8", "data.val_samples=4",
-            "data.test_samples=4", "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0"]
+    return [
+        f"data.root={root}",
+        "data.train_samples=8",
+        "data.pruner_train_samples=8",
+        "data.val_samples=4",
+        "data.test_samples=4",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.num_workers=0",
+    ]
 
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """A tiny testbed model trained for 2 steps with experiment=shapes_base and exported."""
     root = tmp_path_factory.mktemp("base")
-    cfg = compose_train(["experiment=shapes_base", f"output_dir={root}/run", f"export_dir={root}/model",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
-                         "trainer.enable_progress_bar=false", *TINY_MODEL, *tiny_data(root / "data")])
+    cfg = compose_train(
+        [
+            "experiment=shapes_base",
+            f"output_dir={root}/run",
+            f"export_dir={root}/model",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            *TINY_MODEL,
+            *tiny_data(root / "data"),
+        ]
+    )
     metrics = run_training(cfg)
     assert "val/accuracy" in metrics
     assert (root / "model" / "config.json").is_file() and (root / "model" / "processor_config.json").is_file()
@@ -58,11 +82,18 @@ def base_model(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model, tmp_path):
-    overrides = [f"experiment={experiment}", "debug=fast_dev_run", f"output_dir={tmp_path}", "logger=none",
-                 *tiny_data(tmp_path / "data")]
+    overrides = [
+        f"experiment={experiment}",
+        "debug=fast_dev_run",
+        f"output_dir={tmp_path}",
+        "logger=none",
+        *tiny_data(tmp_path / "data"),
+    ]
     if experiment in NEEDS_REAL_WEIGHTS:
         cfg = compose_train(overrides)
-        with pytest.raises(MissingAssetError, match=r"model\.path=None.*data\.train_json=None.*Example: python train\.py"):
+        with pytest.raises(
+            MissingAssetError, match=r"model\.path=None.*data\.train_json=None.*Example: python train\.py"
+        ):
             run_training(cfg)
         return
     if experiment == "shapes_base":
@@ -73,10 +104,20 @@ def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model,
 
 
 def atp_overrides(base_model: Path, output: Path, data: Path, steps: int) -> list[str]:
-    return ["experiment=atp_llava_shapes", f"model.path={base_model}", f"output_dir={output}",
-            f"export_dir={output}/export", f"trainer.max_steps={steps}", "trainer.val_check_interval=null",
-            "trainer.check_val_every_n_epoch=100", "logger=none", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint.every_n_train_steps=1", "pruner.hidden=16", *tiny_data(data)]
+    return [
+        "experiment=atp_llava_shapes",
+        f"model.path={base_model}",
+        f"output_dir={output}",
+        f"export_dir={output}/export",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=100",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "pruner.hidden=16",
+        *tiny_data(data),
+    ]
 
 
 def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
@@ -87,8 +128,9 @@ def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
     run_training(compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6), *stop]))
     checkpoint = tmp_path / "killed/checkpoints/epoch=1-step=3.ckpt"  # mid-epoch: 2 steps per epoch
     assert checkpoint.is_file()
-    run_training(compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6),
-                                f"ckpt_path='{checkpoint}'"]))
+    run_training(
+        compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6), f"ckpt_path='{checkpoint}'"])
+    )
     unbroken = torch.load(tmp_path / "unbroken/checkpoints/last.ckpt", weights_only=False)
     resumed = torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)
     assert unbroken["global_step"] == resumed["global_step"] == 6
@@ -102,12 +144,22 @@ def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
 
 def test_ddp_two_cpu_processes_keep_identical_atp_parameters(base_model, tmp_path):
     overrides = atp_overrides(base_model, tmp_path / "ddp", tmp_path / "data", steps=3)
-    overrides += ["strategy=ddp", "trainer.devices=2", "export=false",
-                  "+callbacks.ranks._target_=atp.lit.callbacks.SaveTrainablesPerRank",
-                  f"+callbacks.ranks.dirpath={tmp_path}/ranks"]
+    overrides += [
+        "strategy=ddp",
+        "trainer.devices=2",
+        "export=false",
+        "+callbacks.ranks._target_=atp.lit.callbacks.SaveTrainablesPerRank",
+        f"+callbacks.ranks.dirpath={tmp_path}/ranks",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = load_file(tmp_path / "ranks" / "trainables_rank0.safetensors")
     rank1 = load_file(tmp_path / "ranks" / "trainables_rank1.safetensors")
@@ -125,3 +177,22 @@ def test_target_tokens_above_the_visual_tokens(base_model, tmp_path):
 def test_unknown_config_key_is_refused():
     with pytest.raises(Exception, match="no_such_key"):
         compose_train(["experiment=shapes_base", "module.no_such_key=1"])
+
+
+def test_experiment_and_debug_values_override_the_defaults():
+    cfg = compose_train(["experiment=shapes_base", "debug=fast_dev_run"])
+    assert cfg.experiment_name == "shapes_base" and cfg.export is False and cfg.trainer.fast_dev_run is True
+    assert compose_train(["experiment=atp_llava"]).pruner.layers == [4, 14, 24]
+
+
+@pytest.mark.parametrize("strategy", sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")))
+def test_strategy_configs_name_real_lightning_strategies(strategy):
+    from hydra.utils import get_class, instantiate
+
+    spec = compose_train([f"strategy={strategy}"]).strategy
+    if spec._target_ is None:
+        return
+    cls = get_class(spec._target_)
+    assert issubclass(cls, L.pytorch.strategies.Strategy)
+    if strategy == "ddp":
+        assert isinstance(instantiate(spec), cls)

@@ -63,7 +63,12 @@ def test_drop_mode_really_shortens_the_sequence(model_factory):
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape  # HF layout restored at the output
     real = batch["attention_mask"].sum(1)
-    assert lengths == {0: int(real.max()), 1: int((real - 8).max()), 2: int((real - 8).max()), 3: int((real - 12).max())}
+    assert lengths == {
+        0: int(real.max()),
+        1: int((real - 8).max()),
+        2: int((real - 8).max()),
+        3: int((real - 12).max()),
+    }
 
 
 @pytest.mark.parametrize("mode", ["drop", "mask"])

@@ -1,0 +1,82 @@
+"""Compare token pruners on held-out ShapesVQA at the same measured average token count.
+
+Rows: the unpruned base model; a blind control (images replaced by noise); the trained ATP
+export; FastV and random with one cut before the first ATP layer, their keep ratio chosen
+so that their average visual tokens per decoder layer match ATP's measured average.
+
+    python benchmarks/shapes_comparison.py --base checkpoints/shapes_base/model \\
+        --atp checkpoints/atp_llava_shapes/export --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import atp
+from atp.budget import single_cut_keep_ratio
+from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.evaluation import evaluate, markdown_table
+from atp.models.build import load_llava
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="checkpoints/shapes_base/model")
+    parser.add_argument("--atp", default="checkpoints/atp_llava_shapes/export")
+    parser.add_argument("--data", default="checkpoints/data/shapes")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", default="checkpoints/comparison")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, processor = load_llava(args.base)
+    model.eval()
+    dataset = LlavaConversationDataset(
+        Path(args.data, f"{args.split}.json"),
+        Path(args.data, "images"),
+        processor,
+        max_samples=args.max_samples,
+        prompt_only=True,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    )
+    results = [
+        evaluate(model, processor, loader, "unpruned"),
+        evaluate(model, processor, loader, "blind control (noise images)", blind=True),
+    ]
+    atp_model, _ = atp.load_pruned(args.atp)
+    atp_result = evaluate(atp_model, processor, loader, "atp (trained)")
+    results.append(atp_result)
+    pruner = atp.runtime_of(atp_model).pruner
+    num_layers, cut = model.config.text_config.num_hidden_layers, min(pruner.layers)
+    num_visual = round(atp_result.input_visual_tokens)
+    ratio = single_cut_keep_ratio(atp_result.avg_visual_tokens, num_visual, num_layers, cut)
+    for name, kwargs in (("fastv", {"layer": cut}), ("random", {"layers": [cut], "seed": 0})):
+        atp.apply(model, atp.build_pruner(name, keep_ratio=ratio, **kwargs).eval(), mode="drop")
+        results.append(evaluate(model, processor, loader, f"{name} (cut before layer {cut}, keep {ratio:.3f})"))
+        atp.remove(model)
+    table = markdown_table(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=1))
+    (out / "results.md").write_text(table + "\n")
+    base = results[0].accuracy
+    print(f"\nShapesVQA {args.split} ({len(dataset)} questions); retention = accuracy / unpruned accuracy\n")
+    print(table)
+    for r in results[1:]:
+        print(f"{r.method}: retention {100 * r.accuracy / max(base, 1e-9):.1f} %")
+
+
+if __name__ == "__main__":
+    main()
