@@ -196,3 +196,45 @@ def test_strategy_configs_name_real_lightning_strategies(strategy):
     assert issubclass(cls, L.pytorch.strategies.Strategy)
     if strategy == "ddp":
         assert isinstance(instantiate(spec), cls)
+
+
+def test_wandb_logger_runs_offline_without_an_account(base_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    overrides = atp_overrides(base_model, tmp_path / "run", tmp_path / "data", steps=1)
+    run_training(compose_train([*overrides, "logger=csv_wandb", "export=false"]))
+    assert list((tmp_path / "run").rglob("*.wandb")), "no offline W&B run was written"
+
+
+def test_evaluate_entry_point_on_an_export(base_model, tmp_path):
+    from atp.lit.evaluate_run import run_evaluation
+
+    data = tmp_path / "data"
+    run_training(compose_train(atp_overrides(base_model, tmp_path / "run", data, steps=1)))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"export_path={tmp_path}/run/export",
+                f"output_dir={tmp_path}/eval",
+                "latency_repeats=1",
+                "latency_batches=1",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    result = run_evaluation(cfg)
+    assert result.num_samples == 4 and (tmp_path / "eval" / "results.json").is_file()
+    assert "atp" in (tmp_path / "eval" / "results.md").read_text()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={base_model}",
+                "pruner=fastv",
+                "pruner.layer=1",
+                f"output_dir={tmp_path}/eval2",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    assert run_evaluation(cfg).method.startswith("fastv (layer=1, keep_ratio=0.5")

@@ -154,3 +154,30 @@ def test_default_placement_and_errors():
         ATPPruner(num_layers=4, layers=[0, 2])
     with pytest.raises(ValueError, match="built for a 8-layer LLM"):
         atp.apply(atp.models.tiny.tiny_llava(num_layers=4, grid=4), ATPPruner(num_layers=8))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_changing_the_answer_leaves_keep_decisions_unchanged(model_factory, training):
+    model = model_factory()
+    pruner = ATPPruner(num_layers=4, layers=[1, 3]).train(training)
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            module.redundancy_head.bias.fill_(0.0)
+            module.spatial_head.bias.fill_(0.6)
+    atp.apply(model, pruner, mode="mask" if training else "drop")
+    prompt = make_batch(RAGGED[:2], padding="right", seed=4)
+    decisions = []
+    for seed in range(3):
+        answer = torch.randint(3, 100, (2, 4), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([prompt["input_ids"], answer], 1)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(answer)], 1)
+        labels = torch.cat([torch.full_like(prompt["input_ids"], -100), answer], 1)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=prompt["pixel_values"], labels=labels)
+        decisions.append(({k: v.clone() for k, v in pruner.soft_counts.items()}, atp.stats(model).kept))
+    counts, kept = decisions[0]
+    assert 0 < float(counts[3].min()) < 16
+    for other_counts, other_kept in decisions[1:]:
+        for layer in counts:
+            torch.testing.assert_close(other_counts[layer], counts[layer])
+            assert all(torch.equal(a, b) for a, b in zip(kept[layer], other_kept[layer]))

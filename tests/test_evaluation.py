@@ -1,0 +1,95 @@
+"""The evaluation protocol and budget matching, against independent computations."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import atp
+from atp.budget import single_cut_keep_ratio
+from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.data.processor import build_processor
+from atp.data.shapes import vocabulary, write_dataset
+from atp.evaluation import evaluate, first_word, markdown_table, spearman
+from atp.metrics import cost_report
+from atp.models.build import build_testbed_llava
+
+
+def brute_force_spearman(x, y):
+    def ranks(v):
+        return [sum(u < w for u in v) + (sum(u == w for u in v) - 1) / 2 for w in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def test_spearman_with_ties_matches_brute_force():
+    x, y = [3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]
+    assert spearman(x, y) == pytest.approx(brute_force_spearman(x, y))
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_first_word():
+    assert first_word("  Red. square") == "red" and first_word("") == ""
+
+
+def test_single_cut_keep_ratio_reaches_the_average():
+    ratio = single_cut_keep_ratio(average_tokens=100.0, num_visual=576, num_layers=8, layer=1)
+    assert (1 * 576 + 7 * ratio * 576) / 8 == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="cannot be reached by one cut before layer 2"):
+        single_cut_keep_ratio(average_tokens=100.0, num_visual=576, num_layers=8, layer=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = write_dataset(tmp_path_factory.mktemp("shapes"), {"test": (6, 3, 1)})
+    processor = build_processor(vocabulary())
+    model = build_testbed_llava(
+        processor,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_heads=2,
+        num_kv_heads=2,
+        vision_hidden=32,
+        vision_layers=1,
+    ).eval()
+    dataset = LlavaConversationDataset(root / "test.json", root / "images", processor, prompt_only=True)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=functools.partial(collate, pad_token_id=0))
+    return model, processor, loader
+
+
+def test_evaluate_reports_consistent_numbers(setup):
+    model, processor, loader = setup
+    atp.apply(model, atp.build_pruner("fastv", layer=1, keep_ratio=0.25).eval(), mode="drop")
+    result = evaluate(model, processor, loader, "fastv", latency_batches=1, latency_repeats=1)
+    assert result.num_samples == 6 and len(result.per_sample) == 6
+    assert result.accuracy == sum(s["correct"] for s in result.per_sample) / 6
+    assert result.input_visual_tokens == 576
+    assert result.avg_visual_tokens == pytest.approx((576 + 3 * 144) / 4)
+    batch = next(iter(loader))  # FLOPs ratio: the accounting module on the same prompts
+    with torch.no_grad():
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    report = cost_report(model.config.text_config, atp.stats(model))
+    assert 0.3 < result.flops_ratio < 1 and result.flops_ratio == pytest.approx(report.flops_ratio, rel=0.05)
+    assert result.latency_ratio > 0
+    assert "| fastv |" in markdown_table([result])
+    atp.remove(model)
+
+
+def test_blind_control_changes_the_images_only(setup):
+    model, processor, loader = setup
+    seen = []
+    handle = model.model.vision_tower.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k.get("pixel_values", a[0] if a else None)), with_kwargs=True
+    )
+    evaluate(model, processor, loader, "unpruned")
+    evaluate(model, processor, loader, "blind", blind=True)
+    handle.remove()
+    real, noise = seen[0], seen[len(seen) // 2]
+    assert real.shape == noise.shape and not torch.allclose(real, noise)
