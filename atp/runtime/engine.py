@@ -318,42 +318,50 @@ class PruningRuntime:
 
     # -- the pruning stage ---------------------------------------------------------------
     def _run_stage(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the pruner before layer `index` and apply its decision; returns the new hidden states."""
         state = self._prefill
         layout = state.layout
-        take = lambda t: torch.gather(t, 1, layout.index)  # original -> current slots  # noqa: E731
-        weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
-        slot_of = torch.zeros(hidden.shape[0], state.original_length + 1, dtype=torch.long, device=hidden.device)
+        ctx = self._context(index, hidden)
+        start = time.perf_counter()
+        decision = self.pruner.prune(ctx)
+        check_decision(decision, layout, self.pruner.name, self.mode)
+        if decision.is_cuda:
+            torch.cuda.synchronize(decision.device)
+        state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
+        compact = self.pruner.position_ids == "compact"
+        if self.mode == "drop":
+            layout, hidden = apply_drop(layout, hidden, decision, compact)
+        else:
+            layout = apply_mask(layout, decision, compact)
+        state.layout = layout
+        state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
+        return hidden
+
+    def _context(self, index: int, hidden: torch.Tensor) -> PruneContext:
+        """What the pruner sees before layer `index`, in the current layout's slots."""
+        state = self._prefill
+        layout = state.layout
+        to_slots = lambda t: torch.gather(t, 1, layout.index)  # original positions -> slots  # noqa: E731
+        slot_of = torch.full((hidden.shape[0], state.original_length + 1), -1, device=hidden.device)
         slot_of.scatter_(
             1,
             torch.where(layout.valid, layout.index, state.original_length),
             torch.arange(layout.length, device=hidden.device).expand_as(layout.index),
         )
-        ctx = PruneContext(
+        weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
+        return PruneContext(
             layer=index,
             hidden=hidden,
             visual=layout.visual_alive(),
-            visual_index=torch.where(layout.visual & layout.valid, take(state.visual_index), -1),
+            visual_index=torch.where(layout.visual & layout.valid, to_slots(state.visual_index), -1),
             weight=weight,
-            instruction=take(state.instruction) & layout.valid,
-            last_prompt=torch.gather(slot_of, 1, state.last_prompt[:, None])[:, 0],
+            instruction=to_slots(state.instruction) & layout.valid,
+            last_prompt=torch.gather(slot_of, 1, state.last_prompt[:, None])[:, 0].clamp_min(0),
             num_visual=(state.visual_index >= 0).sum(1),
             grid=self.adapter.image_grid,
             mode=self.mode,
             attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
         )
-        start = time.perf_counter()
-        decision = self.pruner.prune(ctx)
-        check_decision(decision, layout, self.pruner.name, self.mode)
-        if self.mode == "drop":
-            new_layout, hidden = apply_drop(layout, hidden, decision, self.pruner.position_ids == "compact")
-        else:
-            new_layout = apply_mask(layout, decision, self.pruner.position_ids == "compact")
-        if hidden.is_cuda:
-            torch.cuda.synchronize(hidden.device)
-        state.scoring_seconds += time.perf_counter() - start
-        state.layout = new_layout
-        state.kept[index] = remaining_visual(new_layout, torch.gather(state.visual_index, 1, new_layout.index))
-        return hidden
 
     def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
