@@ -1,0 +1,46 @@
+"""`divprune` (Alvar et al., 2025): keep a maximally diverse subset at the LLM input.
+
+Distance D = 1 - cosine similarity between the projected visual tokens of a sample. The
+first token is the one farthest from its nearest neighbour; then repeatedly add the
+token whose minimum distance to the chosen set is largest (max-min diversity). Acts
+before the LLM (layer 0); positions are compacted, as in the reference code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, kept_count, register
+
+
+def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (in selection order) of `count` rows of features [N, d] by greedy max-min distance."""
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1 - unit @ unit.T  # [N, N]
+    nearest = distance.masked_fill(torch.eye(len(unit), dtype=torch.bool, device=unit.device), float("inf"))
+    chosen = [int(nearest.min(1).values.argmax())]
+    closest = distance[chosen[0]].clone()  # distance of every token to the chosen set
+    for _ in range(count - 1):
+        closest[chosen] = -1.0
+        chosen.append(int(closest.argmax()))
+        closest = torch.minimum(closest, distance[chosen[-1]])
+    return torch.tensor(chosen, device=features.device)
+
+
+@register
+class DivPrune(TokenPruner):
+    name = "divprune"
+
+    def __init__(self, keep_ratio: float = 0.098, position_ids: str = "compact") -> None:
+        super().__init__([0], position_ids)
+        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+
+    def prune(self, ctx: PruneContext) -> torch.Tensor:
+        keep = torch.zeros_like(ctx.visual)
+        counts = kept_count(ctx.visual_counts(), self.keep_ratio)
+        for b in range(keep.shape[0]):
+            slots = ctx.visual[b].nonzero()[:, 0]
+            if len(slots):
+                keep[b, slots[max_min_diverse(ctx.hidden[b, slots], int(counts[b]))]] = True
+        return keep

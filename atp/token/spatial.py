@@ -1,0 +1,37 @@
+"""`spatial`: keep a uniform grid of each image's visual tokens at the stride that meets the budget.
+
+The stride is the smallest s whose grid (every s-th row and column, starting at 0) holds
+no more than round(N_image * keep_ratio) tokens. Kept tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, register
+
+
+def grid_stride(rows: int, cols: int, budget: int) -> int:
+    """Smallest stride s >= 1 with ceil(rows / s) * ceil(cols / s) <= budget."""
+    stride = 1
+    while math.ceil(rows / stride) * math.ceil(cols / stride) > max(1, budget):
+        stride += 1
+    return stride
+
+
+@register
+class SpatialPruner(TokenPruner):
+    name = "spatial"
+
+    def __init__(self, layer: int = 0, keep_ratio: float = 0.25, position_ids: str = "original") -> None:
+        super().__init__([layer], position_ids)
+        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+
+    def prune(self, ctx: PruneContext) -> torch.Tensor:
+        rows, cols = ctx.grid
+        stride = grid_stride(rows, cols, math.floor(rows * cols * self.keep_ratio + 0.5))
+        within = ctx.visual_index.clamp_min(0) % (rows * cols)
+        on_grid = (within // cols % stride == 0) & (within % cols % stride == 0)
+        return on_grid & ctx.visual
