@@ -1,0 +1,38 @@
+"""The LightningModule's trainable parts: frozen model, LoRA through peft, merge for export."""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+from transformers import LlavaForConditionalGeneration
+
+import atp
+from atp.lit.module import VLMTrainingModule
+from atp.token.atp import ATPPruner
+from tests.conftest import make_batch
+
+
+def test_pruner_only_training_freezes_the_model(model_factory):
+    module = VLMTrainingModule(model_factory(), ATPPruner(num_layers=4, hidden=8), train_parts="pruner")
+    assert not any(p.requires_grad for p in module.model.parameters())
+    assert all(p.requires_grad for p in module.pruner.parameters())
+
+
+def test_lora_trains_adapters_and_merges_into_a_stock_model(model_factory):
+    model = model_factory()
+    module = VLMTrainingModule(model, ATPPruner(num_layers=4, hidden=8), train_parts="lora", lora_rank=4)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert len(trainable) == 4 * 7 * 2  # 4 layers x 7 projections x (A, B)
+    with torch.no_grad():  # move the adapters off their zero init so the merge matters
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+        batch = make_batch([(2, 3)])
+        before = module.model(**batch).logits
+        merged = module.merged_model()
+        after = merged(**batch).logits
+    assert type(merged) is LlavaForConditionalGeneration
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert_close(after, before, rtol=1e-4, atol=1e-5)
+    atp.apply(merged, atp.build_pruner("fastv", layer=1, keep_ratio=0.5))  # the runtime takes the merged model
