@@ -53,6 +53,28 @@ class LlavaAdapter:
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
+    @property
+    def vision_transformer(self) -> nn.Module:
+        """The module holding `embeddings` and `encoder` (transformers 5: the tower itself)."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's encoder layers (CLIP, SigLIP)."""
+        return self.vision_transformer.encoder.layers
+
+    def vision_cls_offset(self) -> int:
+        """Index of visual token 0 among the vision tower's tokens: 1 when a [CLS] token precedes
+        the patches and is dropped ("default"), 0 otherwise. Raises if there is no [CLS] token."""
+        embeddings = self.vision_transformer.embeddings
+        if getattr(embeddings, "class_embedding", None) is None:
+            raise ValueError(
+                f"this method scores tokens by [CLS] attention, but the vision tower "
+                f"{type(self.vision_tower).__name__} has no [CLS] token. Use a method that does not need "
+                "one (e.g. divprune, spatial, fastv) with this model."
+            )
+        return 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+
     # -- facts ---------------------------------------------------------------------
     @property
     def text_config(self):

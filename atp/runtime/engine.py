@@ -102,6 +102,7 @@ class PruningRuntime:
         for layer in self.captures:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"{pruner.name}: probe layer {layer} is outside 0..{self.num_layers - 1}.")
+        self.vision_captures = self._vision_captures(pruner.vision_probe_layers())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._labels: torch.Tensor | None = None
@@ -121,11 +122,25 @@ class PruningRuntime:
         for index, layer in enumerate(adapter.layers):
             hook(layer, self._layer_hook(index))
         self._handles.append(adapter.final_norm.register_forward_hook(self._after_norm))
+        for index, capture in self.vision_captures.items():
+            attn = adapter.vision_layers[index].self_attn
+            self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
+            self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
         for index, capture in self.captures.items():
             attn = adapter.layers[index].self_attn
             self._probed_modules[index] = (attn.q_proj, attn.k_proj)
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
             self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
+
+    def _vision_captures(self, layers: set[int]) -> dict[int, ProjectionCapture]:
+        if not layers:
+            return {}
+        self._cls_offset = self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
+        depth = len(self.adapter.vision_layers)
+        for layer in layers:
+            if not -depth <= layer < depth:
+                raise ValueError(f"{self.pruner.name}: vision layer {layer} is outside the tower's {depth} layers.")
+        return {layer % depth: ProjectionCapture() for layer in sorted(layers)}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -160,6 +175,9 @@ class PruningRuntime:
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        for capture in self.vision_captures.values():  # the vision tower runs next, inside this call
+            capture.clear()
+            capture.armed = kwargs.get("pixel_values") is not None
         return None
 
     def _begin_forward(self, _module, args, kwargs):
@@ -361,7 +379,32 @@ class PruningRuntime:
             grid=self.adapter.image_grid,
             mode=self.mode,
             attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
+            vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout, state.visual_index),
         )
+
+    def _vision_cls_attention(self, layer: int, layout: Layout, visual_index: torch.Tensor) -> torch.Tensor:
+        """[B, H, S]: attention from each visual slot's image [CLS] token to it, vision layer `layer`."""
+        depth = len(self.adapter.vision_layers)
+        if layer % depth not in self.vision_captures:
+            raise ValueError(f"{self.pruner.name}: vision layer {layer} is not in vision_probe_layers().")
+        capture = self.vision_captures[layer % depth]
+        if capture.query is None:
+            raise RuntimeError(f"vision layer {layer}'s q/k were not captured: this forward had no pixel_values.")
+        attn = self.adapter.vision_layers[layer % depth].self_attn
+        query = capture.query[:, :1].unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, 1, hd]
+        key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        cls_rows = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)[:, :, 0]
+        rows, cols = self.adapter.image_grid
+        per_image = rows * cols
+        images_before = (
+            torch.cumsum((visual_index >= 0).sum(1) // per_image, 0) - (visual_index >= 0).sum(1) // per_image
+        )
+        slot_index = torch.gather(visual_index, 1, layout.index)
+        visual = (slot_index >= 0) & layout.valid
+        image = images_before[:, None] + slot_index.clamp_min(0) // per_image
+        token = slot_index.clamp_min(0) % per_image + self._cls_offset
+        scores = cls_rows[image.clamp_max(cls_rows.shape[0] - 1), :, token]  # [B, S, H]
+        return scores.masked_fill(~visual[..., None], 0.0).permute(0, 2, 1)
 
     def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
@@ -402,7 +445,7 @@ class PruningRuntime:
         return full[:, : state.original_length]
 
     def _finish_prefill(self, state: _Prefill) -> None:
-        for capture in self.captures.values():
+        for capture in (*self.captures.values(), *self.vision_captures.values()):
             capture.armed = False
             capture.clear()
         layouts = [inputs.layout for inputs in state.layer_inputs]

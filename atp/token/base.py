@@ -34,6 +34,9 @@ class PruneContext:
     mode:              "drop" or "mask"
     attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
                        probabilities of decoder layer `layer` (this one or the previous one)
+    vision_cls_attention: vision_cls_attention(layer) -> [B, H, S]: for every visual slot, the
+                       attention its image's [CLS] token pays to it in vision-tower layer
+                       `layer` (listed in vision_probe_layers); 0 on other slots
     """
 
     layer: int
@@ -47,6 +50,7 @@ class PruneContext:
     grid: tuple[int, int]
     mode: str
     attention: Callable[[int, torch.Tensor], torch.Tensor]
+    vision_cls_attention: Callable[[int], torch.Tensor] | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -91,6 +95,10 @@ class TokenPruner(nn.Module):
 
     def probe_layers(self) -> set[int]:
         """Decoder layers whose q/k projections the runtime must capture for `ctx.attention`."""
+        return set()
+
+    def vision_probe_layers(self) -> set[int]:
+        """Vision-tower layers (negative counts from the end) whose q/k the runtime must capture."""
         return set()
 
     def validate(self, num_layers: int) -> None:

@@ -134,3 +134,48 @@ def test_baseline_errors():
         atp.build_pruner("divprune", keep_ratio=1.5)
     with pytest.raises(ValueError, match="at or past the model's depth"):
         atp.apply(atp.models.tiny.tiny_llava(num_layers=4, grid=4), atp.build_pruner("pdrop"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("samples", [RAGGED, RAGGED[:1]], ids=["batch3", "batch1"])
+def test_fastervlm_matches_hf_clip_attentions(model_factory, attn, samples):
+    model = model_factory(attn_implementation="eager")
+    batch = make_batch(samples, seed=5)
+    with torch.no_grad():
+        attentions = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
+    score = attentions[-2][:, :, 0, 1:].mean(1)  # [images, patches]
+    expected = [torch.sort(torch.topk(score[b], 4).indices).values for b in range(len(samples))]
+    model.set_attn_implementation(attn)
+    atp.apply(model, atp.build_pruner("fastervlm", keep_ratio=0.25), mode="drop")
+    with torch.no_grad():
+        model(**batch)
+    stats = atp.stats(model)
+    assert [k.tolist() for k in stats.kept[0]] == [e.tolist() for e in expected]
+    assert stats.visual_tokens[0].tolist() == [4, 4, 4, 4]
+
+
+def test_cls_methods_refuse_a_tower_without_cls():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    text = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=127,
+        image_seq_length=16,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"):
+        atp.apply(model, atp.build_pruner("fastervlm"))

@@ -1,0 +1,31 @@
+"""`fastervlm` (Zhang et al., 2024, "[CLS] attention is all you need"): prune at the vision
+encoder's output by the [CLS] token's attention.
+
+Score: the [CLS] row of vision layer -2's attention (`[:, :, 0, 1:]`), averaged over heads;
+keep the top round(N * keep_ratio) visual tokens in their original order, before the LLM.
+Positions are compacted (the tokens are removed before the LLM). The attention row is
+recomputed from the layer's captured q/k, so the vision tower keeps running under SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, kept_count, register, top_k_per_sample
+
+
+@register
+class FasterVLM(TokenPruner):
+    name = "fastervlm"
+
+    def __init__(self, keep_ratio: float = 0.25, vision_layer: int = -2, position_ids: str = "compact") -> None:
+        super().__init__([0], position_ids)
+        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+        self.vision_layer = int(vision_layer)
+
+    def vision_probe_layers(self) -> set[int]:
+        return {self.vision_layer}
+
+    def prune(self, ctx: PruneContext) -> torch.Tensor:
+        score = ctx.vision_cls_attention(self.vision_layer).mean(1)  # [B, S]
+        return top_k_per_sample(score, ctx.visual, kept_count(ctx.visual_counts(), self.keep_ratio))
