@@ -123,3 +123,8 @@ def test_sequence_longer_than_sliding_window(model_factory):
     atp.apply(model, atp.build_pruner("none"))
     with pytest.raises(ValueError, match="exceeds the model's sliding window"):
         model(**make_batch([(2, 2)]))
+
+
+def test_unknown_pruner_argument_names_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"pruner 'fastv' has no argument\(s\) \['ratio'\]; it accepts \['layer', 'keep_ratio'"):
+        atp.build_pruner("fastv", ratio=0.5)

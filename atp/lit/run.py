@@ -59,8 +59,8 @@ def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPru
     if cfg is None or cfg.get("name") is None:
         return None
     kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True).items() if k != "name"}
-    cls = atp.token.base._REGISTRY.get(cfg["name"])
-    if cls is not None and "num_layers" in inspect.signature(cls.__init__).parameters:
+    cls = atp.token.base.pruner_class(cfg["name"])
+    if "num_layers" in inspect.signature(cls.__init__).parameters:
         kwargs.setdefault("num_layers", num_layers)
     return atp.build_pruner(cfg["name"], **kwargs)
 

@@ -158,8 +158,18 @@ def available_pruners() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_pruner(name: str, **kwargs) -> TokenPruner:
-    """Build a registered pruner by name, e.g. `build_pruner("fastv", layer=2, keep_ratio=0.25)`."""
+def pruner_class(name: str) -> type[TokenPruner]:
+    """The registered class for `name`; a clear error lists the names there are."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown pruner {name!r}; available pruners: {', '.join(available_pruners())}.")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def build_pruner(name: str, **kwargs) -> TokenPruner:
+    """Build a registered pruner by name, e.g. `build_pruner("fastv", layer=2, keep_ratio=0.25)`."""
+    cls = pruner_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"pruner {name!r} has no argument(s) {unknown}; it accepts {accepted}.")
+    return cls(**kwargs)
