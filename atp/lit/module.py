@@ -16,12 +16,16 @@ from torch import nn
 import atp
 from atp.token.atp import ATPPruner, atp_losses
 
-TRAIN_PARTS = ("all", "pruner", "lora")
+TRAIN_PARTS = ("all", "language_model", "pruner", "lora")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class VLMTrainingModule(L.LightningModule):
-    """model: an HF LLaVA; pruner: a TokenPruner or None; train_parts: "all" | "pruner" | "lora".
+    """model: an HF LLaVA; pruner: a TokenPruner or None.
+
+    train_parts: "all"; "language_model" (vision tower and projector frozen, as in LLaVA:
+    a vision side trained from scratch together with the LLM collapses to image-independent
+    features before the LLM learns to read them); "pruner" (only the pruner); "lora".
 
     target_tokens: ATP's N_target as a fraction of the visual tokens (<= 1) or an absolute
     count (> 1, e.g. 144 of 576).
@@ -54,8 +58,12 @@ class VLMTrainingModule(L.LightningModule):
         if train_parts == "lora":
             self._inject_lora(lora_rank, lora_alpha)
         for name, param in self.model.named_parameters():
-            param.requires_grad_(train_parts == "all" or (train_parts == "lora" and "lora_" in name))
-        self.strict_loading = train_parts == "all"  # checkpoints of frozen-model runs hold trainables only
+            param.requires_grad_(
+                train_parts == "all"
+                or (train_parts == "language_model" and ("language_model" in name or "lm_head" in name))
+                or (train_parts == "lora" and "lora_" in name)
+            )
+        self.strict_loading = train_parts in ("all", "language_model")  # frozen-model runs save trainables only
         self._mode: str | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -179,7 +187,7 @@ class VLMTrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Frozen-model runs keep only what trains (pruner, LoRA): small checkpoints."""
-        if self.hparams.train_parts == "all":
+        if self.hparams.train_parts in ("all", "language_model"):
             return
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         pruner_keys = {f"pruner.{k}" for k in (self.pruner.state_dict() if self.pruner is not None else {})}

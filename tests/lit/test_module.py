@@ -36,3 +36,10 @@ def test_lora_trains_adapters_and_merges_into_a_stock_model(model_factory):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert_close(after, before, rtol=1e-4, atol=1e-5)
     atp.apply(merged, atp.build_pruner("fastv", layer=1, keep_ratio=0.5))  # the runtime takes the merged model
+
+
+def test_language_model_training_freezes_the_vision_side(model_factory):
+    module = VLMTrainingModule(model_factory(), None, train_parts="language_model")
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert frozen and all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
+    assert all(p.requires_grad for n, p in module.model.named_parameters() if "language_model" in n or "lm_head" in n)
