@@ -70,3 +70,19 @@ def model_factory():
         return tiny_llava(**kwargs)
 
     return build
+
+
+def tiny_testbed_model(processor, num_kv_heads: int = 1):
+    """A small testbed LLaVA (the processor's geometry and vocabulary; GQA by default), eval mode."""
+    from atp.models.build import build_testbed_llava
+
+    return build_testbed_llava(
+        processor,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_heads=2,
+        num_kv_heads=num_kv_heads,
+        vision_hidden=32,
+        vision_layers=1,
+    ).eval()

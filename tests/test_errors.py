@@ -126,5 +126,7 @@ def test_sequence_longer_than_sliding_window(model_factory):
 
 
 def test_unknown_pruner_argument_names_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"pruner 'fastv' has no argument\(s\) \['ratio'\]; it accepts \['layer', 'keep_ratio'"):
+    with pytest.raises(
+        ValueError, match=r"pruner 'fastv' has no argument\(s\) \['ratio'\]; it accepts \['layer', 'keep_ratio'"
+    ):
         atp.build_pruner("fastv", ratio=0.5)

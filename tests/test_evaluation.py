@@ -15,7 +15,7 @@ from atp.data.processor import build_processor
 from atp.data.shapes import vocabulary, write_dataset
 from atp.evaluation import evaluate, first_word, markdown_table, spearman
 from atp.metrics import cost_report
-from atp.models.build import build_testbed_llava
+from tests.conftest import tiny_testbed_model
 
 
 def brute_force_spearman(x, y):
@@ -49,16 +49,7 @@ def test_single_cut_keep_ratio_reaches_the_average():
 def setup(tmp_path_factory):
     root = write_dataset(tmp_path_factory.mktemp("shapes"), {"test": (6, 3, 1)})
     processor = build_processor(vocabulary())
-    model = build_testbed_llava(
-        processor,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=4,
-        num_heads=2,
-        num_kv_heads=2,
-        vision_hidden=32,
-        vision_layers=1,
-    ).eval()
+    model = tiny_testbed_model(processor)
     dataset = LlavaConversationDataset(root / "test.json", root / "images", processor, prompt_only=True)
     loader = DataLoader(dataset, batch_size=3, collate_fn=functools.partial(collate, pad_token_id=0))
     return model, processor, loader

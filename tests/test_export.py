@@ -12,23 +12,14 @@ import atp
 from atp.data.processor import build_processor
 from atp.data.shapes import vocabulary
 from atp.export import load_pruned, save_pruned
-from atp.models.build import build_testbed_llava
 from atp.token.atp import ATPPruner
+from tests.conftest import tiny_testbed_model
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     processor = build_processor(vocabulary(), image_size=56, patch_size=14)
-    model = build_testbed_llava(
-        processor,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=4,
-        num_heads=2,
-        num_kv_heads=1,
-        vision_hidden=32,
-        vision_layers=2,
-    ).eval()
+    model = tiny_testbed_model(processor)
     pruner = ATPPruner(num_layers=4, layers=[1, 3], hidden=16).eval()
     with torch.no_grad():  # a "trained" state that prunes: thresholds inside the score range
         for module in pruner.modules_by_layer.values():

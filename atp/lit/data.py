@@ -144,3 +144,16 @@ def ensure_shapes_dataset(
         write_dataset(root_path, splits)
         marker.touch()
     return root_path
+
+
+def prepare_configured_data(data) -> None:
+    """Generate the testbed when a data config names it (`kind: shapes`); other data must exist."""
+    if data.kind == "shapes":
+        ensure_shapes_dataset(
+            data.root,
+            data.train_samples,
+            data.val_samples,
+            data.test_samples,
+            data.pruner_train_samples,
+            data.questions_per_image,
+        )

@@ -13,7 +13,7 @@ import atp
 from atp.data.llava_format import LlavaConversationDataset, collate
 from atp.evaluation import EvaluationResult, evaluate, markdown_table
 from atp.export import load_pruned
-from atp.lit.data import ensure_shapes_dataset
+from atp.lit.data import prepare_configured_data
 from atp.lit.run import build_pruner
 from atp.models.build import load_llava
 
@@ -32,16 +32,7 @@ def method_label(cfg: DictConfig, pruner) -> str:
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
-    if cfg.data.kind == "shapes":
-        data = cfg.data
-        ensure_shapes_dataset(
-            data.root,
-            data.train_samples,
-            data.val_samples,
-            data.test_samples,
-            data.pruner_train_samples,
-            data.questions_per_image,
-        )
+    prepare_configured_data(cfg.data)
     if cfg.export_path:
         model, processor = load_pruned(
             cfg.export_path, mode=cfg.mode, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation

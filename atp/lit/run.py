@@ -15,7 +15,7 @@ import atp
 from atp.data.processor import build_processor
 from atp.data.shapes import vocabulary
 from atp.export import save_model, save_pruned
-from atp.lit.data import LlavaDataModule, ensure_shapes_dataset
+from atp.lit.data import LlavaDataModule, prepare_configured_data
 from atp.lit.module import VLMTrainingModule
 from atp.models.build import build_testbed_llava, load_llava
 
@@ -67,15 +67,7 @@ def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPru
 
 def build_datamodule(cfg: DictConfig, processor) -> LlavaDataModule:
     data = cfg.data
-    if data.kind == "shapes":
-        ensure_shapes_dataset(
-            data.root,
-            data.train_samples,
-            data.val_samples,
-            data.test_samples,
-            data.pruner_train_samples,
-            data.questions_per_image,
-        )
+    prepare_configured_data(data)
     return LlavaDataModule(
         processor,
         data.train_json,

@@ -243,11 +243,27 @@ def test_evaluate_entry_point_on_an_export(base_model, tmp_path):
 def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
     data = tmp_path / "data"
     run_training(compose_train(atp_overrides(base_model, tmp_path / "run", data, steps=1)))
-    command = [sys.executable, str(ROOT / "benchmarks" / "shapes_comparison.py"), "--base", str(base_model),
-               "--atp", str(tmp_path / "run" / "export"), "--data", str(data), "--batch-size", "4",
-               "--out", str(tmp_path / "cmp")]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "shapes_comparison.py"),
+        "--base",
+        str(base_model),
+        "--atp",
+        str(tmp_path / "run" / "export"),
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("| unpruned |", "| blind control (noise images) |", "| atp (trained) |", "| fastv (cut before layer 1",
-                "| random (cut before layer 1"):
+    for row in (
+        "| unpruned |",
+        "| blind control (noise images) |",
+        "| atp (trained) |",
+        "| fastv (cut before layer 1",
+        "| random (cut before layer 1",
+    ):
         assert row in result.stdout
