@@ -15,12 +15,13 @@ test:  ## the whole suite (CPU, minutes)
 bench:  ## prefill speed table (README)
 	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5
 
-QUICK_BASE_STEPS ?= 400
-quickstart:  ## the testbed end to end on CPU: base model (if missing), ATP training, comparison table
+QUICK_BASE_STEPS ?= 250
+QUICK_ATP_STEPS ?= 100
+quickstart:  ## the testbed end to end on CPU (~15 min): base model (if missing), ATP training, comparison table
 	test -f checkpoints/shapes_base/model/config.json || \
 		WANDB_MODE=disabled $(BIN)/python train.py experiment=shapes_base trainer.max_steps=$(QUICK_BASE_STEPS) trainer.val_check_interval=$(QUICK_BASE_STEPS)
-	WANDB_MODE=disabled $(BIN)/python train.py experiment=atp_llava_shapes run_name=quickstart
-	$(BIN)/python benchmarks/shapes_comparison.py --atp checkpoints/atp_llava_shapes/quickstart/export
+	WANDB_MODE=disabled $(BIN)/python train.py experiment=atp_llava_shapes run_name=quickstart trainer.max_steps=$(QUICK_ATP_STEPS) trainer.val_check_interval=$(QUICK_ATP_STEPS)
+	$(BIN)/python benchmarks/shapes_comparison.py --atp checkpoints/atp_llava_shapes/quickstart/export --max-samples 300
 
 compare:  ## the comparison table for an existing ATP export (ATP=path)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
