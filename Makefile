@@ -15,8 +15,8 @@ test:  ## the whole suite (CPU, minutes)
 bench:  ## prefill speed table (README)
 	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5
 
-QUICK_BASE_STEPS ?= 250
-QUICK_ATP_STEPS ?= 100
+QUICK_BASE_STEPS ?= 200
+QUICK_ATP_STEPS ?= 60
 quickstart:  ## the testbed end to end on CPU (~15 min): base model (if missing), ATP training, comparison table
 	test -f checkpoints/shapes_base/model/config.json || \
 		WANDB_MODE=disabled $(BIN)/python train.py experiment=shapes_base trainer.max_steps=$(QUICK_BASE_STEPS) trainer.val_check_interval=$(QUICK_BASE_STEPS)
