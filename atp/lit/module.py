@@ -102,18 +102,12 @@ class VLMTrainingModule(L.LightningModule):
             atp.apply(self.model, self.pruner, mode=mode)
             self._mode = mode
 
-    def on_fit_start(self) -> None:
-        self.use_mode(self.hparams.train_mode)
-
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # every batch (a no-op when already attached so): validation may run mid-epoch
         self.use_mode(self.hparams.train_mode)
 
     def on_validation_epoch_start(self) -> None:
         self.use_mode(self.hparams.eval_mode)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.training:
-            self.use_mode(self.hparams.train_mode)
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, batch: dict, **kwargs):

@@ -267,3 +267,11 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         "| random (cut before layer 1",
     ):
         assert row in result.stdout
+
+
+def test_training_continues_after_a_mid_epoch_validation(base_model, tmp_path):
+    """Validation attaches the pruner in drop mode; the next training step must be back in mask mode."""
+    overrides = atp_overrides(base_model, tmp_path / "run", tmp_path / "data", steps=3)
+    overrides = [o for o in overrides if not o.startswith(("trainer.val_check_interval", "trainer.check_val"))]
+    metrics = run_training(compose_train([*overrides, "trainer.val_check_interval=1", "export=false"]))
+    assert "val/accuracy" in metrics and "train/loss_atp" in metrics
