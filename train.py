@@ -1,14 +1,17 @@
-"""Train with Hydra + Lightning:  python train.py experiment=atp_llava_shapes [overrides]."""
+"""Train with Hydra + Lightning:  python train.py experiment=atp_llava_shapes [overrides].
+
+experiment=fitprune_shapes / fitprune_llava fit a FitPrune recipe instead (job=fitprune).
+"""
 
 import hydra
 from omegaconf import DictConfig
 
-from atp.lit.run import run_training
+from atp.lit.run import run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run_training(cfg)
+    run_job(cfg)
 
 
 if __name__ == "__main__":

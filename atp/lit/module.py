@@ -16,7 +16,8 @@ from torch import nn
 import atp
 from atp.token.atp import ATPPruner, atp_losses
 
-TRAIN_PARTS = ("all", "language_model", "pruner", "lora")
+TRAIN_PARTS = ("all", "language_model", "projector_and_language_model", "pruner", "lora")
+FULL_CHECKPOINT_PARTS = ("all", "language_model", "projector_and_language_model")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -25,7 +26,8 @@ class VLMTrainingModule(L.LightningModule):
 
     train_parts: "all"; "language_model" (vision tower and projector frozen, as in LLaVA:
     a vision side trained from scratch together with the LLM collapses to image-independent
-    features before the LLM learns to read them); "pruner" (only the pruner); "lora".
+    features before the LLM learns to read them); "projector_and_language_model" (LLaVA-1.5's
+    stage 2: only the vision tower frozen); "pruner" (only the pruner); "lora".
 
     target_tokens: ATP's N_target as a fraction of the visual tokens (<= 1) or an absolute
     count (> 1, e.g. 144 of 576).
@@ -61,9 +63,10 @@ class VLMTrainingModule(L.LightningModule):
             param.requires_grad_(
                 train_parts == "all"
                 or (train_parts == "language_model" and ("language_model" in name or "lm_head" in name))
+                or (train_parts == "projector_and_language_model" and "vision_tower" not in name)
                 or (train_parts == "lora" and "lora_" in name)
             )
-        self.strict_loading = train_parts in ("all", "language_model")  # frozen-model runs save trainables only
+        self.strict_loading = train_parts in FULL_CHECKPOINT_PARTS  # frozen-model runs save trainables only
         self._mode: str | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -181,7 +184,7 @@ class VLMTrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Frozen-model runs keep only what trains (pruner, LoRA): small checkpoints."""
-        if self.hparams.train_parts in ("all", "language_model"):
+        if self.hparams.train_parts in FULL_CHECKPOINT_PARTS:
             return
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         pruner_keys = {f"pruner.{k}" for k in (self.pruner.state_dict() if self.pruner is not None else {})}

@@ -24,22 +24,28 @@ class MissingAssetError(ValueError):
     """Raised at once when a config needs weights or data that are not on this machine."""
 
 
-def check_assets(cfg: DictConfig) -> None:
-    """Fail fast, naming the overrides, when a recipe needs real weights or data."""
+def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_json", "image_folder")) -> None:
+    """Fail fast, naming the overrides, when a recipe needs real weights or data.
+
+    needs: the data keys the job reads ("calibration" stands for fit.calibration_json and
+    data.image_folder).
+    """
     problems = []
     if cfg.model.kind == "pretrained" and (not cfg.model.path or not Path(cfg.model.path, "config.json").is_file()):
         problems.append(f"model.path={cfg.model.path} (a local LLaVA directory with config.json)")
     if cfg.data.kind != "shapes":
-        for key in ("train_json", "val_json", "image_folder"):
-            value = cfg.data.get(key)
+        keys = ["fit.calibration_json", "data.image_folder"] if "calibration" in needs else [f"data.{k}" for k in needs]
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
             if not value or not Path(value).exists():
-                problems.append(f"data.{key}={value}")
+                problems.append(f"{key}={value}")
     if problems:
+        example = " ".join(f"{p.split('=')[0]}=..." for p in problems)
         raise MissingAssetError(
             "this experiment needs weights or data that are not here. Set: "
             + "; ".join(problems)
-            + ". Example: python train.py experiment=atp_llava model.path=/models/llava-1.5-7b-hf "
-            "data.train_json=/data/llava_v1_5_mix665k.json data.val_json=/data/val.json data.image_folder=/data/images"
+            + f". Example: python train.py experiment={cfg.experiment_name} {example}"
+            " (model.path: a llava-hf/llava-1.5-7b-hf download; data: LLaVA-665K's JSON and image folder)"
         )
 
 
@@ -104,6 +110,17 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return cfg.ckpt_path
     last = Path(cfg.output_dir, "checkpoints", "last.ckpt")
     return str(last) if last.is_file() else None
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """What train.py runs: Lightning training, or (job=fitprune) fitting a FitPrune recipe."""
+    if cfg.job == "fitprune":
+        from atp.calibration.run import run_fitprune
+
+        return run_fitprune(cfg)
+    if cfg.job != "train":
+        raise ValueError(f"job must be 'train' or 'fitprune', got {cfg.job!r}.")
+    return run_training(cfg)
 
 
 def run_training(cfg: DictConfig) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from atp.lit.run import MissingAssetError, run_training
+from atp.lit.run import MissingAssetError, run_job, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-NEEDS_REAL_WEIGHTS = {"atp_llava"}
+NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
+    "atp_llava": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava",
+    "fitprune_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
+    r"experiment=fitprune_llava",
+}
 TINY_MODEL = [
     "model.hidden_size=32",
     "model.intermediate_size=64",
@@ -91,16 +96,16 @@ def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model,
     ]
     if experiment in NEEDS_REAL_WEIGHTS:
         cfg = compose_train(overrides)
-        with pytest.raises(
-            MissingAssetError, match=r"model\.path=None.*data\.train_json=None.*Example: python train\.py"
-        ):
-            run_training(cfg)
+        with pytest.raises(MissingAssetError, match=NEEDS_REAL_WEIGHTS[experiment]):
+            run_job(cfg)
         return
     if experiment == "shapes_base":
         overrides += TINY_MODEL
     else:
         overrides.append(f"model.path={base_model}")
-    run_training(compose_train(overrides))
+    if experiment.startswith("fitprune"):
+        overrides += ["fit.calibration_samples=4", "fit.flops_budget=0.9"]
+    run_job(compose_train(overrides))
 
 
 def atp_overrides(base_model: Path, output: Path, data: Path, steps: int) -> list[str]:
@@ -275,3 +280,44 @@ def test_training_continues_after_a_mid_epoch_validation(base_model, tmp_path):
     overrides = [o for o in overrides if not o.startswith(("trainer.val_check_interval", "trainer.check_val"))]
     metrics = run_training(compose_train([*overrides, "trainer.val_check_interval=1", "export=false"]))
     assert "val/accuracy" in metrics and "train/loss_atp" in metrics
+
+
+def test_fitprune_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, monkeypatch, capsys):
+    """train.py experiment=fitprune_shapes -> recipe.json (+ offline W&B chart) -> evaluate.py pruner=fitprune."""
+    from atp.lit.evaluate_run import run_evaluation
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    data = tmp_path / "data"
+    overrides = [
+        "experiment=fitprune_shapes",
+        f"model.path={base_model}",
+        f"output_dir={tmp_path}/fit",
+        "fit.calibration_samples=6",
+        "fit.batch_size=4",
+        "fit.flops_budget=0.8",
+        "logger=csv_wandb",
+        *tiny_data(data),
+    ]
+    content = run_job(compose_train(overrides))
+    recipe = tmp_path / "fit" / "recipe.json"
+    assert json.loads(recipe.read_text()) == content
+    assert content["calibration_samples"] == 6 and content["flops_ratio"] <= 0.8
+    assert "| layer | deleted after it |" in capsys.readouterr().out
+    assert list((tmp_path / "fit").rglob("*.wandb")), "no offline W&B run was written"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={base_model}",
+                "pruner=fitprune",
+                f"pruner.recipe={recipe}",
+                f"output_dir={tmp_path}/eval",
+                "latency_repeats=1",
+                "latency_batches=1",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    result = run_evaluation(cfg)
+    assert result.method.startswith("fitprune") and result.flops_ratio < 1.0

@@ -1,0 +1,1 @@
+"""Recipes fitted from calibration statistics (no training)."""
