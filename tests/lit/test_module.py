@@ -43,3 +43,10 @@ def test_language_model_training_freezes_the_vision_side(model_factory):
     frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
     assert frozen and all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
     assert all(p.requires_grad for n, p in module.model.named_parameters() if "language_model" in n or "lm_head" in n)
+
+
+def test_llava_stage_two_freezes_only_the_vision_tower(model_factory):
+    module = VLMTrainingModule(model_factory(), None, train_parts="projector_and_language_model")
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in module.model.named_parameters() if "vision_tower" in n}
+    assert any("multi_modal_projector" in n for n, p in module.model.named_parameters() if p.requires_grad)
