@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench quickstart compare
+.PHONY: setup test bench quickstart compare budgets
 
 setup:  ## fresh virtual environment; torch pinned through constraints.txt (CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,13 @@ quickstart:  ## the testbed end to end on CPU (~15 min): base model (if missing)
 
 compare:  ## the comparison table for an existing ATP export (ATP=path)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
+
+BUDGET_SAMPLES ?= 200
+BUDGET_DIR ?= checkpoints/eval/budgets
+budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on ShapesVQA test, one table (ATP row if ATP=path)
+	rm -rf $(BUDGET_DIR)
+	WANDB_MODE=disabled $(BIN)/python evaluate.py hydra.run.dir=$(BUDGET_DIR)/unpruned max_samples=$(BUDGET_SAMPLES)
+	test -z "$(ATP)" || WANDB_MODE=disabled $(BIN)/python evaluate.py export_path=$(ATP) hydra.run.dir=$(BUDGET_DIR)/atp max_samples=$(BUDGET_SAMPLES)
+	WANDB_MODE=disabled $(BIN)/python evaluate.py -m hydra.sweep.dir=$(BUDGET_DIR)/sweep max_samples=$(BUDGET_SAMPLES) \
+		pruner=fastv,pdrop,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
+	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md

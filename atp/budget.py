@@ -1,6 +1,8 @@
-"""Matching budgets across methods: the keep ratio that gives a target average token count."""
+"""Matching budgets across methods: keep ratios, schedules and FLOPs budgets for a token budget."""
 
 from __future__ import annotations
+
+import torch
 
 
 def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: int, layer: int) -> float:
@@ -17,3 +19,47 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
             f"layer {layer} of {num_layers} (the layers before it alone average {floor:.1f}); cut earlier."
         )
     return ratio
+
+
+KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
+
+
+def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """PDrop for a retained-token budget: stages at 1/4, 1/2, 3/4 of the depth (PDrop's
+    [8, 16, 24] of 32 layers) with its lambda = 0.5 geometric decay centred on the budget:
+    cumulative keep ratios 2t/N, t/N, t/2N (capped at 1). Not a published table: PDrop's
+    paper tunes its schedule per budget; this is the same shape for every budget."""
+    layers = [max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)]
+    if len(set(layers)) < 3 or layers[-1] >= num_layers:
+        raise ValueError(f"pdrop needs at least 4 decoder layers for three stages, the model has {num_layers}.")
+    ratios = [min(1.0, factor * tokens / num_visual) for factor in (2.0, 1.0, 0.5)]
+    return {"layers": layers, "keep_ratios": ratios}
+
+
+def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> dict:
+    """Budget arguments that make pruner `name` retain `tokens` of `num_visual` visual tokens
+    (the papers' convention: "192 tokens" = what the method keeps after its cut; the measured
+    average per layer, FLOPs and KV cache are reported next to it)."""
+    if not 0 < tokens <= num_visual:
+        raise ValueError(f"a budget of {tokens} tokens must be in 1..{num_visual} (the visual tokens per image).")
+    if name in KEEP_RATIO_METHODS:
+        return {"keep_ratio": tokens / num_visual}
+    if name == "pdrop":
+        return pdrop_schedule(tokens, num_visual, num_layers)
+    raise ValueError(
+        f"no token-budget rule for pruner {name!r}; budgets apply to {sorted((*KEEP_RATIO_METHODS, 'pdrop'))} "
+        "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
+    )
+
+
+def budget_flops_ratio(tokens: int, num_visual: int, text_tokens: float, config, cut: int = 2) -> float:
+    """FitPrune's FLOPs budget at a token budget: the prefill FLOPs of FastV's schedule (all
+    `num_visual` tokens before layer `cut`, `tokens` from it on) / unpruned. FitPrune deletes
+    inside the LLM, so the FLOPs of a method that prunes before the LLM are out of its reach.
+    text_tokens: the mean non-visual tokens per prompt."""
+    from atp.metrics.accounting import prefill_flops
+
+    layers = int(config.num_hidden_layers)
+    schedule = torch.tensor([[num_visual] * cut + [tokens] * (layers - cut)], dtype=torch.float64)
+    pruned = prefill_flops(config, text_tokens + schedule)
+    return float(pruned / prefill_flops(config, torch.full_like(schedule, text_tokens + num_visual)))

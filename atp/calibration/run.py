@@ -22,15 +22,12 @@ from atp.lit.data import prepare_configured_data
 from atp.lit.run import build_loggers, build_model, check_assets
 
 
-def calibration_batches(cfg: DictConfig, processor) -> list[dict]:
-    """The first `fit.calibration_samples` prompts of `fit.calibration_json`, batched."""
-    prepare_configured_data(cfg.data)
-    dataset = LlavaConversationDataset(
-        cfg.fit.calibration_json, cfg.data.image_folder, processor, cfg.fit.calibration_samples, prompt_only=True
-    )
+def calibration_batches(json_path: str, image_folder: str, processor, samples: int, batch_size: int) -> list[dict]:
+    """The first `samples` prompts (up to the first answer) of a LLaVA-format JSON, batched."""
+    dataset = LlavaConversationDataset(json_path, image_folder, processor, samples, prompt_only=True)
     loader = DataLoader(
         dataset,
-        batch_size=cfg.fit.batch_size,
+        batch_size=batch_size,
         collate_fn=lambda items: collate(items, processor.tokenizer.pad_token_id),
     )
     keys = ("input_ids", "attention_mask", "pixel_values")
@@ -85,7 +82,11 @@ def run_fitprune(cfg: DictConfig) -> dict:
     check_assets(cfg, needs=("calibration",))
     model, processor = build_model(cfg)
     model.eval()
-    batches = calibration_batches(cfg, processor)
+    prepare_configured_data(cfg.data)
+    fit = cfg.fit
+    batches = calibration_batches(
+        fit.calibration_json, cfg.data.image_folder, processor, fit.calibration_samples, fit.batch_size
+    )
     start = time.perf_counter()
     fitter = FitPruneFitter(model, batches, cfg.fit.flops_budget)
     best, trials = fitter.fit()

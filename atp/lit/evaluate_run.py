@@ -6,7 +6,8 @@ import functools
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 import atp
@@ -21,6 +22,8 @@ from atp.models.build import load_llava
 def method_label(cfg: DictConfig, pruner) -> str:
     if cfg.method_name:
         return str(cfg.method_name)
+    if cfg.budget_tokens is not None and pruner is not None:
+        return f"{pruner.name} @ {cfg.budget_tokens} tokens"
     if cfg.export_path:
         return f"{pruner.name} ({Path(cfg.export_path).name})"
     if pruner is None:
@@ -29,6 +32,30 @@ def method_label(cfg: DictConfig, pruner) -> str:
         f"{k}={v}" for k, v in pruner.build_kwargs().items() if k not in ("position_ids", "num_layers")
     )
     return f"{pruner.name} ({settings})"
+
+
+def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
+    """cfg.pruner with its budget arguments set for `budget_tokens` retained visual tokens;
+    fitprune fits its recipe first, to the FLOPs of keeping that many tokens at every layer."""
+    from atp.budget import budget_flops_ratio, budget_kwargs
+
+    spec = OmegaConf.to_container(cfg.pruner, resolve=False)
+    if spec.get("name") is None:  # the unpruned model has no budget
+        return spec
+    num_visual, text = model.config.image_seq_length, model.config.text_config
+    if spec.get("name") != "fitprune":
+        return {**spec, **budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers)}
+    from atp.calibration.fitprune import FitPruneFitter
+    from atp.calibration.run import calibration_batches
+
+    batches = calibration_batches(
+        cfg.fit_calibration_json, cfg.data.image_folder, processor, cfg.fit_calibration_samples, cfg.batch_size
+    )
+    image = model.config.image_token_id
+    prompt_text = torch.cat([(b["attention_mask"].sum(1) - (b["input_ids"] == image).sum(1)) for b in batches])
+    budget = budget_flops_ratio(cfg.budget_tokens, num_visual, float(prompt_text.double().mean()), text)
+    best, _ = FitPruneFitter(model, batches, budget).fit()
+    return {**spec, "recipe": best.recipe}
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
@@ -40,7 +67,10 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         pruner = atp.runtime_of(model).pruner
     else:
         model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-        pruner = build_pruner(cfg.pruner, model.config.text_config.num_hidden_layers)
+        pruner_cfg = cfg.pruner
+        if cfg.budget_tokens is not None:
+            pruner_cfg = budgeted_pruner_config(cfg, model, processor)
+        pruner = build_pruner(pruner_cfg, model.config.text_config.num_hidden_layers)
         if pruner is not None:
             atp.apply(model, pruner.eval(), mode=cfg.mode)
     model.eval()
@@ -63,7 +93,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1))
+    (out / "results.json").write_text(json.dumps({**result.as_dict(), "budget_tokens": cfg.budget_tokens}, indent=1))
     table = markdown_table([result])
     (out / "results.md").write_text(table + "\n")
     print(table)

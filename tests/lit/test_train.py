@@ -321,3 +321,33 @@ def test_fitprune_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, m
         )
     result = run_evaluation(cfg)
     assert result.method.startswith("fitprune") and result.flops_ratio < 1.0
+
+
+def test_budget_evaluations_collect_into_one_table(base_model, tmp_path):
+    """evaluate.py budget_tokens=64 for FastV and FitPrune (fitted to FastV's FLOPs), then one table."""
+    from atp.lit.evaluate_run import run_evaluation
+
+    results = {}
+    for name in ("fastv", "fitprune"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                config_name="evaluate",
+                overrides=[
+                    f"model_path={base_model}",
+                    f"pruner={name}",
+                    "budget_tokens=64",
+                    "fit_calibration_samples=4",
+                    f"output_dir={tmp_path}/sweep/{name}",
+                    "latency_repeats=1",
+                    "latency_batches=1",
+                    *tiny_data(tmp_path / "data")[:-3],
+                ],
+            )
+        results[name] = run_evaluation(cfg)
+    assert results["fastv"].method == "fastv @ 64 tokens"
+    assert results["fitprune"].flops_ratio <= results["fastv"].flops_ratio + 0.02  # fitted on other prompts
+    table = tmp_path / "table.md"
+    command = [sys.executable, str(ROOT / "benchmarks/collect_results.py"), str(tmp_path / "sweep"), "--out", str(table)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| f")]
+    assert [row.split(" | ")[0] for row in rows] == ["| fastv @ 64 tokens", "| fitprune @ 64 tokens"]

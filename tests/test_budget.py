@@ -1,0 +1,60 @@
+"""Token budgets: each method really retains the budget, and FitPrune's FLOPs budget equals FastV's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.budget import KEEP_RATIO_METHODS, budget_flops_ratio, budget_kwargs, pdrop_schedule
+from atp.metrics.accounting import cost_report
+from tests.conftest import NUM_VISUAL, make_batch
+
+EQUAL_PROMPTS = [(3, 3)] * 3
+
+
+def run(model, pruner, batch):
+    atp.apply(model, pruner, mode="drop")
+    with torch.no_grad():
+        model(**batch)
+    stats = atp.stats(model)
+    atp.remove(model)
+    return stats
+
+
+@pytest.mark.parametrize("name", KEEP_RATIO_METHODS)
+@pytest.mark.parametrize("tokens", [8, 4, 2])
+def test_single_cut_methods_retain_the_budget(model_factory, name, tokens):
+    model = model_factory()
+    kwargs = budget_kwargs(name, tokens, NUM_VISUAL, 4)
+    if name == "spatial" and tokens != 4:  # a uniform grid on 4 x 4 can keep 16, 4 or 1 tokens
+        pytest.skip("spatial keeps whole grid strides only")
+    stats = run(model, atp.build_pruner(name, **kwargs), make_batch([(2, 3), (6, 1), (1, 7)]))
+    assert stats.visual_tokens[:, -1].tolist() == [tokens] * 3
+
+
+def test_pdrop_schedule_scales_to_the_depth_and_ends_at_half_the_budget(model_factory):
+    assert pdrop_schedule(192, 576, 32) == {"layers": [8, 16, 24], "keep_ratios": [2 / 3, 1 / 3, 1 / 6]}
+    model = model_factory(num_layers=8)
+    stats = run(model, atp.build_pruner("pdrop", **budget_kwargs("pdrop", 4, NUM_VISUAL, 8)), make_batch(EQUAL_PROMPTS))
+    assert stats.visual_tokens[0].tolist() == [16, 16, 8, 8, 4, 4, 2, 2]
+
+
+def test_fitprune_flops_budget_equals_fastv_measured_flops(model_factory):
+    model = model_factory()
+    batch = make_batch(EQUAL_PROMPTS)
+    stats = run(model, atp.build_pruner("fastv", layer=2, keep_ratio=4 / NUM_VISUAL), batch)
+    measured = cost_report(model.config.text_config, stats).flops_ratio
+    text = float(stats.input_tokens[0] - NUM_VISUAL)
+    assert budget_flops_ratio(4, NUM_VISUAL, text, model.config.text_config) == pytest.approx(measured, rel=1e-9)
+
+
+@pytest.mark.parametrize("tokens", [0, 17])
+def test_budget_outside_the_visual_tokens_is_refused(tokens):
+    with pytest.raises(ValueError, match=r"must be in 1\.\.16"):
+        budget_kwargs("fastv", tokens, NUM_VISUAL, 4)
+
+
+def test_unknown_method_has_no_budget_rule():
+    with pytest.raises(ValueError, match="no token-budget rule for pruner 'atp'"):
+        budget_kwargs("atp", 4, NUM_VISUAL, 4)
