@@ -347,7 +347,13 @@ def test_budget_evaluations_collect_into_one_table(base_model, tmp_path):
     assert results["fastv"].method == "fastv @ 64 tokens"
     assert results["fitprune"].flops_ratio <= results["fastv"].flops_ratio + 0.02  # fitted on other prompts
     table = tmp_path / "table.md"
-    command = [sys.executable, str(ROOT / "benchmarks/collect_results.py"), str(tmp_path / "sweep"), "--out", str(table)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/collect_results.py"),
+        str(tmp_path / "sweep"),
+        "--out",
+        str(table),
+    ]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     rows = [line for line in table.read_text().splitlines() if line.startswith("| f")]
     assert [row.split(" | ")[0] for row in rows] == ["| fastv @ 64 tokens", "| fitprune @ 64 tokens"]
