@@ -36,7 +36,7 @@ def method_label(cfg: DictConfig, pruner) -> str:
 
 def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     """cfg.pruner with its budget arguments set for `budget_tokens` retained visual tokens;
-    fitprune fits its recipe first, to the FLOPs of keeping that many tokens at every layer."""
+    fitprune first fits its recipe, to the prefill FLOPs FastV spends at that budget."""
     from atp.budget import budget_flops_ratio, budget_kwargs
 
     spec = OmegaConf.to_container(cfg.pruner, resolve=False)
