@@ -105,6 +105,7 @@ class FitPruneFitter:
                 "fitprune: the calibration set is empty; give at least one sample (fit.calibration_samples)."
             )
         self.model, self.batches, self.budget = model, batches, float(flops_budget)
+        self.device = next(model.parameters()).device
         self.config = model.config.text_config
         self.num_layers = int(self.config.num_hidden_layers)
         self.walk = _MassWalk(self.num_layers)
@@ -128,7 +129,8 @@ class FitPruneFitter:
             for index, batch in enumerate(self.batches):
                 self.walk.masses, self.walk.deleted = {}, {}
                 self.walk.totals = self.totals[index] if alpha is not None else None
-                self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch})
+                keys = ("input_ids", "attention_mask", "pixel_values")
+                self.model(**{k: batch[k].to(self.device) for k in keys if k in batch})
                 yield batch, self.walk.masses, atp.stats(self.model)
         finally:
             atp.remove(self.model)

@@ -20,6 +20,7 @@ from atp.calibration.fitprune import FitPruneFitter, Trial
 from atp.data.llava_format import LlavaConversationDataset, collate
 from atp.lit.data import prepare_configured_data
 from atp.lit.run import build_loggers, build_model, check_assets
+from atp.models.build import resolve_device
 
 
 def calibration_batches(json_path: str, image_folder: str, processor, samples: int, batch_size: int) -> list[dict]:
@@ -81,7 +82,7 @@ def run_fitprune(cfg: DictConfig) -> dict:
     """Fit, print, log and save the recipe; returns the JSON content written."""
     check_assets(cfg, needs=("calibration",))
     model, processor = build_model(cfg)
-    model.eval()
+    model.to(resolve_device(cfg.fit.get("device", "auto"))).eval()
     prepare_configured_data(cfg.data)
     fit = cfg.fit
     batches = calibration_batches(

@@ -16,7 +16,7 @@ from atp.evaluation import EvaluationResult, evaluate, markdown_table
 from atp.export import load_pruned
 from atp.lit.data import prepare_configured_data
 from atp.lit.run import build_pruner
-from atp.models.build import load_llava
+from atp.models.build import load_llava, resolve_device
 
 
 def method_label(cfg: DictConfig, pruner) -> str:
@@ -65,15 +65,17 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
             cfg.export_path, mode=cfg.mode, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
         )
         pruner = atp.runtime_of(model).pruner
+        pruner.to(resolve_device(cfg.device))
     else:
         model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        model.to(resolve_device(cfg.device))
         pruner_cfg = cfg.pruner
         if cfg.budget_tokens is not None:
             pruner_cfg = budgeted_pruner_config(cfg, model, processor)
         pruner = build_pruner(pruner_cfg, model.config.text_config.num_hidden_layers)
         if pruner is not None:
             atp.apply(model, pruner.eval(), mode=cfg.mode)
-    model.eval()
+    model.to(resolve_device(cfg.device)).eval()
     dataset = LlavaConversationDataset(
         cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor, max_samples=cfg.max_samples, prompt_only=True
     )

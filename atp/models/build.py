@@ -69,3 +69,10 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
     )
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device for a name: "auto" = the first GPU if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
