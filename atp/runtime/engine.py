@@ -60,6 +60,7 @@ class _Prefill:
         num_layers: int,
     ) -> None:
         self.layout = layout
+        self.input_tokens = layout.valid.sum(1)  # [B] real tokens before any pruning
         self.visual_index = visual_index  # [B, S] in original positions
         self.instruction = instruction  # [B, S] in original positions
         self.last_prompt = last_prompt  # [B] original position
@@ -455,7 +456,7 @@ class PruningRuntime:
             tokens=torch.stack([lay.visible().sum(1) for lay in layouts], 1).cpu(),
             kept=state.kept,
             num_visual=(state.visual_index >= 0).sum(1).cpu(),
-            input_tokens=layouts[0].valid.sum(1).cpu(),
+            input_tokens=state.input_tokens.cpu(),
             soft_visual_tokens=torch.stack([_soft_count(lay) for lay in layouts], 1).detach().cpu(),
             scoring_seconds=state.scoring_seconds,
             mode=self.mode,

@@ -58,3 +58,20 @@ def test_cost_report_and_kv_bytes(model_factory):
     expected_ratio = float(report.flops.sum() / report.flops_unpruned.sum())
     assert report.flops_ratio == pytest.approx(expected_ratio) and 0.5 < report.flops_ratio < 1.0
     assert float(kv_cache_bytes(config, stats.tokens).sum()) == float(report.kv_bytes.sum())
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_pruning_before_the_llm_counts_against_the_unpruned_input(model_factory, mode):
+    """A layer-0 pruner (DivPrune): the unpruned reference is every real token of the prompt,
+    measured by FlopCounterMode on the stock model, not the already-pruned LLM input."""
+    model = model_factory(attn_implementation="eager")
+    batch = make_batch([(3, 5)])
+    stock = sum(measured_layer_flops(model, batch))
+    atp.apply(model, atp.build_pruner("divprune", keep_ratio=0.25), mode=mode)
+    with torch.no_grad():
+        model(**batch)
+    stats = atp.stats(model)
+    assert stats.input_tokens.tolist() == batch["attention_mask"].sum(1).tolist()
+    report = cost_report(model.config.text_config, stats)
+    assert float(report.flops_unpruned[0]) == stock
+    assert report.flops_ratio < 0.6 and report.kv_ratio == pytest.approx(13 / 25)  # 4 of 16 visual + 9 text
