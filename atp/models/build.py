@@ -12,6 +12,21 @@ from atp.models.tiny import tiny_llava_config
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] fixed position code (MAE-style): a quarter of the dims each for
+    sin/cos of the row and of the column at geometric frequencies; row-major patch order."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos code needs a width divisible by 4, got {dim}.")
+    quarter = dim // 4
+    frequency = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angle = coordinate[:, None].float() * frequency[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, 1)
+
+
 def build_testbed_llava(
     processor,
     text: str = "llama",
@@ -24,9 +39,17 @@ def build_testbed_llava(
     vision_layers: int = 2,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    vision_positions: str = "sincos",
 ) -> LlavaForConditionalGeneration:
     """A small LLaVA on LLaVA-1.5's geometry (336 px, patch 14: 24 x 24 visual tokens) for the
-    testbed's processor, randomly initialised (seeded) for training from scratch."""
+    testbed's processor, randomly initialised (seeded) for training from scratch.
+
+    vision_positions: "sincos" replaces the CLIP tower's patch position embeddings by a 2-D
+    sine-cosine code of (row, column) at the scale of the patch embeddings; "random" keeps
+    HF's initialisation (std 0.02), which the pre-LayerNorm drowns: on frozen random towers a
+    linear probe then reads an image token's column (left/right half) at chance, 50 %, against
+    99 % with the sin-cos code. Real CLIP towers carry strong learned positions.
+    """
     tokenizer = processor.tokenizer
     crop = processor.image_processor.crop_size["height"]
     config = tiny_llava_config(
@@ -49,6 +72,15 @@ def build_testbed_llava(
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if vision_positions == "sincos":
+        embedding = model.model.vision_tower.embeddings.position_embedding.weight
+        with torch.no_grad():
+            embedding[0] = 0.0  # [CLS]
+            embedding[1:] = sincos_2d(
+                config.vision_config.image_size // config.vision_config.patch_size, embedding.shape[1]
+            )
+    elif vision_positions != "random":
+        raise ValueError(f"vision_positions must be 'sincos' or 'random', got {vision_positions!r}.")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

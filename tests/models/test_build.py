@@ -1,0 +1,43 @@
+"""The testbed model's vision tower carries a fixed 2-D position code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atp.models.build import sincos_2d
+from tests.conftest import tiny_testbed_model
+
+
+def test_sincos_code_encodes_row_and_column():
+    grid, dim = 24, 64
+    code = sincos_2d(grid, dim)
+    quarter = dim // 4
+    frequency = 1.0 / (10000 ** ((quarter - 1) / quarter))  # the slowest: no wrap-around on 24 cells
+    row = torch.atan2(code[:, quarter - 1], code[:, 2 * quarter - 1]) / frequency
+    col = torch.atan2(code[:, 3 * quarter - 1], code[:, 4 * quarter - 1]) / frequency
+    index = torch.arange(grid * grid)
+    assert torch.allclose(row, (index // grid).float(), atol=1e-3)
+    assert torch.allclose(col, (index % grid).float(), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from atp.data.processor import build_processor
+    from atp.data.shapes import vocabulary
+
+    return build_processor(vocabulary())
+
+
+def test_testbed_tower_uses_the_code(processor):
+    model = tiny_testbed_model(processor)
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(weight[0], torch.zeros_like(weight[0]))
+    assert torch.equal(weight[1:], sincos_2d(24, weight.shape[1]))
+
+
+def test_unknown_position_option_is_refused(processor):
+    from atp.models.build import build_testbed_llava
+
+    with pytest.raises(ValueError, match="vision_positions must be 'sincos' or 'random'"):
+        build_testbed_llava(processor, hidden_size=32, num_layers=1, vision_hidden=32, vision_positions="learned")
