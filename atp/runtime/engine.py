@@ -123,6 +123,10 @@ class PruningRuntime:
         for index, layer in enumerate(adapter.layers):
             hook(layer, self._layer_hook(index))
         self._handles.append(adapter.final_norm.register_forward_hook(self._after_norm))
+        if self.vision_captures:  # armed while the tower runs (generate runs it before the LLM call)
+            tower = adapter.vision_tower
+            self._handles.append(tower.register_forward_pre_hook(lambda *_: self._arm_vision(True)))
+            self._handles.append(tower.register_forward_hook(lambda *_: self._arm_vision(False)))
         for index, capture in self.vision_captures.items():
             attn = adapter.vision_layers[index].self_attn
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
@@ -176,10 +180,14 @@ class PruningRuntime:
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
-        for capture in self.vision_captures.values():  # the vision tower runs next, inside this call
-            capture.clear()
-            capture.armed = kwargs.get("pixel_values") is not None
         return None
+
+    def _arm_vision(self, start: bool) -> None:
+        """Vision-tower q/k captures: cleared and armed when the tower starts, disarmed when it ends."""
+        for capture in self.vision_captures.values():
+            if start:
+                capture.clear()
+            capture.armed = start
 
     def _begin_forward(self, _module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")

@@ -152,6 +152,9 @@ def test_fastervlm_matches_hf_clip_attentions(model_factory, attn, samples):
     stats = atp.stats(model)
     assert [k.tolist() for k in stats.kept[0]] == [e.tolist() for e in expected]
     assert stats.visual_tokens[0].tolist() == [4, 4, 4, 4]
+    with torch.no_grad():  # generate runs the vision tower before the LLM call (mm_encoder_outputs)
+        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert [k.tolist() for k in atp.stats(model).kept[0]] == [e.tolist() for e in expected]
 
 
 def test_cls_methods_refuse_a_tower_without_cls():
