@@ -155,6 +155,7 @@ def test_ddp_two_cpu_processes_keep_identical_atp_parameters(base_model, tmp_pat
         "export=false",
         "+callbacks.ranks._target_=atp.lit.callbacks.SaveTrainablesPerRank",
         f"+callbacks.ranks.dirpath={tmp_path}/ranks",
+        f"hydra.run.dir={tmp_path}/hydra",  # keep Hydra's own logs out of the repository's checkpoints/
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
