@@ -57,6 +57,27 @@ def single(batch, b: int):
     return out
 
 
+def check_kept_everywhere(model, batch, build_pruner, layer: int, reference: list[torch.Tensor]) -> list:
+    """Run `build_pruner()` under sdpa and eager, in drop and mask mode, and assert that the
+    tokens kept at `layer` equal `reference` (one sorted index tensor per sample). Returns
+    the PruningStats of the four runs."""
+    import atp
+
+    runs = []
+    for attn in ("sdpa", "eager"):
+        for mode in ("drop", "mask"):
+            model.set_attn_implementation(attn)
+            atp.apply(model, build_pruner(), mode=mode)
+            with torch.no_grad():
+                model(**batch)
+            stats = atp.stats(model)
+            for b, expected in enumerate(reference):
+                assert torch.equal(stats.kept[layer][b], expected), (attn, mode, b)
+            atp.remove(model)
+            runs.append(stats)
+    return runs
+
+
 @pytest.fixture(params=["sdpa", "eager"])
 def attn(request):
     return request.param

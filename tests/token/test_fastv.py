@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import atp
-from tests.conftest import IMAGE, make_batch, single
+from tests.conftest import IMAGE, check_kept_everywhere, make_batch, single
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 
@@ -33,16 +33,8 @@ def test_fastv_matches_brute_force_under_sdpa_and_eager(model_factory, samples, 
     batch = make_batch(samples, seed=1)
     model = model_factory(attn_implementation="eager")
     reference = brute_force_fastv(model, batch, layer, keep_ratio)
-    for attn in ("sdpa", "eager"):
-        for mode in ("drop", "mask"):
-            model.set_attn_implementation(attn)
-            atp.apply(model, atp.build_pruner("fastv", layer=layer, keep_ratio=keep_ratio), mode=mode)
-            with torch.no_grad():
-                model(**batch)
-            kept = atp.stats(model).kept[layer]
-            for b, expected in enumerate(reference):
-                assert torch.equal(kept[b], expected), (attn, mode, b)
-            atp.remove(model)
+    pruner = lambda: atp.build_pruner("fastv", layer=layer, keep_ratio=keep_ratio)  # noqa: E731
+    check_kept_everywhere(model, batch, pruner, layer, reference)
 
 
 def test_answer_tokens_never_enter_the_score(model_factory):

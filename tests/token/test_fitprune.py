@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import atp
-from tests.conftest import IMAGE, make_batch
+from tests.conftest import IMAGE, check_kept_everywhere, make_batch
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 
@@ -38,18 +38,9 @@ def test_fitprune_matches_brute_force_under_sdpa_and_eager(model_factory, sample
     batch = make_batch(samples, seed=2)
     model = model_factory(attn_implementation="eager")
     reference = brute_force_fitprune(model, batch, layer, delete)
-    for attn in ("sdpa", "eager"):
-        for mode in ("drop", "mask"):
-            model.set_attn_implementation(attn)
-            atp.apply(model, atp.build_pruner("fitprune", recipe={layer: delete}), mode=mode)
-            with torch.no_grad():
-                model(**batch)
-            stats = atp.stats(model)
-            assert stats.visual_tokens[:, layer].tolist() == [16] * len(samples)  # keys in layer l's attention
-            kept = stats.kept[layer + 1]
-            for b, expected in enumerate(reference):
-                assert torch.equal(kept[b], expected), (attn, mode, b)
-            atp.remove(model)
+    pruner = lambda: atp.build_pruner("fitprune", recipe={layer: delete})  # noqa: E731
+    for stats in check_kept_everywhere(model, batch, pruner, layer + 1, reference):
+        assert stats.visual_tokens[:, layer].tolist() == [16] * len(samples)  # keys in layer l's attention
 
 
 def test_recipe_loads_from_a_fitted_json(tmp_path, model_factory):
