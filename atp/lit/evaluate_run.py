@@ -60,22 +60,24 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
     prepare_configured_data(cfg.data)
+    device = resolve_device(cfg.device)
     if cfg.export_path:
         model, processor = load_pruned(
             cfg.export_path, mode=cfg.mode, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
         )
         pruner = atp.runtime_of(model).pruner
-        pruner.to(resolve_device(cfg.device))
+        model.to(device)
+        pruner.to(device)  # the runtime holds the pruner outside the model's modules
     else:
         model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-        model.to(resolve_device(cfg.device))
+        model.to(device)  # before a budgeted fit and atp.apply, which moves the pruner to the model
         pruner_cfg = cfg.pruner
         if cfg.budget_tokens is not None:
             pruner_cfg = budgeted_pruner_config(cfg, model, processor)
         pruner = build_pruner(pruner_cfg, model.config.text_config.num_hidden_layers)
         if pruner is not None:
             atp.apply(model, pruner.eval(), mode=cfg.mode)
-    model.to(resolve_device(cfg.device)).eval()
+    model.eval()
     dataset = LlavaConversationDataset(
         cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor, max_samples=cfg.max_samples, prompt_only=True
     )
