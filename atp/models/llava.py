@@ -54,6 +54,11 @@ class LlavaAdapter:
         return self.model.model.vision_tower
 
     @property
+    def projector(self) -> nn.Module:
+        """The multimodal projector: image features [..., dv] -> LLM embeddings [..., d]."""
+        return self.model.model.multi_modal_projector
+
+    @property
     def vision_transformer(self) -> nn.Module:
         """The module holding `embeddings` and `encoder` (transformers 5: the tower itself)."""
         return getattr(self.vision_tower, "vision_model", self.vision_tower)

@@ -30,9 +30,16 @@ from atp.models import get_adapter
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
 from atp.runtime.probe import ProjectionCapture, attention_rows, project_qk
 from atp.runtime.prompt import locate_prompt_parts
-from atp.runtime.stage import apply_drop, apply_mask, check_decision, present_visual, remaining_visual
+from atp.runtime.stage import (
+    apply_drop,
+    apply_mask,
+    apply_merge,
+    check_decision,
+    present_visual,
+    remaining_visual,
+)
 from atp.runtime.stats import PruningStats
-from atp.token.base import PruneContext, TokenPruner
+from atp.token.base import MergeDecision, PruneContext, TokenPruner
 
 MODES = ("drop", "mask")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -53,6 +60,7 @@ class _Prefill:
     def __init__(
         self,
         layout: Layout,
+        embeds: torch.Tensor,
         visual_index: torch.Tensor,
         instruction: torch.Tensor,
         last_prompt: torch.Tensor,
@@ -60,6 +68,7 @@ class _Prefill:
         num_layers: int,
     ) -> None:
         self.layout = layout
+        self.embeds = embeds  # [B, S, d] the LLM input embeddings
         self.input_tokens = layout.valid.sum(1)  # [B] real tokens before any pruning
         self.visual_index = visual_index  # [B, S] in original positions
         self.instruction = instruction  # [B, S] in original positions
@@ -104,6 +113,7 @@ class PruningRuntime:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"{pruner.name}: probe layer {layer} is outside 0..{self.num_layers - 1}.")
         self.vision_captures = self._vision_captures(pruner.vision_probe_layers())
+        self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._labels: torch.Tensor | None = None
@@ -127,6 +137,8 @@ class PruningRuntime:
             tower = adapter.vision_tower
             self._handles.append(tower.register_forward_pre_hook(lambda *_: self._arm_vision(True)))
             self._handles.append(tower.register_forward_hook(lambda *_: self._arm_vision(False)))
+        if self.pruner.needs_vision_features:
+            self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
         for index, capture in self.vision_captures.items():
             attn = adapter.vision_layers[index].self_attn
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
@@ -152,6 +164,7 @@ class PruningRuntime:
             handle.remove()
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
+        self.projector_input = None
 
     # -- checks -------------------------------------------------------------------------
     def _check_attention(self) -> None:
@@ -180,6 +193,10 @@ class PruningRuntime:
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        return None
+
+    def _read_projector_input(self, _module, args):
+        self.projector_input = args[0]
         return None
 
     def _arm_vision(self, start: bool) -> None:
@@ -239,7 +256,9 @@ class PruningRuntime:
         visual_index = torch.where(parts.visual, parts.visual.long().cumsum(1) - 1, -1)
         layout = Layout.initial(valid, position, parts.visual)
         self._check_probed_modules()
-        self._prefill = _Prefill(layout, visual_index, parts.instruction, parts.last_prompt, length, self.num_layers)
+        self._prefill = _Prefill(
+            layout, embeds, visual_index, parts.instruction, parts.last_prompt, length, self.num_layers
+        )
         self._decode = None
         for capture in self.captures.values():
             capture.clear()
@@ -352,9 +371,11 @@ class PruningRuntime:
         start = time.perf_counter()
         decision = self.pruner.prune(ctx)
         check_decision(decision, layout, self.pruner.name, self.mode)
-        if decision.is_cuda:
-            torch.cuda.synchronize(decision.device)
+        if hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
+        if isinstance(decision, MergeDecision):
+            layout, hidden, decision = apply_merge(layout, hidden, decision)
         compact = self.pruner.position_ids == "compact"
         if self.mode == "drop":
             layout, hidden = apply_drop(layout, hidden, decision, compact)
@@ -388,32 +409,64 @@ class PruningRuntime:
             grid=self.adapter.image_grid,
             mode=self.mode,
             attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
-            vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout, state.visual_index),
+            vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
+            vision_keys=lambda layer: self._vision_keys(layer, layout),
+            vision_features=lambda: self._vision_features(layout),
+            project=self.adapter.projector,
+            input_embeds=state.embeds,
+            input_visual=state.visual_index >= 0,
+            input_instruction=state.instruction,
+            origin=layout.index,
         )
 
-    def _vision_cls_attention(self, layer: int, layout: Layout, visual_index: torch.Tensor) -> torch.Tensor:
-        """[B, H, S]: attention from each visual slot's image [CLS] token to it, vision layer `layer`."""
+    def _per_visual_slot(self, per_image: torch.Tensor, layout: Layout, offset: int) -> torch.Tensor:
+        """[B, S, *rest]: for each visual slot, row `offset + token` of its image in
+        per_image [I, T, *rest] (token = the slot's image-token number within its image); 0 elsewhere."""
+        visual_index = self._prefill.visual_index
+        rows, cols = self.adapter.image_grid
+        per_image_tokens = rows * cols
+        images = (visual_index >= 0).sum(1) // per_image_tokens  # [B] images per sample
+        images_before = torch.cumsum(images, 0) - images
+        slot_index = torch.gather(visual_index, 1, layout.index)
+        visual = (slot_index >= 0) & layout.valid
+        image = images_before[:, None] + slot_index.clamp_min(0) // per_image_tokens
+        token = slot_index.clamp_min(0) % per_image_tokens + offset
+        values = per_image[image.clamp_max(per_image.shape[0] - 1), token]  # [B, S, *rest]
+        shape = visual.shape + (1,) * (values.ndim - 2)
+        return values.masked_fill(~visual.view(shape), 0.0)
+
+    def _vision_capture(self, layer: int) -> tuple[ProjectionCapture, nn.Module]:
         depth = len(self.adapter.vision_layers)
         if layer % depth not in self.vision_captures:
             raise ValueError(f"{self.pruner.name}: vision layer {layer} is not in vision_probe_layers().")
         capture = self.vision_captures[layer % depth]
-        if capture.query is None:
+        if capture.query is None or capture.key is None:
             raise RuntimeError(f"vision layer {layer}'s q/k were not captured: this forward had no pixel_values.")
-        attn = self.adapter.vision_layers[layer % depth].self_attn
+        return capture, self.adapter.vision_layers[layer % depth].self_attn
+
+    def _vision_cls_attention(self, layer: int, layout: Layout) -> torch.Tensor:
+        """[B, H, S]: attention from each visual slot's image [CLS] token to it, vision layer `layer`."""
+        capture, attn = self._vision_capture(layer)
         query = capture.query[:, :1].unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, 1, hd]
         key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
         cls_rows = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)[:, :, 0]
+        return self._per_visual_slot(cls_rows.transpose(1, 2), layout, self._cls_offset).permute(0, 2, 1)
+
+    def _vision_keys(self, layer: int, layout: Layout) -> torch.Tensor:
+        """[B, H, S, hd]: each visual slot's key (k_proj output split into heads), vision layer `layer`."""
+        capture, attn = self._vision_capture(layer)
+        key = capture.key.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
+        return self._per_visual_slot(key, layout, self._cls_offset).permute(0, 2, 1, 3)
+
+    def _vision_features(self, layout: Layout) -> torch.Tensor:
+        """[B, S, dv]: each visual slot's image feature as the projector received it."""
+        if not self.pruner.needs_vision_features:
+            raise ValueError(f"{self.pruner.name}: set needs_vision_features = True to read vision features.")
+        features = self.projector_input
+        if features is None:
+            raise RuntimeError("the projector input was not captured: this forward had no pixel_values.")
         rows, cols = self.adapter.image_grid
-        per_image = rows * cols
-        images_before = (
-            torch.cumsum((visual_index >= 0).sum(1) // per_image, 0) - (visual_index >= 0).sum(1) // per_image
-        )
-        slot_index = torch.gather(visual_index, 1, layout.index)
-        visual = (slot_index >= 0) & layout.valid
-        image = images_before[:, None] + slot_index.clamp_min(0) // per_image
-        token = slot_index.clamp_min(0) % per_image + self._cls_offset
-        scores = cls_rows[image.clamp_max(cls_rows.shape[0] - 1), :, token]  # [B, S, H]
-        return scores.masked_fill(~visual[..., None], 0.0).permute(0, 2, 1)
+        return self._per_visual_slot(features, layout, features.shape[1] - rows * cols)
 
     def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
@@ -457,6 +510,8 @@ class PruningRuntime:
         for capture in (*self.captures.values(), *self.vision_captures.values()):
             capture.armed = False
             capture.clear()
+        self.projector_input = None
+        state.embeds = None
         layouts = [inputs.layout for inputs in state.layer_inputs]
         state.layouts, state.layer_inputs = layouts, []  # release masks; decode needs layouts only
         self.last_stats = PruningStats(

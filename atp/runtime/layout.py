@@ -28,6 +28,8 @@ class Layout:
     visual:    slot holds a visual (image) token
     shift:     [B] how far positions were compacted so far: tokens appended later
                (decode steps) use position `original - shift`
+    merged:    slot holds a merged token (token-merging methods) in place of the original
+               token `index`; None when nothing was merged
     """
 
     index: torch.Tensor
@@ -37,6 +39,7 @@ class Layout:
     position: torch.Tensor
     visual: torch.Tensor
     shift: torch.Tensor
+    merged: torch.Tensor | None = None
 
     @classmethod
     def initial(cls, valid: torch.Tensor, position: torch.Tensor, visual: torch.Tensor) -> Layout:
@@ -68,6 +71,22 @@ class Layout:
             position=take(self.position),
             visual=take(self.visual) & filled,
             shift=self.shift,
+            merged=take(self.merged),
+        )
+
+    def permute(self, source: torch.Tensor) -> Layout:
+        """Slot i of row b takes the token of old slot `source[b, i]`; positions stay with
+        the slots (the tokens move, the position ids do not)."""
+        take = lambda t: None if t is None else torch.gather(t, 1, source)  # noqa: E731
+        return Layout(
+            index=take(self.index),
+            valid=take(self.valid),
+            alive=take(self.alive),
+            weight=take(self.weight),
+            position=self.position,
+            visual=take(self.visual),
+            shift=self.shift,
+            merged=take(self.merged),
         )
 
 

@@ -7,10 +7,28 @@ from dataclasses import replace
 import torch
 
 from atp.runtime.layout import Layout, compact_positions, left_filled_slots
+from atp.token.base import MergeDecision
 
 
-def check_decision(decision: torch.Tensor, layout: Layout, pruner: str, mode: str) -> None:
+def check_decision(decision: torch.Tensor | MergeDecision, layout: Layout, pruner: str, mode: str) -> None:
     """Raise a clear error for a decision of the wrong shape, type or range."""
+    if isinstance(decision, MergeDecision):
+        if decision.keep.dtype != torch.bool:
+            raise ValueError(
+                f"pruner {pruner!r} returned a MergeDecision whose keep is {decision.keep.dtype}; use bool."
+            )
+        for name in ("keep", "replaced", "order"):
+            value = getattr(decision, name)
+            if value is not None and value.shape != layout.index.shape:
+                raise ValueError(
+                    f"pruner {pruner!r}: MergeDecision.{name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(layout.index.shape)}."
+                )
+        if (decision.replaced is None) != (decision.hidden is None):
+            raise ValueError(f"pruner {pruner!r}: MergeDecision needs both hidden and replaced, or neither.")
+        if decision.replaced is not None and bool((decision.replaced & ~decision.keep).any()):
+            raise ValueError(f"pruner {pruner!r}: a merged token must sit in a kept slot (replaced & ~keep).")
+        return
     if not isinstance(decision, torch.Tensor) or decision.shape != layout.index.shape:
         shape = getattr(decision, "shape", type(decision).__name__)
         raise ValueError(
@@ -25,6 +43,37 @@ def check_decision(decision: torch.Tensor, layout: Layout, pruner: str, mode: st
                 f"pruner {pruner!r} returned soft keep weights, but drop mode needs a hard bool "
                 "decision. Use mode='mask' for soft masks (training), or threshold the weights."
             )
+
+
+def apply_merge(
+    layout: Layout, hidden: torch.Tensor, decision: MergeDecision
+) -> tuple[Layout, torch.Tensor, torch.Tensor]:
+    """Write merged tokens into their slots and reorder the kept visual tokens.
+
+    hidden: [B, S, d]. Returns the layout, hidden states and the [B, S] keep mask to
+    apply next (drop or mask): the reordering only permutes tokens among kept visual
+    slots, so the set of removed slots, and with it the compaction, is unchanged.
+    """
+    if decision.replaced is not None:
+        replaced = decision.replaced & layout.visual_alive()
+        hidden = torch.where(replaced[..., None], decision.hidden.to(hidden.dtype), hidden)
+        merged = replaced if layout.merged is None else layout.merged | replaced
+        layout = replace(layout, merged=merged)
+    if decision.order is not None:
+        source = reorder_plan(decision.keep & layout.visual_alive(), decision.order)
+        hidden = torch.gather(hidden, 1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        layout = layout.permute(source)
+    return layout, hidden, decision.keep
+
+
+def reorder_plan(movable: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """[B, S] long gather plan: the movable slots, in slot order, receive the movable
+    tokens sorted by `key` (stable); every other slot keeps its token."""
+    inf = torch.tensor(float("inf"), device=key.device)
+    slot = torch.arange(movable.shape[1], device=movable.device).expand_as(movable)
+    slots = torch.sort(torch.where(movable, slot.double(), inf.double()), dim=1, stable=True).indices
+    tokens = torch.sort(torch.where(movable, key.double(), inf.double()), dim=1, stable=True).indices
+    return slot.clone().scatter_(1, slots, tokens)
 
 
 def apply_drop(layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool) -> tuple[Layout, torch.Tensor]:
@@ -67,8 +116,11 @@ def _compacted(layout: Layout, removed: torch.Tensor) -> Layout:
 
 
 def remaining_visual(layout: Layout, visual_index: torch.Tensor) -> list[torch.Tensor]:
-    """Sorted image-token indices still present per sample (soft weights count if >= 0.5)."""
+    """Sorted image-token indices still present per sample (soft weights count if >= 0.5;
+    merged tokens are not original tokens and are not listed)."""
     present = present_visual(layout)
+    if layout.merged is not None:
+        present = present & ~layout.merged
     return [torch.sort(visual_index[b][present[b]]).values.cpu() for b in range(present.shape[0])]
 
 

@@ -19,6 +19,24 @@ POSITION_POLICIES = ("original", "compact")
 
 
 @dataclass
+class MergeDecision:
+    """A hard decision that also rewrites and reorders tokens (token-merging methods).
+
+    keep:     [B, S] bool, slots that survive; a merged token lives in a kept slot
+    hidden:   [B, S, d] replacement hidden states, read where `replaced` is True
+    replaced: [B, S] bool, kept visual slots whose token becomes a merged token
+    order:    [B, S] float sort key, or None: the kept visual tokens are rearranged among
+              the kept visual slots in ascending key order (ties: slot order). Position ids
+              stay with the slots, so e.g. merged tokens placed last get the last positions.
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+    replaced: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+
+
+@dataclass
 class PruneContext:
     """What a pruner sees before decoder layer `layer` (all [B, S] tensors use the current layout).
 
@@ -37,6 +55,15 @@ class PruneContext:
     vision_cls_attention: vision_cls_attention(layer) -> [B, H, S]: for every visual slot, the
                        attention its image's [CLS] token pays to it in vision-tower layer
                        `layer` (listed in vision_probe_layers); 0 on other slots
+    vision_keys:       vision_keys(layer) -> [B, H, S, hd]: every visual slot's key in vision
+                       layer `layer` (listed in vision_probe_layers); 0 on other slots
+    vision_features:   vision_features() -> [B, S, dv]: every visual slot's image feature at the
+                       projector input (pruners with `needs_vision_features`); 0 elsewhere
+    project:           project(features [..., dv]) -> [..., d]: the model's multimodal projector
+    input_embeds:      [B, S0, d] the LLM input embeddings in original positions (S0 >= S)
+    input_visual:      [B, S0] bool image tokens, original positions
+    input_instruction: [B, S0] bool instruction tokens, original positions
+    origin:            [B, S] long original position of the token in each slot (0 in fill slots)
     """
 
     layer: int
@@ -51,6 +78,13 @@ class PruneContext:
     mode: str
     attention: Callable[[int, torch.Tensor], torch.Tensor]
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
+    vision_keys: Callable[[int], torch.Tensor] | None = None
+    vision_features: Callable[[], torch.Tensor] | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    input_embeds: torch.Tensor | None = None
+    input_visual: torch.Tensor | None = None
+    input_instruction: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -60,12 +94,14 @@ class PruneContext:
 class TokenPruner(nn.Module):
     """Base class: subclasses set `name`, and implement `prune` (and `probe_layers` if needed).
 
-    `prune` returns a [B, S] decision over the current slots: a bool tensor (True = keep)
-    or, in mask mode only, a float tensor of soft keep weights in [0, 1]. Only visual slots
+    `prune` returns a [B, S] decision over the current slots: a bool tensor (True = keep),
+    in mask mode only a float tensor of soft keep weights in [0, 1], or a `MergeDecision`
+    (token merging: replaced and reordered tokens, both modes). Only visual slots
     can be pruned; the runtime keeps every other slot whatever the decision says.
     """
 
     name: ClassVar[str] = "base"
+    needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)
@@ -120,6 +156,35 @@ def check_keep_ratio(name: str, keep_ratio: float) -> float:
             f"{name}: keep_ratio must be in (0, 1] (the fraction of visual tokens kept), got {keep_ratio!r}."
         )
     return float(keep_ratio)
+
+
+class TokenBudget:
+    """How many visual tokens a cut keeps: `keep_tokens` (a count per sample) when given,
+    else `keep_ratio` (a fraction of the tokens present, rounded half up, at least 1)."""
+
+    def __init__(self, name: str, keep_ratio: float | None = None, keep_tokens: int | None = None) -> None:
+        self.name = name
+        if keep_tokens is not None:
+            if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or keep_tokens < 1:
+                raise ValueError(f"{name}: keep_tokens must be a positive integer, got {keep_tokens!r}.")
+            self.keep_tokens, self.keep_ratio = int(keep_tokens), None
+        elif keep_ratio is not None:
+            self.keep_tokens, self.keep_ratio = None, check_keep_ratio(name, keep_ratio)
+        else:
+            raise ValueError(f"{name}: give a budget, keep_ratio (a fraction) or keep_tokens (a count).")
+
+    def count(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """[B] tokens to keep for [B] tokens present; a clear error if keep_tokens exceeds them."""
+        if self.keep_tokens is None:
+            return kept_count(num_tokens, self.keep_ratio)
+        short = (num_tokens > 0) & (num_tokens < self.keep_tokens)
+        if bool(short.any()):
+            raise ValueError(
+                f"{self.name}: keep_tokens={self.keep_tokens} is more than the {int(num_tokens[short].min())} "
+                "visual tokens of a sample. Choose keep_tokens no larger than the visual tokens per image, "
+                "or give a keep_ratio."
+            )
+        return torch.where(num_tokens > 0, self.keep_tokens, 0).to(num_tokens)
 
 
 def kept_count(num_tokens: torch.Tensor, keep_ratio: float) -> torch.Tensor:
