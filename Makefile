@@ -35,5 +35,5 @@ budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on Shap
 	WANDB_MODE=disabled $(BIN)/python evaluate.py hydra.run.dir=$(BUDGET_DIR)/unpruned max_samples=$(BUDGET_SAMPLES)
 	test -z "$(ATP)" || WANDB_MODE=disabled $(BIN)/python evaluate.py export_path=$(ATP) hydra.run.dir=$(BUDGET_DIR)/atp max_samples=$(BUDGET_SAMPLES)
 	WANDB_MODE=disabled $(BIN)/python evaluate.py -m hydra.sweep.dir=$(BUDGET_DIR)/sweep max_samples=$(BUDGET_SAMPLES) \
-		pruner=fastv,pdrop,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
+		pruner=fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
 	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md

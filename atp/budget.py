@@ -46,10 +46,29 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return {"keep_ratio": tokens / num_visual}
     if name == "pdrop":
         return pdrop_schedule(tokens, num_visual, num_layers)
+    if name == "visionzip":
+        return {"keep_tokens": tokens}
+    if name == "sparsevlm":
+        return sparsevlm_schedule(tokens, num_visual, num_layers)
     raise ValueError(
-        f"no token-budget rule for pruner {name!r}; budgets apply to {sorted((*KEEP_RATIO_METHODS, 'pdrop'))} "
+        f"no token-budget rule for pruner {name!r}; budgets apply to "
+        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'sparsevlm'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
+
+
+def sparsevlm_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """SparseVLM's published schedule for 192 / 128 / 64 tokens (LLaVA-1.5-7B: layers [2, 6, 15]
+    of 32, counts of 576), with layers scaled to the model's depth and counts to its visual tokens."""
+    from atp.token.sparsevlm import SCHEDULES, SCORE_LAYERS
+
+    if str(tokens) not in SCHEDULES:
+        raise ValueError(f"sparsevlm publishes schedules for {sorted(SCHEDULES, key=int)} tokens only, not {tokens}.")
+    layers = [int(layer * num_layers / 32 + 0.5) for layer in SCORE_LAYERS]
+    if len(set(layers)) < len(layers) or layers[-1] + 1 >= num_layers:
+        raise ValueError(f"sparsevlm needs at least 5 decoder layers for its three stages, the model has {num_layers}.")
+    counts = [max(1, int(count * num_visual / 576 + 0.5)) for count in SCHEDULES[str(tokens)]]
+    return {"layers": layers, "keep_tokens": counts}
 
 
 def budget_flops_ratio(tokens: int, num_visual: int, text_tokens: float, config, cut: int = 2) -> float:

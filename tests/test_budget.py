@@ -58,3 +58,38 @@ def test_budget_outside_the_visual_tokens_is_refused(tokens):
 def test_unknown_method_has_no_budget_rule():
     with pytest.raises(ValueError, match="no token-budget rule for pruner 'atp'"):
         budget_kwargs("atp", 4, NUM_VISUAL, 4)
+
+
+def test_visionzip_and_sparsevlm_budgets(model_factory):
+    from atp.budget import sparsevlm_schedule
+
+    assert sparsevlm_schedule(64, 576, 32) == {"layers": [2, 6, 15], "keep_tokens": [66, 30, 17]}
+    assert sparsevlm_schedule(192, 576, 8) == {"layers": [1, 2, 4], "keep_tokens": [300, 200, 110]}
+    with pytest.raises(ValueError, match="schedules for"):
+        sparsevlm_schedule(100, 576, 32)
+    model = model_factory()
+    stats = run(
+        model, atp.build_pruner("visionzip", **budget_kwargs("visionzip", 4, NUM_VISUAL, 4)), make_batch(EQUAL_PROMPTS)
+    )
+    assert stats.visual_tokens[:, 0].tolist() == [4] * 3
+
+
+def test_keep_tokens_equals_the_matching_keep_ratio(model_factory):
+    model = model_factory()
+    batch = make_batch([(2, 3), (6, 1), (1, 7)])
+    for name, by_ratio, by_count in [
+        ("fastv", dict(keep_ratio=0.25), dict(keep_tokens=4)),
+        ("fastervlm", dict(keep_ratio=0.25), dict(keep_tokens=4)),
+        ("divprune", dict(keep_ratio=0.25), dict(keep_tokens=4)),
+        ("spatial", dict(keep_ratio=0.25), dict(keep_tokens=4)),
+        ("pdrop", dict(layers=[1, 2], keep_ratios=[0.5, 0.25]), dict(layers=[1, 2], keep_tokens=[8, 4])),
+    ]:
+        ratio = run(model, atp.build_pruner(name, **by_ratio), batch).kept
+        count = run(model, atp.build_pruner(name, **by_count), batch).kept
+        assert {k: [t.tolist() for t in v] for k, v in ratio.items()} == {
+            k: [t.tolist() for t in v] for k, v in count.items()
+        }, name
+    atp.apply(model, atp.build_pruner("fastv", keep_tokens=17))
+    with pytest.raises(ValueError, match="keep_tokens=17 is more than the 16 visual tokens"):
+        with torch.no_grad():
+            model(**batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, kept_count, register
+from atp.token.base import PruneContext, TokenBudget, TokenPruner, register
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -32,13 +32,15 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
 class DivPrune(TokenPruner):
     name = "divprune"
 
-    def __init__(self, keep_ratio: float = 0.098, position_ids: str = "compact") -> None:
+    def __init__(
+        self, keep_ratio: float = 0.098, keep_tokens: int | None = None, position_ids: str = "compact"
+    ) -> None:
         super().__init__([0], position_ids)
-        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+        self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         keep = torch.zeros_like(ctx.visual)
-        counts = kept_count(ctx.visual_counts(), self.keep_ratio)
+        counts = self.budget.count(ctx.visual_counts())
         for b in range(keep.shape[0]):
             slots = ctx.visual[b].nonzero()[:, 0]
             if len(slots):

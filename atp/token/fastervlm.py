@@ -2,7 +2,7 @@
 encoder's output by the [CLS] token's attention.
 
 Score: the [CLS] row of vision layer -2's attention (`[:, :, 0, 1:]`), averaged over heads;
-keep the top round(N * keep_ratio) visual tokens in their original order, before the LLM.
+keep the top round(N * keep_ratio) (or `keep_tokens`) visual tokens in their original order, before the LLM.
 Positions are compacted (the tokens are removed before the LLM). The attention row is
 recomputed from the layer's captured q/k, so the vision tower keeps running under SDPA.
 """
@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, kept_count, register, top_k_per_sample
+from atp.token.base import PruneContext, TokenBudget, TokenPruner, register, top_k_per_sample
 
 
 @register
 class FasterVLM(TokenPruner):
     name = "fastervlm"
 
-    def __init__(self, keep_ratio: float = 0.25, vision_layer: int = -2, position_ids: str = "compact") -> None:
+    def __init__(
+        self,
+        keep_ratio: float = 0.25,
+        keep_tokens: int | None = None,
+        vision_layer: int = -2,
+        position_ids: str = "compact",
+    ) -> None:
         super().__init__([0], position_ids)
-        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+        self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)
         self.vision_layer = int(vision_layer)
 
     def vision_probe_layers(self) -> set[int]:
@@ -28,4 +34,4 @@ class FasterVLM(TokenPruner):
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         score = ctx.vision_cls_attention(self.vision_layer).mean(1)  # [B, S]
-        return top_k_per_sample(score, ctx.visual, kept_count(ctx.visual_counts(), self.keep_ratio))
+        return top_k_per_sample(score, ctx.visual, self.budget.count(ctx.visual_counts()))

@@ -1,7 +1,7 @@
 """`spatial`: keep a uniform grid of each image's visual tokens at the stride that meets the budget.
 
 The stride is the smallest s whose grid (every s-th row and column, starting at 0) holds
-no more than round(N_image * keep_ratio) tokens. Kept tokens keep their original positions.
+no more than round(N_image * keep_ratio) (or `keep_tokens`) tokens. Kept tokens keep their original positions.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, register
+from atp.token.base import PruneContext, TokenBudget, TokenPruner, register
 
 
 def grid_stride(rows: int, cols: int, budget: int) -> int:
@@ -25,13 +25,15 @@ def grid_stride(rows: int, cols: int, budget: int) -> int:
 class SpatialPruner(TokenPruner):
     name = "spatial"
 
-    def __init__(self, layer: int = 0, keep_ratio: float = 0.25, position_ids: str = "original") -> None:
+    def __init__(
+        self, layer: int = 0, keep_ratio: float = 0.25, keep_tokens: int | None = None, position_ids: str = "original"
+    ) -> None:
         super().__init__([layer], position_ids)
-        self.keep_ratio = check_keep_ratio(self.name, keep_ratio)
+        self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         rows, cols = ctx.grid
-        stride = grid_stride(rows, cols, math.floor(rows * cols * self.keep_ratio + 0.5))
+        stride = grid_stride(rows, cols, int(self.budget.count(torch.tensor([rows * cols]))[0]))
         within = ctx.visual_index.clamp_min(0) % (rows * cols)
         on_grid = (within // cols % stride == 0) & (within % cols % stride == 0)
         return on_grid & ctx.visual
