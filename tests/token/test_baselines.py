@@ -157,7 +157,8 @@ def test_fastervlm_matches_hf_clip_attentions(model_factory, attn, samples):
     assert [k.tolist() for k in atp.stats(model).kept[0]] == [e.tolist() for e in expected]
 
 
-def test_cls_methods_refuse_a_tower_without_cls():
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip"])
+def test_cls_methods_refuse_a_tower_without_cls(name):
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -181,4 +182,4 @@ def test_cls_methods_refuse_a_tower_without_cls():
     )
     model = LlavaForConditionalGeneration(config)
     with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"):
-        atp.apply(model, atp.build_pruner("fastervlm"))
+        atp.apply(model, atp.build_pruner(name))

@@ -85,3 +85,25 @@ def test_visionzip_budget_split_and_errors(model_factory):
     with pytest.raises(ValueError, match="keep_tokens=64 is more than the 16 visual tokens"):
         with torch.no_grad():
             model(**make_batch(RAGGED))
+
+
+def test_visionzip_generate_continues_the_merged_prefix(model_factory):
+    """generate (KV cache, compact positions after a reorder) equals greedy decoding of the
+    stock LLM on the brute-force merged input."""
+    model = model_factory(attn_implementation="eager").eval()
+    batch = make_batch(RAGGED, seed=7)
+    lm = model.model.language_model
+    references = [brute_force_visionzip(model, single(batch, b), 6, "reference")[1] for b in range(3)]
+    model.set_attn_implementation("sdpa")
+    atp.apply(model, atp.build_pruner("visionzip", keep_tokens=6))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)[:, -3:]
+    atp.remove(model)
+    for b, embeds in enumerate(references):
+        tokens = []
+        with torch.no_grad():
+            for _ in range(3):
+                token = model.lm_head(lm(inputs_embeds=embeds).last_hidden_state)[0, -1].argmax()
+                tokens.append(int(token))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(token)[None, None]], 1)
+        assert generated[b].tolist() == tokens, b
