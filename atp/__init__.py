@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from atp import structural  # noqa: F401  (registers the exported model classes with the Auto classes)
 from atp.runtime import PruningRuntime, PruningStats
 from atp.token import PruneContext, TokenPruner, available_pruners, build_pruner, register
 

@@ -1,0 +1,186 @@
+"""Masked decoder layers, and their export as a physically smaller HF checkpoint.
+
+`mask_structures(model, mask)` zeroes the pruned groups' outputs with per-instance hooks
+(the reference semantics). `remove_structures(model, mask)` slices the pruned rows and
+columns out of the weights and turns the config into a registered `atp_pruned_<family>`
+config with per-layer key/value heads and MLP widths, so `save_pretrained` writes a
+checkpoint that `AutoModelForCausalLM.from_pretrained` loads after `import atp`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from atp.structural.groups import StructureMask, family, layer_groups
+
+
+def _check_mask(model: nn.Module, mask: StructureMask) -> None:
+    groups = layer_groups(model.config)
+    if len(mask.attention) != len(groups) or len(mask.channels) != len(groups):
+        raise ValueError(f"the mask covers {len(mask.attention)} layers; the model has {len(groups)}.")
+    for index, (g, heads, channels) in enumerate(zip(groups, mask.attention, mask.channels)):
+        if heads.shape != (g.attention_groups,) or channels.shape != (g.mlp_channels,):
+            raise ValueError(
+                f"layer {index}: mask shapes {tuple(heads.shape)} / {tuple(channels.shape)} do not match the "
+                f"layer's {g.attention_groups} attention groups / {g.mlp_channels} MLP channels."
+            )
+
+
+def mask_structures(model: nn.Module, mask: StructureMask) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero the pruned attention groups (input of o_proj) and MLP channels (input of down_proj).
+    Returns the hook handles; `handle.remove()` restores the dense model."""
+    _check_mask(model, mask)
+    handles = []
+    for layer, g, heads, channels in zip(model.model.layers, layer_groups(model.config), mask.attention, mask.channels):
+        head_scale = heads.repeat_interleave(g.queries_per_group * g.head_dim)
+
+        def scale(factor: torch.Tensor):
+            return lambda _module, args: (args[0] * factor.to(args[0]),)
+
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale(head_scale)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale(channels)))
+    return handles
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.data
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    bias = linear.bias
+    smaller = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device
+    )
+    smaller.weight.data.copy_(weight)
+    if bias is not None:
+        smaller.bias.data.copy_(bias.data[rows] if rows is not None else bias.data)
+    return smaller
+
+
+def _shrink_layer(layer: nn.Module, groups, heads: torch.Tensor, channels: torch.Tensor) -> None:
+    """Keep only the attention groups `heads` [G] and MLP channels `channels` [m] of one layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    kv_rows = heads.repeat_interleave(groups.head_dim).nonzero()[:, 0]
+    q_rows = heads.repeat_interleave(groups.queries_per_group * groups.head_dim).nonzero()[:, 0]
+    attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows)
+    attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows)
+    attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows)
+    attn.o_proj = _slice_linear(attn.o_proj, cols=q_rows)
+    kept = channels.nonzero()[:, 0]
+    mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=kept)
+    mlp.up_proj = _slice_linear(mlp.up_proj, rows=kept)
+    mlp.down_proj = _slice_linear(mlp.down_proj, cols=kept)
+    mlp.intermediate_size = len(kept)
+
+
+def remove_structures(model: nn.Module, mask: StructureMask) -> nn.Module:
+    """Physically remove the masked groups, in place; returns the model with an
+    `atp_pruned_<family>` config (per-layer `kv_heads_per_layer`, `intermediate_size_per_layer`)."""
+    _check_mask(model, mask)
+    for index, heads in enumerate(mask.attention):
+        if not bool(heads.any()) or not bool(mask.channels[index].any()):
+            raise ValueError(f"layer {index} would lose all its attention groups or MLP channels; keep at least one.")
+    for layer, groups, heads, channels in zip(
+        model.model.layers, layer_groups(model.config), mask.attention, mask.channels
+    ):
+        _shrink_layer(layer, groups, heads, channels)
+    settings = model.config.to_dict()
+    for key in (
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "kv_heads_per_layer",
+        "intermediate_size_per_layer",
+    ):
+        settings.pop(key, None)
+    config_class, model_class = PRUNED[family(model.config)]
+    model.config = config_class(
+        kv_heads_per_layer=[int(h.sum()) for h in mask.attention],
+        intermediate_size_per_layer=[int(c.sum()) for c in mask.channels],
+        **settings,
+    )
+    model.__class__ = model_class
+    return model
+
+
+class _BuiltNarrow:
+    """Builds the stock model, then gives every layer fresh projections of the config's
+    per-layer widths (from_pretrained then loads the weights into them, meta device included)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        for layer, groups in zip(self.model.layers, layer_groups(config)):
+            attn, mlp = layer.self_attn, layer.mlp
+            q_width = groups.attention_groups * groups.queries_per_group * groups.head_dim
+            kv_width = groups.attention_groups * groups.head_dim
+            attn.q_proj = _resized(attn.q_proj, out_features=q_width)
+            attn.k_proj = _resized(attn.k_proj, out_features=kv_width)
+            attn.v_proj = _resized(attn.v_proj, out_features=kv_width)
+            attn.o_proj = _resized(attn.o_proj, in_features=q_width)
+            mlp.gate_proj = _resized(mlp.gate_proj, out_features=groups.mlp_channels)
+            mlp.up_proj = _resized(mlp.up_proj, out_features=groups.mlp_channels)
+            mlp.down_proj = _resized(mlp.down_proj, in_features=groups.mlp_channels)
+            mlp.intermediate_size = groups.mlp_channels
+
+
+def _resized(linear: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+    """A new, uninitialised linear layer like `linear` with other sizes."""
+    return nn.Linear(
+        in_features or linear.in_features,
+        out_features or linear.out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    model_type = "atp_pruned_llama"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_size_per_layer: list[int] | None = None
+
+
+class PrunedMistralConfig(MistralConfig):
+    model_type = "atp_pruned_mistral"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_size_per_layer: list[int] | None = None
+
+
+class PrunedQwen2Config(Qwen2Config):
+    model_type = "atp_pruned_qwen2"
+    kv_heads_per_layer: list[int] | None = None
+    intermediate_size_per_layer: list[int] | None = None
+
+
+class PrunedLlamaForCausalLM(_BuiltNarrow, LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+
+
+class PrunedMistralForCausalLM(_BuiltNarrow, MistralForCausalLM):
+    config_class = PrunedMistralConfig
+
+
+class PrunedQwen2ForCausalLM(_BuiltNarrow, Qwen2ForCausalLM):
+    config_class = PrunedQwen2Config
+
+
+PRUNED = {
+    "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
+    "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
+    "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+}
+for _config, _model in PRUNED.values():
+    AutoConfig.register(_config.model_type, _config)
+    AutoModelForCausalLM.register(_config, _model)

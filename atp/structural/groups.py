@@ -1,0 +1,85 @@
+"""Prunable structures of a Llama-style decoder layer, and the parameters a mask implies.
+
+Two kinds of groups per layer:
+  * attention groups: one key/value head together with the query heads that share it
+    (GQA), i.e. rows of q_proj, k_proj, v_proj and columns of o_proj. Removing whole
+    groups keeps the query/key-value ratio, so the stock attention code runs unchanged;
+  * MLP channels: one intermediate channel, i.e. a row of gate_proj and up_proj and a
+    column of down_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    """Group sizes of one decoder layer."""
+
+    attention_groups: int  # key/value heads
+    queries_per_group: int
+    head_dim: int
+    mlp_channels: int
+
+
+@dataclass
+class StructureMask:
+    """Which groups stay: attention[l] [G_l] bool and channels[l] [m_l] bool per layer."""
+
+    attention: list[torch.Tensor]
+    channels: list[torch.Tensor]
+
+
+def family(config) -> str:
+    """The decoder family of a config ("llama", "mistral", "qwen2"); exported models count as theirs."""
+    model_type = str(getattr(config, "model_type", "")).removeprefix("atp_pruned_")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"no structural group definitions for model_type {config.model_type!r}; supported families: "
+            f"{', '.join(FAMILIES)} (Llama-style decoder layers)."
+        )
+    return model_type
+
+
+def layer_groups(config) -> list[LayerGroups]:
+    """Per decoder layer, its group sizes (per-layer widths of an exported model included)."""
+    family(config)
+    layers = int(config.num_hidden_layers)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    per_group = int(config.num_attention_heads) // int(config.num_key_value_heads)
+    kv_heads = getattr(config, "kv_heads_per_layer", None) or [int(config.num_key_value_heads)] * layers
+    widths = getattr(config, "intermediate_size_per_layer", None) or [int(config.intermediate_size)] * layers
+    return [LayerGroups(int(g), per_group, head_dim, int(m)) for g, m in zip(kv_heads, widths)]
+
+
+def full_mask(config) -> StructureMask:
+    """The mask that keeps every group."""
+    groups = layer_groups(config)
+    return StructureMask(
+        attention=[torch.ones(g.attention_groups, dtype=torch.bool) for g in groups],
+        channels=[torch.ones(g.mlp_channels, dtype=torch.bool) for g in groups],
+    )
+
+
+def decoder_parameters(config, mask: StructureMask | None = None) -> int:
+    """Parameters of the decoder layers (attention, MLP, the two norms) that `mask` keeps."""
+    mask = mask or full_mask(config)
+    hidden = int(config.hidden_size)
+    bias = family(config) == "qwen2" or bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    total = 0
+    for groups, heads, channels in zip(layer_groups(config), mask.attention, mask.channels):
+        kept_groups, kept_channels = int(heads.sum()), int(channels.sum())
+        q_width = kept_groups * groups.queries_per_group * groups.head_dim
+        kv_width = kept_groups * groups.head_dim
+        total += hidden * (2 * q_width + 2 * kv_width)  # q, o; k, v
+        total += (q_width + 2 * kv_width) if bias else 0
+        total += hidden if getattr(config, "attention_bias", False) else 0  # o_proj's bias
+        total += 3 * hidden * kept_channels + ((2 * kept_channels + hidden) if mlp_bias else 0)
+        total += 2 * hidden  # input and post-attention norms
+    return total
