@@ -1,7 +1,7 @@
 """Masked decoder layers, and their export as a physically smaller HF checkpoint.
 
 `mask_structures(model, mask)` zeroes the pruned groups' outputs with per-instance hooks
-(the reference semantics). `remove_structures(model, mask)` slices the pruned rows and
+(the reference semantics, see atp/structural/masking.py). `remove_structures(model, mask)` slices the pruned rows and
 columns out of the weights and turns the config into a registered `atp_pruned_<family>`
 config with per-layer key/value heads and MLP widths, so `save_pretrained` writes a
 checkpoint that `AutoModelForCausalLM.from_pretrained` loads after `import atp`.
@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from atp.structural.groups import StructureMask, family, layer_groups
+from atp.structural.masking import StructureMasker
 
 
 def _check_mask(model: nn.Module, mask: StructureMask) -> None:
@@ -37,20 +38,13 @@ def _check_mask(model: nn.Module, mask: StructureMask) -> None:
             )
 
 
-def mask_structures(model: nn.Module, mask: StructureMask) -> list[torch.utils.hooks.RemovableHandle]:
-    """Zero the pruned attention groups (input of o_proj) and MLP channels (input of down_proj).
-    Returns the hook handles; `handle.remove()` restores the dense model."""
+def mask_structures(model: nn.Module, mask: StructureMask) -> StructureMasker:
+    """The masked model: pruned attention groups and MLP channels output zero (v_proj and
+    up_proj outputs masked, LoRA included). `.remove()` on the result restores the model."""
     _check_mask(model, mask)
-    handles = []
-    for layer, g, heads, channels in zip(model.model.layers, layer_groups(model.config), mask.attention, mask.channels):
-        head_scale = heads.repeat_interleave(g.queries_per_group * g.head_dim)
-
-        def scale(factor: torch.Tensor):
-            return lambda _module, args: (args[0] * factor.to(args[0]),)
-
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale(head_scale)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale(channels)))
-    return handles
+    masker = StructureMasker(model, model.config)
+    masker.set(mask, "full")
+    return masker
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -66,20 +66,23 @@ def full_mask(config) -> StructureMask:
     )
 
 
-def decoder_parameters(config, mask: StructureMask | None = None) -> int:
-    """Parameters of the decoder layers (attention, MLP, the two norms) that `mask` keeps."""
-    mask = mask or full_mask(config)
+def mask_parameters(config, mask: StructureMask) -> torch.Tensor:
+    """Decoder-layer parameters (attention, MLP, the two norms) a mask keeps, as a float
+    tensor: differentiable in the mask values, so straight-through masks pass gradients."""
     hidden = int(config.hidden_size)
-    bias = family(config) == "qwen2" or bool(getattr(config, "attention_bias", False))
+    qkv_bias = family(config) == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
-    total = 0
+    total = torch.zeros((), dtype=torch.float64)
     for groups, heads, channels in zip(layer_groups(config), mask.attention, mask.channels):
-        kept_groups, kept_channels = int(heads.sum()), int(channels.sum())
-        q_width = kept_groups * groups.queries_per_group * groups.head_dim
-        kv_width = kept_groups * groups.head_dim
-        total += hidden * (2 * q_width + 2 * kv_width)  # q, o; k, v
-        total += (q_width + 2 * kv_width) if bias else 0
-        total += hidden if getattr(config, "attention_bias", False) else 0  # o_proj's bias
-        total += 3 * hidden * kept_channels + ((2 * kept_channels + hidden) if mlp_bias else 0)
-        total += 2 * hidden  # input and post-attention norms
+        q_width = groups.queries_per_group * groups.head_dim  # per attention group
+        per_group = hidden * (2 * q_width + 2 * groups.head_dim) + (q_width + 2 * groups.head_dim) * qkv_bias
+        per_channel = 3 * hidden + 2 * mlp_bias
+        fixed = 2 * hidden + hidden * o_bias + hidden * mlp_bias  # norms, o_proj and down_proj biases
+        total = total + heads.double().sum() * per_group + channels.double().sum() * per_channel + fixed
     return total
+
+
+def decoder_parameters(config, mask: StructureMask | None = None) -> int:
+    """Parameters of the decoder layers that `mask` keeps (all of them without a mask)."""
+    return int(mask_parameters(config, mask or full_mask(config)).round())
