@@ -113,13 +113,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    """What train.py runs: Lightning training, or (job=fitprune) fitting a FitPrune recipe."""
+    """What train.py runs: Lightning training of a VLM (job=train), fitting a FitPrune recipe
+    (job=fitprune), or ATP structural pruning of a causal LM (job=structural)."""
     if cfg.job == "fitprune":
         from atp.calibration.run import run_fitprune
 
         return run_fitprune(cfg)
+    if cfg.job == "structural":
+        from atp.lit.structural_run import run_structural
+
+        return run_structural(cfg)
     if cfg.job != "train":
-        raise ValueError(f"job must be 'train' or 'fitprune', got {cfg.job!r}.")
+        raise ValueError(f"job must be 'train', 'fitprune' or 'structural', got {cfg.job!r}.")
     return run_training(cfg)
 
 

@@ -4,7 +4,9 @@ Fixed orthonormal inputs [L, 64] -> 2-layer TransformerEncoder (d_model 64, 4 he
 -> LayerNorm -> per decoder layer a bias-free Linear(64 -> G_l + m_l) giving logits z for
 its attention groups and MLP channels. Gumbel-sigmoid `m = sigmoid((z + g + 3) / T)`,
 T = 0.4, g logistic noise (the +3 starts it near dense); the hard mask thresholds at 0.5
-with a straight-through estimator (forward hard, backward soft).
+with a straight-through estimator (forward hard, backward soft). [ours] A layer always
+keeps at least its highest-scoring attention group and MLP channel, so it stays a valid
+layer after export.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class DecisionGenerator(nn.Module):
     def forward(self, noise: bool = True) -> StructureMask:
         """Straight-through hard masks (values 0/1, gradients of the soft Gumbel-sigmoid).
 
-        noise=False gives the deterministic mask `z + 3 > 0`.
+        noise=False gives the deterministic mask `z + 3 > 0` (plus each layer's top entries).
         """
         attention, channels = [], []
         for z, groups in zip(self.logits(), self.sizes):
@@ -57,8 +59,14 @@ class DecisionGenerator(nn.Module):
                 u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
                 x = x + torch.log(u) - torch.log1p(-u)
             soft = torch.sigmoid(x / self.temperature)
-            hard = (soft > 0.5).to(soft.dtype)
-            mask = hard + soft - soft.detach()
-            attention.append(mask[:groups])
-            channels.append(mask[groups:])
+            attention.append(straight_through(soft[:groups]))
+            channels.append(straight_through(soft[groups:]))
         return StructureMask(attention, channels)
+
+
+def straight_through(soft: torch.Tensor) -> torch.Tensor:
+    """[n] hard mask (soft > 0.5, at least the top entry kept) with the gradient of `soft`."""
+    hard = soft > 0.5
+    hard[soft.argmax()] = True
+    hard = hard.to(soft.dtype)
+    return hard + soft - soft.detach()

@@ -63,3 +63,33 @@ def test_structural_module_errors():
         StructuralPruningModule(tiny_decoder("llama"), prune_ratio=1.2)
     with pytest.raises(ValueError, match="no structural group definitions for model_type 'gpt2'"):
         StructuralPruningModule(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
+
+
+def compose_structural(overrides: list[str]):
+    from tests.lit.test_train import compose_train
+
+    return compose_train(overrides)
+
+
+def test_tiny_structural_experiment_runs_fast_dev_run(tmp_path):
+    from atp.lit.run import run_job
+
+    cfg = compose_structural(
+        ["experiment=atp_struct_tiny", "debug=fast_dev_run", f"output_dir={tmp_path}", "logger=none"]
+    )
+    metrics = run_job(cfg)
+    assert "train/loss" in metrics and not (tmp_path / "export").exists()
+
+
+def test_structural_experiments_without_weights_stop_with_the_overrides_to_set(tmp_path):
+    from atp.lit.run import MissingAssetError, run_job
+
+    cfg = compose_structural(["experiment=atp_struct_llama2_7b", f"output_dir={tmp_path}", "logger=none"])
+    with pytest.raises(MissingAssetError, match=r"model\.path=None.*experiment=atp_struct_llama2_7b model\.path="):
+        run_job(cfg)
+    missing = tmp_path / "nowhere.gguf"
+    cfg = compose_structural(
+        ["experiment=atp_struct_smollm2", f"model.gguf={missing}", f"model.path={tmp_path}/smol", "logger=none"]
+    )
+    with pytest.raises(MissingAssetError, match=f"GGUF file {missing} does not exist"):
+        run_job(cfg)
