@@ -7,11 +7,13 @@ Every training step, on a batch `{"train": ..., "held_out": ...}`:
      decoder parameters the hard mask keeps; AdamW, gradient clip 1.0;
   2. LoRA step: on the training batch, the generator's deterministic hard mask on the
      frozen path only, `(W x) * m + B A x`; CE loss;
-  3. group-lasso proximal step on the LoRA rows of the masked structures, eta growing
-     linearly from 0 to `lasso_eta` over training, so they reach exactly zero.
+  3. group-lasso proximal step on the LoRA rows of the masked structures (threshold
+     eta x sqrt(rows per group)), eta growing linearly from 0 to `lasso_eta` over
+     training, so they reach exactly zero.
 After `control_epochs` the generator stops (its deterministic mask is then fixed) and only
-LoRA trains. `export(path)` merges LoRA, removes the masked structures and saves a smaller
-HF checkpoint.
+LoRA trains. With `fixed_mask` (two-stage baselines) there is no generator: LoRA steps and
+the group lasso run on that mask from the start. `export(path)` merges LoRA, removes the
+masked structures and saves a smaller HF checkpoint.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ class StructuralPruningModule(L.LightningModule):
         lasso_eta: float = 1e-3,
         gradient_clip: float = 1.0,
         seed: int = 0,
+        fixed_mask: StructureMask | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "fixed_mask"])
         self.prune_ratio = check_prune_ratio(prune_ratio)
         family(model.config)  # a clear error for a family without group definitions
         self.config = model.config
@@ -70,12 +73,16 @@ class StructuralPruningModule(L.LightningModule):
         self.masker = StructureMasker(self.model, self.config)
         self.dense_parameters = decoder_parameters(self.config)
         self.register_buffer("lora_steps", torch.zeros((), dtype=torch.long))
+        self.fixed_mask = fixed_mask
         self.automatic_optimization = False
 
     # -- masks ----------------------------------------------------------------------------
     @torch.no_grad()
     def current_mask(self) -> StructureMask:
-        """The generator's deterministic hard mask (fixed once the control epochs are over)."""
+        """The generator's deterministic hard mask (fixed once the control epochs are over),
+        or the fixed mask of a two-stage baseline."""
+        if self.fixed_mask is not None:
+            return self.fixed_mask
         mask = self.generator(noise=False)
         return StructureMask([m.detach().bool() for m in mask.attention], [m.detach().bool() for m in mask.channels])
 
@@ -90,7 +97,7 @@ class StructuralPruningModule(L.LightningModule):
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator_opt, lora_opt = self.optimizers()
-        if self.current_epoch < self.hparams.control_epochs:
+        if self.fixed_mask is None and self.current_epoch < self.hparams.control_epochs:
             self._generator_step(generator_opt, batch["held_out"])
         mask = self.current_mask()
         self.masker.set(mask, "frozen")

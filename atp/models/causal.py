@@ -58,8 +58,9 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"GGUF file {gguf} does not exist; give the path of a .gguf file.")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are float now: save them as an ordinary checkpoint
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are float now
+        del model.config.quantization_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     model.save_pretrained(staging)

@@ -80,9 +80,10 @@ def lora_b(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def group_lasso_step(model: nn.Module, config, mask: StructureMask, eta: float) -> None:
     """Proximal step of the group lasso on the LoRA groups of the masked structures:
-    w_g <- w_g / ||w_g|| * max(0, ||w_g|| - eta), where w_g are the rows of B (v_proj: the
-    head_dim rows of one attention group; up_proj: one channel's row) that write the
-    masked output. Rows of kept structures are untouched."""
+    w_g <- w_g / ||w_g|| * max(0, ||w_g|| - eta * sqrt(rows_g)), where w_g are the rows of B
+    (v_proj: the head_dim rows of one attention group; up_proj: one channel's row) that write
+    the masked output; sqrt(rows_g) is the usual group-size weight of the group lasso. Rows of
+    kept structures are untouched."""
     for layer, groups, heads, channels in zip(
         decoder_layers(model), layer_groups(config), mask.attention, mask.channels
     ):
@@ -92,5 +93,5 @@ def group_lasso_step(model: nn.Module, config, mask: StructureMask, eta: float) 
         ):
             blocks = weight.view(len(kept), rows * weight.shape[1])  # one row per group
             norms = blocks.norm(dim=1, keepdim=True)
-            shrink = (norms - eta).clamp_min(0) / norms.clamp_min(1e-12)
+            shrink = (norms - eta * rows**0.5).clamp_min(0) / norms.clamp_min(1e-12)
             blocks.mul_(torch.where(kept[:, None].bool(), torch.ones_like(shrink), shrink))
