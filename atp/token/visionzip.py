@@ -38,20 +38,25 @@ def split_budget(tokens: int) -> tuple[int, int]:
     return dominant, tokens - dominant
 
 
-def contextual_groups(keys: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and assignments of VisionZip's contextual merge for one image.
+def contextual_tokens(features: torch.Tensor, keys: torch.Tensor, contextual: int, merge: str):
+    """VisionZip's contextual merge for the non-dominant tokens of one image.
 
-    keys: [R, k] the remaining tokens' descriptors in original order (head-averaged keys).
-    Returns (targets [C] long indices into R, group [R] long: the target number 0..C-1 each
-    token belongs to; a target belongs to its own group).
+    features: [R, dv] their features and keys: [R, k] their descriptors (head-averaged keys),
+    both in original order. Returns (targets [C] long indices into R, merged [C, dv]).
     """
     remaining = keys.shape[0]
     step = max(1, remaining // contextual)
     targets = torch.arange(0, remaining, step, device=keys.device)[:contextual]
     unit = F.normalize(keys.float(), dim=-1)
-    group = (unit @ unit[targets].T).argmax(1)
+    group = (unit @ unit[targets].T).argmax(1)  # most similar target, first on ties
     group[targets] = torch.arange(len(targets), device=keys.device)
-    return targets, group
+    members = torch.zeros(len(targets), remaining, device=features.device)
+    members[group, torch.arange(remaining, device=features.device)] = 1.0
+    if merge == "reference":  # target + mean of the tokens that joined it
+        members[torch.arange(len(targets)), targets] = 0.0
+        joined = members @ features.float() / members.sum(1, keepdim=True).clamp_min(1)
+        return targets, (features[targets].float() + joined).to(features.dtype)
+    return targets, (members @ features.float() / members.sum(1, keepdim=True)).to(features.dtype)
 
 
 @register
@@ -92,21 +97,13 @@ class VisionZip(TokenPruner):
         order = torch.arange(keep.shape[1], device=keep.device, dtype=torch.float64).expand(keep.shape).clone()
         for b, total in enumerate(counts.tolist()):
             contextual = total - int(dominant_counts[b])
-            slots = (ctx.visual[b] & ~keep[b]).nonzero()[:, 0]
+            slots = (ctx.visual[b] & ~keep[b]).nonzero()[:, 0]  # the non-dominant tokens
             if contextual == 0 or len(slots) == 0:
                 continue
-            targets, group = contextual_groups(keys[b, slots], contextual)
-            members = torch.zeros(len(targets), len(slots), device=features.device)
-            members[group, torch.arange(len(slots), device=features.device)] = 1.0
-            if self.merge == "reference":
-                members[torch.arange(len(targets)), targets] = 0.0  # the joiners only
-                joined = members @ features[b, slots].float() / members.sum(1, keepdim=True).clamp_min(1)
-                merged_features = features[b, slots[targets]].float() + joined
-            else:
-                merged_features = members @ features[b, slots].float() / members.sum(1, keepdim=True)
-            target_slots = slots[targets]
-            hidden[b, target_slots] = ctx.project(merged_features.to(features.dtype)).to(hidden.dtype)
-            replaced[b, target_slots] = True
-            order[b, target_slots] += keep.shape[1]  # after every dominant token, in target order
+            targets, merged = contextual_tokens(features[b, slots], keys[b, slots], contextual, self.merge)
+            hosts = slots[targets]  # a contextual token lives in its target's slot
+            hidden[b, hosts] = ctx.project(merged).to(hidden.dtype)
+            replaced[b, hosts] = True
+            order[b, hosts] += keep.shape[1]  # after every dominant token, in target order
         keep = keep | replaced
         return MergeDecision(keep=keep, hidden=hidden, replaced=replaced, order=order)
