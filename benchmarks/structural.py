@@ -57,7 +57,8 @@ def run_method(args, method: str, ratio: float, datamodule, tokenizer, export_di
     model, _ = load_causal_lm(args.model)
     fixed = None
     if method != "atp":
-        calibration = [{"input_ids": datamodule.chunks["train"][: args.batch_size]}]
+        chunks = datamodule.chunks["train"][: args.calibration_chunks]
+        calibration = [{"input_ids": chunks[i : i + 8]} for i in range(0, len(chunks), 8)]
         fixed = baseline_mask(model, method, ratio, calibration, seed=args.seed)
     module = StructuralPruningModule(
         model,
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-chunks", type=int, default=48)
+    parser.add_argument(
+        "--calibration-chunks", type=int, default=64, help="Wanda-sp's calibration chunks (train split)"
+    )
     parser.add_argument("--generator-lr", type=float, default=0.05)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -148,7 +152,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     print(
         f"\nSettings: {args.model}, {args.steps} LoRA steps of {args.batch_size} x {args.seq_len} tokens (rank "
-        f"{args.lora_rank}), eval on {len(domain)} domain and {len(general)} general chunks, seed {args.seed}.\n"
+        f"{args.lora_rank}), Wanda-sp calibrated on {args.calibration_chunks} training chunks, eval on {len(domain)} "
+        f"domain and {len(general)} general chunks, seed {args.seed}.\n"
     )
     print(
         "| method | pruned (target) | domain ppl | general ppl | decoder params | kept | forward latency | train min |"
