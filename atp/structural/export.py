@@ -4,26 +4,19 @@
 (the reference semantics, see atp/structural/masking.py). `remove_structures(model, mask)` slices the pruned rows and
 columns out of the weights and turns the config into a registered `atp_pruned_<family>`
 config with per-layer key/value heads and MLP widths, so `save_pretrained` writes a
-checkpoint that `AutoModelForCausalLM.from_pretrained` loads after `import atp`.
+checkpoint that `AutoModelForCausalLM.from_pretrained` loads after `import atp`, or without
+atp through `trust_remote_code=True` (the checkpoint carries `pruned_model.py`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from atp.structural.groups import StructureMask, family, layer_groups
 from atp.structural.masking import StructureMasker
+from atp.structural.pruned_model import PRUNED
 
 
 def _check_mask(model: nn.Module, mask: StructureMask) -> None:
@@ -109,72 +102,8 @@ def remove_structures(model: nn.Module, mask: StructureMask) -> nn.Module:
     return model
 
 
-class _BuiltNarrow:
-    """Builds the stock model, then gives every layer fresh projections of the config's
-    per-layer widths (from_pretrained then loads the weights into them, meta device included)."""
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        for layer, groups in zip(self.model.layers, layer_groups(config)):
-            attn, mlp = layer.self_attn, layer.mlp
-            q_width = groups.attention_groups * groups.queries_per_group * groups.head_dim
-            kv_width = groups.attention_groups * groups.head_dim
-            attn.q_proj = _resized(attn.q_proj, out_features=q_width)
-            attn.k_proj = _resized(attn.k_proj, out_features=kv_width)
-            attn.v_proj = _resized(attn.v_proj, out_features=kv_width)
-            attn.o_proj = _resized(attn.o_proj, in_features=q_width)
-            mlp.gate_proj = _resized(mlp.gate_proj, out_features=groups.mlp_channels)
-            mlp.up_proj = _resized(mlp.up_proj, out_features=groups.mlp_channels)
-            mlp.down_proj = _resized(mlp.down_proj, in_features=groups.mlp_channels)
-            mlp.intermediate_size = groups.mlp_channels
-
-
-def _resized(linear: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
-    """A new, uninitialised linear layer like `linear` with other sizes."""
-    return nn.Linear(
-        in_features or linear.in_features,
-        out_features or linear.out_features,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-
-
-class PrunedLlamaConfig(LlamaConfig):
-    model_type = "atp_pruned_llama"
-    kv_heads_per_layer: list[int] | None = None
-    intermediate_size_per_layer: list[int] | None = None
-
-
-class PrunedMistralConfig(MistralConfig):
-    model_type = "atp_pruned_mistral"
-    kv_heads_per_layer: list[int] | None = None
-    intermediate_size_per_layer: list[int] | None = None
-
-
-class PrunedQwen2Config(Qwen2Config):
-    model_type = "atp_pruned_qwen2"
-    kv_heads_per_layer: list[int] | None = None
-    intermediate_size_per_layer: list[int] | None = None
-
-
-class PrunedLlamaForCausalLM(_BuiltNarrow, LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
-
-
-class PrunedMistralForCausalLM(_BuiltNarrow, MistralForCausalLM):
-    config_class = PrunedMistralConfig
-
-
-class PrunedQwen2ForCausalLM(_BuiltNarrow, Qwen2ForCausalLM):
-    config_class = PrunedQwen2Config
-
-
-PRUNED = {
-    "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
-    "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
-    "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
-}
 for _config, _model in PRUNED.values():
     AutoConfig.register(_config.model_type, _config)
     AutoModelForCausalLM.register(_config, _model)
+    _config.register_for_auto_class()  # save_pretrained ships pruned_model.py: trust_remote_code works too
+    _model.register_for_auto_class("AutoModelForCausalLM")

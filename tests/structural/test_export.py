@@ -88,3 +88,33 @@ def test_baseline_masks_meet_the_ratio_and_keep_the_highest_scores(score):
         mlp = model.model.layers[0].mlp
         weight = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
         assert weight[mask.channels[0]].min() >= weight[~mask.channels[0]].max()
+
+
+def test_export_loads_without_atp_through_trust_remote_code(tmp_path):
+    """A fresh interpreter that never imports atp loads the export from its own pruned_model.py."""
+    import subprocess
+    import sys
+
+    model = tiny_decoder("mistral")
+    mask = random_mask(model)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(5))
+    masker = mask_structures(model, mask)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    masker.remove()
+    remove_structures(model, mask).save_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / "pruned_model.py").is_file()
+    torch.save({"ids": ids, "logits": masked}, tmp_path / "reference.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "export")!r}, trust_remote_code=True).eval()
+assert not any(name.startswith("atp") for name in sys.modules), "atp was imported"
+reference = torch.load({str(tmp_path / "reference.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(input_ids=reference["ids"]).logits, reference["logits"], rtol=1e-5, atol=1e-5)
+print(type(model).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("PrunedMistralForCausalLM")
