@@ -14,7 +14,7 @@ from torch import nn
 
 from atp import structural  # noqa: F401  (registers the exported model classes with the Auto classes)
 from atp.runtime import PruningRuntime, PruningStats
-from atp.token import PruneContext, TokenPruner, available_pruners, build_pruner, register
+from atp.token import MergeDecision, PruneContext, TokenPruner, available_pruners, build_pruner, register
 
 __version__ = "0.1.0"
 _ATTR = "_atp_runtime"
@@ -64,6 +64,7 @@ def stats(model: nn.Module) -> PruningStats:
 from atp.export import load_pruned, save_pruned  # noqa: E402  (uses the API above)
 
 __all__ = [
+    "MergeDecision",
     "PruneContext",
     "PruningStats",
     "TokenPruner",
