@@ -38,15 +38,21 @@ def random_mask(model, seed: int = 1) -> StructureMask:
     return StructureMask(attention, channels)
 
 
+def masked_logits(model, mask: StructureMask, ids: torch.Tensor) -> torch.Tensor:
+    """The masked model's logits (the reference an export must reproduce)."""
+    masker = mask_structures(model, mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    masker.remove()
+    return logits
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_export_loads_with_from_pretrained_and_equals_the_masked_model(tmp_path, name):
     model = tiny_decoder(name)
     mask = random_mask(model)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    masker = mask_structures(model, mask)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-    masker.remove()
+    masked = masked_logits(model, mask, ids)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, masked)  # the mask does something
     remove_structures(model, mask).save_pretrained(tmp_path)
@@ -98,10 +104,7 @@ def test_export_loads_without_atp_through_trust_remote_code(tmp_path):
     model = tiny_decoder("mistral")
     mask = random_mask(model)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(5))
-    masker = mask_structures(model, mask)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-    masker.remove()
+    masked = masked_logits(model, mask, ids)
     remove_structures(model, mask).save_pretrained(tmp_path / "export")
     assert (tmp_path / "export" / "pruned_model.py").is_file()
     torch.save({"ids": ids, "logits": masked}, tmp_path / "reference.pt")
