@@ -105,6 +105,21 @@ def build_strategy(cfg: DictConfig):
     return instantiate(spec)
 
 
+def build_trainer(cfg: DictConfig, loggers: list) -> L.Trainer:
+    """A Lightning Trainer from cfg.trainer, cfg.strategy and cfg.callbacks, logging to `loggers`."""
+    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
+    if not loggers:  # nothing to log learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        strategy=build_strategy(cfg),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=cfg.output_dir,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+    )
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
@@ -137,17 +152,7 @@ def run_training(cfg: DictConfig) -> dict:
     module = VLMTrainingModule(model, pruner, **OmegaConf.to_container(cfg.module, resolve=True))
     datamodule = build_datamodule(cfg, processor)
     loggers = build_loggers(cfg)
-    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    if not loggers:  # nothing to log learning rates to
-        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=build_strategy(cfg),
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=cfg.output_dir,
-        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-    )
+    trainer = build_trainer(cfg, loggers)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from atp.data.text import TextDataModule, topic_splits, train_tokenizer
-from atp.lit.run import MissingAssetError, build_loggers, build_strategy, resolve_ckpt_path
+from atp.lit.run import MissingAssetError, build_loggers, build_trainer, resolve_ckpt_path
 from atp.lit.structural import StructuralPruningModule
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
 
@@ -59,15 +58,7 @@ def run_structural(cfg: DictConfig) -> dict:
         seed=cfg.seed,
     )
     module = StructuralPruningModule(model, seed=cfg.seed, **OmegaConf.to_container(cfg.module, resolve=True))
-    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=build_strategy(cfg),
-        callbacks=callbacks,
-        logger=build_loggers(cfg) or False,
-        default_root_dir=cfg.output_dir,
-        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-    )
+    trainer = build_trainer(cfg, build_loggers(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.export and trainer.is_global_zero and not trainer.fast_dev_run:
