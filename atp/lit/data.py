@@ -141,6 +141,8 @@ def ensure_shapes_dataset(
         }
         if pruner_train_samples:
             splits["train_single"] = (pruner_train_samples, seed + 4, 1)
+        for stale in root_path.glob(".complete-*"):  # another size's files are about to be overwritten
+            stale.unlink()
         write_dataset(root_path, splits)
         marker.touch()
     return root_path
