@@ -106,4 +106,5 @@ def tiny_testbed_model(processor, num_kv_heads: int = 1):
         num_kv_heads=num_kv_heads,
         vision_hidden=32,
         vision_layers=1,
+        calibration_images=8,
     ).eval()

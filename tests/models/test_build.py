@@ -41,3 +41,31 @@ def test_unknown_position_option_is_refused(processor):
 
     with pytest.raises(ValueError, match="vision_positions must be 'sincos' or 'random'"):
         build_testbed_llava(processor, hidden_size=32, num_layers=1, vision_hidden=32, vision_positions="learned")
+
+
+def test_projector_is_standardised_on_shapes_images(processor):
+    from atp.models.build import build_testbed_llava, shapes_pixel_values
+
+    model = build_testbed_llava(
+        processor, hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden=32, calibration_images=16
+    )
+    calibration = torch.cat(model.get_image_features(pixel_values=shapes_pixel_values(processor, 16)).pooler_output)
+    assert torch.allclose(calibration.mean(0), torch.zeros(32), atol=1e-4)
+    assert torch.allclose(calibration.std(0), torch.ones(32), atol=1e-3)
+    # other scenes: close to standardised, not exactly
+    fresh = torch.cat(model.get_image_features(pixel_values=shapes_pixel_values(processor, 16, seed=9)).pooler_output)
+    assert fresh.mean(0).abs().max() < 0.5 and (fresh.std(0) - 1).abs().max() < 0.5
+
+
+def test_random_projector_keeps_the_hf_init(processor):
+    from atp.models.build import build_testbed_llava
+
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden=32, calibration_images=4)
+    standardised = build_testbed_llava(processor, **kwargs)
+    plain = build_testbed_llava(processor, projector_init="random", **kwargs)
+    first, last = "model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_2.weight"
+    assert torch.equal(standardised.state_dict()[first], plain.state_dict()[first])
+    assert not torch.allclose(standardised.state_dict()[last], plain.state_dict()[last])
+    assert plain.state_dict()[last].std() < 0.03  # HF's initializer_range 0.02
+    with pytest.raises(ValueError, match="projector_init must be 'standardised' or 'random'"):
+        build_testbed_llava(processor, projector_init="zeros", **kwargs)
