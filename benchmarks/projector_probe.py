@@ -1,0 +1,103 @@
+"""Can one attention head read the testbed's image features? Raw vs standardised projector.
+
+For each scene and each colour held by exactly one shape, the task is the position question
+("is the <colour> shape on the left or right ?"): a learned query per colour attends over
+the 576 projected image tokens of the frozen testbed tower and projector, and a small MLP
+reads left/right from the pooled value. Prints held-out accuracy during training for the
+projector's HF initialisation and for `projector_init=standardised`.
+
+    python benchmarks/projector_probe.py --scenes 3000 --steps 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+from torch import nn
+
+from atp.data.processor import build_processor
+from atp.data.shapes import COLORS, IMAGE_SIZE, render, sample_scene, vocabulary
+from atp.models.build import build_testbed_llava
+
+
+@torch.no_grad()
+def image_features(model, processor, scenes: list, chunk: int = 100) -> torch.Tensor:
+    """[N, 576, D] the LLM's image inputs for `scenes`."""
+    out = []
+    for i in range(0, len(scenes), chunk):
+        pixels = processor.image_processor([render(s) for s in scenes[i : i + chunk]], return_tensors="pt")
+        out += model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
+    return torch.stack(out)
+
+
+class AttentionReadout(nn.Module):
+    """colour [B] + tokens [B, T, D] -> left/right logits [B, 2] through one attention head."""
+
+    def __init__(self, dim: int, colours: int) -> None:
+        super().__init__()
+        self.query = nn.Embedding(colours, dim)
+        self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Sequential(nn.Linear(2 * dim, 64), nn.GELU(), nn.Linear(64, 2))
+
+    def forward(self, colour: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        query = self.query(colour)
+        weights = torch.softmax((self.key(tokens) @ query[:, :, None])[..., 0] / tokens.shape[-1] ** 0.5, -1)
+        pooled = (weights[..., None] * self.value(tokens)).sum(1)
+        return self.out(torch.cat([pooled, query], -1))
+
+
+def probe(features: torch.Tensor, examples: list, steps: int, every: int) -> list[float]:
+    torch.manual_seed(0)
+    held_out, train = examples[:1000], examples[1000:]
+    readout = AttentionReadout(features.shape[-1], len(COLORS))
+    optimizer = torch.optim.Adam(readout.parameters(), 1e-3)
+    rng, accuracies = random.Random(0), []
+
+    def batch(rows):
+        image, colour, side = (torch.tensor(column) for column in zip(*rows))
+        return readout(colour, features[image]), side
+
+    for step in range(1, steps + 1):
+        logits, side = batch(rng.sample(train, 64))
+        loss = nn.functional.cross_entropy(logits, side)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % every == 0:
+            with torch.no_grad():
+                logits, side = batch(held_out)
+                accuracies.append(100 * (logits.argmax(-1) == side).float().mean().item())
+    return accuracies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--every", type=int, default=125)
+    args = parser.parse_args()
+    processor = build_processor(vocabulary())
+    rng = random.Random(1)
+    scenes = [sample_scene(rng) for _ in range(args.scenes)]
+    colours = list(COLORS)
+    examples = [
+        (i, colours.index(o.color), int(o.center[0] >= IMAGE_SIZE // 2))
+        for i, scene in enumerate(scenes)
+        for o in scene
+        if sum(p.color == o.color for p in scene) == 1
+    ]
+    random.Random(0).shuffle(examples)
+    steps = list(range(args.every, args.steps + 1, args.every))
+    print(f"{len(examples)} position questions on {args.scenes} scenes; held-out accuracy (%) after Adam steps\n")
+    print("| projector_init | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for init in ("random", "standardised"):
+        model = build_testbed_llava(processor, hidden_size=96, intermediate_size=192, num_layers=8, projector_init=init)
+        accuracies = probe(image_features(model, processor, scenes), examples, args.steps, args.every)
+        print(f"| {init} | " + " | ".join(f"{a:.1f}" for a in accuracies) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
