@@ -45,6 +45,7 @@ class VLMTrainingModule(L.LightningModule):
         lambda_atp: float = 0.05,
         lambda_target: float = 0.2,
         target_tokens: float = 0.25,
+        target_reduction: str = "batch",
         train_mode: str = "mask",
         eval_mode: str = "drop",
         lora_rank: int = 16,
@@ -129,7 +130,14 @@ class VLMTrainingModule(L.LightningModule):
             target = (
                 target * num_visual.float() if target <= 1 else torch.full_like(num_visual, target, dtype=torch.float)
             )
-            terms = atp_losses(self.pruner, num_visual, target, self.hparams.lambda_atp, self.hparams.lambda_target)
+            terms = atp_losses(
+                self.pruner,
+                num_visual,
+                target,
+                self.hparams.lambda_atp,
+                self.hparams.lambda_target,
+                self.hparams.target_reduction,
+            )
             loss = loss + terms["atp"] + terms["target"]
             self.log_dict(
                 {

@@ -200,12 +200,18 @@ def atp_losses(
     target_tokens: float | torch.Tensor,
     lambda_atp: float = 0.05,
     lambda_target: float = 0.2,
+    target_reduction: str = "batch",
 ) -> dict[str, torch.Tensor]:
     """The ATP loss and the target-token loss of the last forward (METHODS.md section 1).
 
     num_visual: [B] visual tokens at the LLM input (N); target_tokens: N_target (absolute,
     a float or [B]). Samples without an image are left out. Returns the weighted terms
     `atp` and `target` and the unweighted `average_tokens` ([B] mean_l n_l, the "144*").
+
+    target_reduction: "batch" [ours] penalises the batch's mean of (mean_l n_l - N_target) / N,
+    so the budget holds on average and each instance may keep more or fewer tokens;
+    "instance" averages |mean_l n_l - N_target| / N over the samples, which pulls every
+    image to the same count and so works against instance adaptivity.
     """
     n = tokens_per_layer(pruner, num_visual)  # [B, L]
     total = num_visual.float().clamp_min(1.0)
@@ -214,7 +220,11 @@ def atp_losses(
     denominator = has_image.sum().clamp_min(1.0)
     atp_term = ((depth * n / total[:, None]).mean(1) * has_image).sum() / denominator
     average = n.mean(1)
-    target_term = (
-        (average - torch.as_tensor(target_tokens, device=n.device)).abs() / total * has_image
-    ).sum() / denominator
+    excess = (average - torch.as_tensor(target_tokens, device=n.device)) / total * has_image  # [B]
+    if target_reduction == "batch":
+        target_term = (excess.sum() / denominator).abs()
+    elif target_reduction == "instance":
+        target_term = excess.abs().sum() / denominator
+    else:
+        raise ValueError(f"target_reduction must be 'batch' or 'instance', got {target_reduction!r}.")
     return {"atp": lambda_atp * atp_term, "target": lambda_target * target_term, "average_tokens": average.detach()}

@@ -147,6 +147,19 @@ def test_losses_match_the_formula():
     assert losses["target"].item() == pytest.approx(0.2 * expected_target)
 
 
+def test_batch_target_lets_instances_differ_and_instance_target_does_not():
+    pruner = ATPPruner(num_layers=2, layers=[1])
+    pruner.soft_counts = {1: torch.tensor([2.0, 10.0, 5.0])}  # averages (16+2)/2, (16+10)/2, and an 8-token image
+    num_visual = torch.tensor([16, 16, 8])
+    excess = [((16 + 2) / 2 - 6) / 16, ((16 + 10) / 2 - 6) / 16, ((8 + 5) / 2 - 6) / 8]
+    batch = atp_losses(pruner, num_visual, target_tokens=6.0, lambda_target=1.0)
+    instance = atp_losses(pruner, num_visual, target_tokens=6.0, lambda_target=1.0, target_reduction="instance")
+    assert batch["target"].item() == pytest.approx(abs(sum(excess)) / 3)
+    assert instance["target"].item() == pytest.approx(sum(abs(e) for e in excess) / 3)
+    with pytest.raises(ValueError, match="target_reduction must be 'batch' or 'instance'"):
+        atp_losses(pruner, num_visual, target_tokens=6.0, target_reduction="sample")
+
+
 def test_default_placement_and_errors():
     assert default_layers(32) == [4, 14, 24]
     assert default_layers(4) == [1, 2, 3]
