@@ -30,7 +30,7 @@ class VLMTrainingModule(L.LightningModule):
     stage 2: only the vision tower frozen); "pruner" (only the pruner); "lora".
 
     target_tokens: ATP's N_target as a fraction of the visual tokens (<= 1) or an absolute
-    count (> 1, e.g. 144 of 576).
+    count (> 1, e.g. 144 of 576); target_reduction: "batch" or "instance" (see `atp_losses`).
     """
 
     def __init__(
