@@ -121,12 +121,7 @@ def standardise_projector(model: LlavaForConditionalGeneration, pixel_values: to
     reaches 99.8 % within 125 (`benchmarks/projector_probe.py`). A trained LLaVA projector
     does this mapping into the LLM's input space itself.
     """
-    features = model.model.get_image_features(
-        pixel_values,
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    ).pooler_output  # N x [576, D]
-    features = torch.cat(features).float()
+    features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output).float()  # [N*576, D]
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     last = model.model.multi_modal_projector.linear_2
     last.weight.div_(std[:, None].to(last.weight.dtype))
