@@ -11,7 +11,9 @@ eager attention). For every visual token j still present:
     S_s[j]     = spatial (SAP) score from a nested grid hierarchy: 1.0 on the stride-8 grid,
                  0.75 stride 4, 0.5 stride 2, 0.25 elsewhere
 
-A threshold MLP (two heads) maps instance statistics of the scores to (theta_r, theta_s).
+A threshold MLP (two heads) maps instance statistics to (theta_r, theta_s): the scores'
+distributions, and [ours] how alike the remaining visual hidden states are (`content_features`:
+an image of near-identical tokens is redundant, one with many distinct objects is not).
 
     training (mask mode):  m_j = max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s - theta_s)))
     inference (drop mode): keep j  iff  S_r > theta_r  or  S_s > theta_s
@@ -29,7 +31,8 @@ from atp.token.base import PruneContext, TokenPruner, register
 
 DEPTH_FRACTIONS = (0.125, 0.4375, 0.75)  # before layers 4, 14, 24 of a 32-layer LLM
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
-NUM_FEATURES = 2 * (2 + len(QUANTILES)) + 2
+NUM_SCORE_FEATURES = 2 * (2 + len(QUANTILES)) + 2
+NUM_CONTENT_FEATURES = 3
 SAP_LEVELS = ((8, 1.0), (4, 0.75), (2, 0.5))
 SAP_FLOOR = 0.25
 
@@ -54,9 +57,9 @@ def sap_scores(visual_index: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
 class ThresholdMLP(nn.Module):
     """Instance statistics [B, F] -> (theta_r, theta_s), each [B] in (0, 1)."""
 
-    def __init__(self, hidden: int = 256, init_bias: float = -3.0) -> None:
+    def __init__(self, num_features: int, hidden: int = 256, init_bias: float = -3.0) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU())
+        self.trunk = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU())
         self.redundancy_head = nn.Linear(hidden, 1)
         self.spatial_head = nn.Linear(hidden, 1)
         for head in (self.redundancy_head, self.spatial_head):  # start near theta = 0.05: keep ~all
@@ -92,8 +95,34 @@ def _rescaled(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return score / score.amax(1, keepdim=True).clamp_min(1e-12)
 
 
-def instance_features(s_self: torch.Tensor, s_cross: torch.Tensor, ctx: PruneContext, depth: float) -> torch.Tensor:
-    """[B, 16]: mean, std, quantiles of S_self and S_cross; fraction remaining; relative depth."""
+def content_features(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B, 3] how alike the remaining visual tokens are [ours].
+
+    hidden: [B, S, d] hidden states; weight: [B, S] keep weight (0 on absent and non-visual
+    slots). With h_bar the weighted mean of the h_j: the weighted mean and std of
+    cos(h_j, h_bar), and the relative spread sqrt(E|h_j - h_bar|^2 / E|h_j|^2) in [0, 1]
+    (0 when every token is the same vector). All are invariant to the hidden states' scale.
+    """
+    hidden, weight = hidden.detach().float(), weight.detach().float()
+    total = weight.sum(1).clamp_min(1e-12)  # [B]
+
+    def weighted_mean(values: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [B, ...]
+        shape = weight.shape + (1,) * (values.dim() - 2)
+        return (weight.view(shape) * values).sum(1) / total.view((-1,) + (1,) * (values.dim() - 2))
+
+    mean_token = weighted_mean(hidden)  # [B, d]
+    cosine = nn.functional.cosine_similarity(hidden, mean_token[:, None], dim=-1)  # [B, S]
+    cosine_mean = weighted_mean(cosine)
+    cosine_std = weighted_mean((cosine - cosine_mean[:, None]) ** 2).sqrt()
+    spread = weighted_mean((hidden - mean_token[:, None]).pow(2).sum(-1)) / weighted_mean(hidden.pow(2).sum(-1))
+    return torch.stack([cosine_mean, cosine_std, spread.clamp_min(0).sqrt()], 1)
+
+
+def instance_features(
+    s_self: torch.Tensor, s_cross: torch.Tensor, ctx: PruneContext, depth: float, content: bool = True
+) -> torch.Tensor:
+    """[B, 16 (+3)]: mean, std, quantiles of S_self and S_cross; fraction remaining; relative
+    depth; with `content`, the `content_features` of the remaining visual hidden states."""
     levels = torch.tensor(QUANTILES, device=s_self.device)
     rows = []
     for b in range(s_self.shape[0]):
@@ -109,7 +138,10 @@ def instance_features(s_self: torch.Tensor, s_cross: torch.Tensor, ctx: PruneCon
         remaining = (ctx.weight[b].detach() * present).sum() / total
         parts.append(torch.stack([remaining, torch.tensor(depth, device=s_self.device)]))
         rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    features = torch.stack(rows)
+    if content:
+        features = torch.cat([features, content_features(ctx.hidden, ctx.weight * ctx.visual)], 1)
+    return features
 
 
 @register
@@ -118,7 +150,8 @@ class ATPPruner(TokenPruner):
 
     num_layers: the LLM's depth (for default placement and relative-depth features);
     tau: soft-mask temperature; straight_through: hard forward, soft backward in training;
-    hidden: threshold-MLP width.
+    hidden: threshold-MLP width; content_features: also feed the threshold MLP how alike the
+    remaining visual hidden states are [ours] (False: score statistics only).
     """
 
     name = "atp"
@@ -130,6 +163,7 @@ class ATPPruner(TokenPruner):
         tau: float = 10.0,
         straight_through: bool = False,
         hidden: int = 256,
+        content_features: bool = True,
     ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
@@ -138,7 +172,9 @@ class ATPPruner(TokenPruner):
         self.num_layers = int(num_layers)
         self.tau = float(tau)
         self.straight_through = bool(straight_through)
-        self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(hidden) for layer in self.layers})
+        self.content_features = bool(content_features)
+        num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
+        self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(num_features, hidden) for layer in self.layers})
         self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
         self.thresholds: dict[int, torch.Tensor] = {}  # layer -> [B, 2] (theta_r, theta_s)
 
@@ -165,7 +201,7 @@ class ATPPruner(TokenPruner):
             self.soft_counts, self.thresholds = {}, {}
         s_self, s_cross, s_spatial = self.scores(ctx)
         s_redundancy = (s_self + s_cross) / 2
-        features = instance_features(s_self, s_cross, ctx, ctx.layer / self.num_layers)
+        features = instance_features(s_self, s_cross, ctx, ctx.layer / self.num_layers, self.content_features)
         theta_r, theta_s = self.modules_by_layer[str(ctx.layer)](features)
         self.thresholds[ctx.layer] = torch.stack([theta_r, theta_s], 1).detach()
         hard = ((s_redundancy > theta_r[:, None]) | (s_spatial > theta_s[:, None])) & ctx.visual

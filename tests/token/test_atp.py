@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import atp
-from atp.token.atp import ATPPruner, atp_losses, default_layers, sap_scores, tokens_per_layer
+from atp.token.atp import ATPPruner, atp_losses, content_features, default_layers, sap_scores, tokens_per_layer
 from tests.conftest import IMAGE, make_batch
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
@@ -116,12 +116,14 @@ def test_drop_and_eval_mask_agree(model_factory):
     assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("straight_through", [False, True])
-def test_soft_training_trains_every_module(model_factory, straight_through):
+@pytest.mark.parametrize(("straight_through", "content"), [(False, True), (True, True), (False, False)])
+def test_soft_training_trains_every_module(model_factory, straight_through, content):
     model = model_factory()
     for p in model.parameters():
         p.requires_grad_(False)
-    pruner = ATPPruner(num_layers=4, layers=[1, 3], straight_through=straight_through).train()
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], straight_through=straight_through, content_features=content)
+    pruner.train()
+    assert pruner.modules_by_layer["1"].trunk[0].in_features == (19 if content else 16)
     atp.apply(model, pruner, mode="mask")
     batch = make_batch(RAGGED, padding="right")
     labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
@@ -132,6 +134,27 @@ def test_soft_training_trains_every_module(model_factory, straight_through):
     (out.loss + losses["atp"] + losses["target"]).backward()
     for name, param in pruner.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_content_features_match_a_per_sample_computation():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 5) + 0.5
+    weight = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1], [0.5, 1, 0.2, 1, 1, 1, 0]])
+    got = content_features(hidden, weight)
+    for b in range(2):
+        present = weight[b] > 0
+        w, tokens = weight[b][present], hidden[b][present]
+        mean_token = sum(wi * h for wi, h in zip(w, tokens)) / w.sum()
+        cosines = torch.stack([h @ mean_token / (h.norm() * mean_token.norm()) for h in tokens])
+        mean = (w * cosines).sum() / w.sum()
+        std = ((w * (cosines - mean) ** 2).sum() / w.sum()).sqrt()
+        spread = (
+            sum(wi * (h - mean_token).pow(2).sum() for wi, h in zip(w, tokens)) / (w * tokens.pow(2).sum(1)).sum()
+        ).sqrt()
+        assert_close(got[b], torch.stack([mean, std, spread]), rtol=1e-5, atol=1e-6)
+    assert_close(content_features(3 * hidden, weight), got, rtol=1e-5, atol=1e-6)  # scale-free
+    same = torch.randn(5).expand(1, 4, 5)  # four copies of one token: no spread at all
+    assert_close(content_features(same, torch.ones(1, 4)), torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
 
 
 def test_losses_match_the_formula():

@@ -1,0 +1,107 @@
+"""What can ATP's threshold MLP and scores see in a model? Object-vs-background signals per layer.
+
+For the unpruned model on held-out ShapesVQA, at the input of every decoder layer l >= 1:
+
+- AUC(S_self), AUC(S_cross): how well layer l-1's attention scores rank the visual tokens that
+  cover an object above the background ones (0.5: no better than chance; one value per
+  image, averaged; a token covers an object if any of its 14 x 14 pixels is not black);
+- Spearman with the object count, over images, of each `content_features` statistic of the
+  visual hidden states entering layer l (mean and std of cos(h_j, h_bar), relative spread).
+
+    python benchmarks/atp_signals.py --base checkpoints/shapes_base/model --max-samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import atp
+from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.evaluation import spearman
+from atp.models.build import load_llava
+from atp.token.atp import ATPPruner, content_features
+
+
+def object_tokens(image_path: Path, grid: int, patch: int) -> np.ndarray:
+    """[grid * grid] bool, row-major: the patch holds a non-black pixel."""
+    pixels = np.asarray(Image.open(image_path).convert("RGB").resize((grid * patch, grid * patch)))
+    return pixels.reshape(grid, patch, grid, patch, 3).max(axis=(1, 3, 4)).flatten() > 0
+
+
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties count one half."""
+    pos, neg = score[positive][:, None], score[~positive][None]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="checkpoints/shapes_base/model")
+    parser.add_argument("--data", default="checkpoints/data/shapes")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-samples", type=int, default=200)
+    args = parser.parse_args()
+
+    model, processor = load_llava(args.base)
+    model.eval()
+    num_layers = model.config.text_config.num_hidden_layers
+    records = json.loads(Path(args.data, f"{args.split}.json").read_text())[: args.max_samples]
+    dataset = LlavaConversationDataset(
+        Path(args.data, f"{args.split}.json"),
+        Path(args.data, "images"),
+        processor,
+        max_samples=args.max_samples,
+        prompt_only=True,
+    )
+    loader = DataLoader(
+        dataset, batch_size=50, collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
+    )
+    grid, patch = processor.image_processor.crop_size["height"] // processor.patch_size, processor.patch_size
+    objects = [object_tokens(Path(args.data, "images", r["image"]), grid, patch) for r in records]
+
+    probe = ATPPruner(num_layers=num_layers, layers=list(range(1, num_layers))).eval()  # keeps every token
+    aucs: dict[tuple[int, str], list[float]] = {}
+    content: dict[int, list[torch.Tensor]] = {}
+    offset = [0]
+    score_and_keep = probe.prune
+
+    def record(ctx):
+        s_self, s_cross, _ = probe.scores(ctx)
+        content.setdefault(ctx.layer, []).append(content_features(ctx.hidden, (ctx.weight * ctx.visual).float()))
+        for b in range(ctx.visual.shape[0]):
+            covered = objects[offset[0] + b][ctx.visual_index[b][ctx.visual[b]].numpy()]
+            if covered.all() or not covered.any():
+                continue
+            for name, score in (("S_self", s_self), ("S_cross", s_cross)):
+                aucs.setdefault((ctx.layer, name), []).append(auc(score[b][ctx.visual[b]].numpy(), covered))
+        return score_and_keep(ctx)
+
+    probe.prune = record
+    atp.apply(model, probe, mode="drop")
+    with torch.inference_mode():
+        for batch in loader:
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+            offset[0] += len(batch["id"])
+    counts = [r["num_objects"] for r in records]
+    print(f"{args.base} on {len(records)} {args.split} images\n")
+    print(
+        "| layer | AUC S_self (layer l-1) | AUC S_cross (layer l-1) | Spearman: mean cos | std cos | relative spread |"
+    )
+    print("|---|---|---|---|---|---|")
+    for layer in probe.layers:
+        stats = torch.cat(content[layer]).T.tolist()
+        rho = " | ".join(f"{spearman(column, counts):.2f}" for column in stats)
+        self_auc, cross_auc = np.mean(aucs[(layer, "S_self")]), np.mean(aucs[(layer, "S_cross")])
+        print(f"| {layer} | {self_auc:.2f} | {cross_auc:.2f} | {rho} |")
+
+
+if __name__ == "__main__":
+    main()
