@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import atp
@@ -67,12 +68,26 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
 
 
-def _model_inputs(batch: dict, device, blind: bool = False) -> dict:
+BLIND_CONTROLS = ("noise", "blank")
+
+
+def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> dict:
+    """The model's inputs for `batch`; with `blind`, every image replaced (same prompts):
+    "noise": Gaussian noise in pixel-value space (out of distribution); "blank": an all-black
+    image of the processor's size, the testbed's background without objects."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
-    if blind and "pixel_values" in inputs:  # the control: same prompts, images replaced by noise
+    if blind is None or "pixel_values" not in inputs:
+        return inputs
+    pixels = inputs["pixel_values"]
+    if blind == "noise":
         generator = torch.Generator().manual_seed(len(batch["id"]))
-        noise = torch.randn(inputs["pixel_values"].shape, generator=generator)
-        inputs["pixel_values"] = noise.to(device, inputs["pixel_values"].dtype)
+        inputs["pixel_values"] = torch.randn(pixels.shape, generator=generator).to(device, pixels.dtype)
+    elif blind == "blank":
+        black = Image.new("RGB", (pixels.shape[-1], pixels.shape[-2]))
+        blank = processor.image_processor(black, return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = blank.expand_as(pixels).to(device, pixels.dtype).clone()
+    else:
+        raise ValueError(f"blind must be None or one of {BLIND_CONTROLS}, got {blind!r}.")
     return inputs
 
 
@@ -85,12 +100,13 @@ def evaluate(
     max_new_tokens: int = 3,
     latency_batches: int = 2,
     latency_repeats: int = 3,
-    blind: bool = False,
+    blind: str | None = None,
 ) -> EvaluationResult:
     """Evaluate `model` as it is (a pruner attached with atp.apply, or the stock model).
 
     loader: prompt-only batches from `LlavaConversationDataset(..., prompt_only=True)`;
-    blind: replace every image by Gaussian noise (the control that shows questions need the image).
+    blind: "noise" or "blank" replaces every image (controls: how much of the accuracy needs the
+    image; see `_model_inputs`).
     """
     device = next(model.parameters()).device
     pruned = getattr(model, "_atp_runtime", None) is not None
@@ -98,7 +114,7 @@ def evaluate(
     config = model.config.text_config
     per_sample, flops, flops_unpruned, kv, kv_unpruned = [], 0.0, 0.0, 0.0, 0.0
     for batch in loader:
-        inputs = _model_inputs(batch, device, blind)
+        inputs = _model_inputs(batch, device, processor, blind)
         generated = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
@@ -153,7 +169,7 @@ def prefill_latency_ratio(model, loader: DataLoader, batches: int, repeats: int)
     """Median pruned prefill time / median stock prefill time on the first `batches` batches."""
     runtime = atp.runtime_of(model)
     device = next(model.parameters()).device
-    chosen = [_model_inputs(b, device) for _, b in zip(range(batches), loader)]
+    chosen = [_model_inputs(b, device, processor=None) for _, b in zip(range(batches), loader)]
 
     def timed() -> float:
         if device.type == "cuda":

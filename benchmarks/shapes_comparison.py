@@ -1,6 +1,7 @@
 """Compare token pruners on held-out ShapesVQA at the same measured average token count.
 
-Rows: the unpruned base model; a blind control (images replaced by noise); the trained ATP
+Rows: the unpruned base model; two blind controls (images replaced by noise, out of
+distribution, or by the empty black background: what the prompts alone are worth); the trained ATP
 export; FastV and random with one cut before the first ATP layer, their keep ratio chosen
 so that their average visual tokens per decoder layer match ATP's measured average.
 
@@ -53,7 +54,8 @@ def main() -> None:
     )
     results = [
         evaluate(model, processor, loader, "unpruned"),
-        evaluate(model, processor, loader, "blind control (noise images)", blind=True),
+        evaluate(model, processor, loader, "blind control (noise images)", blind="noise"),
+        evaluate(model, processor, loader, "blind control (blank images)", blind="blank"),
     ]
     atp_model, _ = atp.load_pruned(args.atp)
     atp_result = evaluate(atp_model, processor, loader, "atp (trained)")

@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+from PIL import Image
+from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 import atp
@@ -73,14 +75,20 @@ def test_evaluate_reports_consistent_numbers(setup):
     atp.remove(model)
 
 
-def test_blind_control_changes_the_images_only(setup):
+def test_blind_controls_change_the_images_only(setup):
     model, processor, loader = setup
     seen = []
     handle = model.model.vision_tower.register_forward_pre_hook(
         lambda m, a, k: seen.append(k.get("pixel_values", a[0] if a else None)), with_kwargs=True
     )
     evaluate(model, processor, loader, "unpruned")
-    evaluate(model, processor, loader, "blind", blind=True)
+    evaluate(model, processor, loader, "blind", blind="noise")
+    evaluate(model, processor, loader, "blank", blind="blank")
     handle.remove()
-    real, noise = seen[0], seen[len(seen) // 2]
-    assert real.shape == noise.shape and not torch.allclose(real, noise)
+    real, noise, blank = seen[0], seen[len(seen) // 3], seen[2 * len(seen) // 3]
+    assert real.shape == noise.shape == blank.shape and not torch.allclose(real, noise)
+    black = processor.image_processor(Image.new("RGB", (real.shape[-1], real.shape[-2])), return_tensors="pt")
+    assert_close(blank, black["pixel_values"].expand_as(blank))  # the processor's own black image
+    assert not torch.allclose(blank, real)
+    with pytest.raises(ValueError, match="blind must be None or one of"):
+        evaluate(model, processor, loader, "bad", blind="zeros")

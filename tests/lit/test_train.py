@@ -270,6 +270,7 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
     for row in (
         "| unpruned |",
         "| blind control (noise images) |",
+        "| blind control (blank images) |",
         "| atp (trained) |",
         "| fastv (cut before layer 1",
         "| random (cut before layer 1",
