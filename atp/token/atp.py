@@ -118,30 +118,34 @@ def content_features(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.stack([cosine_mean, cosine_std, spread.clamp_min(0).sqrt()], 1)
 
 
+def score_statistics(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[B, 7]: mean, std (unbiased) and QUANTILES of `score` [B, S] over the `present` [B, S]
+    slots of each row, batched (no per-sample loop); 0 for a row with no present slot."""
+    count = present.sum(1)
+    masked = score.float().masked_fill(~present, float("nan"))
+    mean = torch.nanmean(masked, 1)
+    squares = ((masked - mean[:, None]) ** 2).nansum(1)
+    std = torch.where(count > 1, (squares / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(mean))
+    quantiles = torch.nanquantile(masked, torch.tensor(QUANTILES, device=score.device), dim=1).T  # [B, 5]
+    return torch.cat([mean[:, None], std[:, None], quantiles], 1).nan_to_num(0.0)
+
+
 def instance_features(
     s_self: torch.Tensor, s_cross: torch.Tensor, ctx: PruneContext, depth: float, content: bool = True
 ) -> torch.Tensor:
     """[B, 16 (+3)]: mean, std, quantiles of S_self and S_cross; fraction remaining; relative
     depth; with `content`, the `content_features` of the remaining visual hidden states."""
-    levels = torch.tensor(QUANTILES, device=s_self.device)
-    rows = []
-    for b in range(s_self.shape[0]):
-        present = ctx.visual[b]
-        parts = []
-        for score in (s_self[b][present], s_cross[b][present]):
-            if score.numel() == 0:
-                parts.append(torch.zeros(2 + len(QUANTILES), device=s_self.device))
-                continue
-            std = score.std() if score.numel() > 1 else score.new_zeros(())
-            parts.append(torch.cat([score.mean()[None], std[None], torch.quantile(score, levels)]))
-        total = ctx.num_visual[b].clamp_min(1).float()
-        remaining = (ctx.weight[b].detach() * present).sum() / total
-        parts.append(torch.stack([remaining, torch.tensor(depth, device=s_self.device)]))
-        rows.append(torch.cat(parts))
-    features = torch.stack(rows)
+    present = ctx.visual
+    remaining = (ctx.weight.detach() * present).sum(1) / ctx.num_visual.clamp_min(1).float()
+    parts = [
+        score_statistics(s_self, present),
+        score_statistics(s_cross, present),
+        remaining[:, None],
+        torch.full_like(remaining[:, None], depth),
+    ]
     if content:
-        features = torch.cat([features, content_features(ctx.hidden, ctx.weight * ctx.visual)], 1)
-    return features
+        parts.append(content_features(ctx.hidden, ctx.weight * present))
+    return torch.cat(parts, 1)
 
 
 @register

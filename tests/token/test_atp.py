@@ -7,7 +7,16 @@ import torch
 from torch.testing import assert_close
 
 import atp
-from atp.token.atp import ATPPruner, atp_losses, content_features, default_layers, sap_scores, tokens_per_layer
+from atp.token.atp import (
+    QUANTILES,
+    ATPPruner,
+    atp_losses,
+    content_features,
+    default_layers,
+    sap_scores,
+    score_statistics,
+    tokens_per_layer,
+)
 from tests.conftest import IMAGE, make_batch
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
@@ -155,6 +164,24 @@ def test_content_features_match_a_per_sample_computation():
     assert_close(content_features(3 * hidden, weight), got, rtol=1e-5, atol=1e-6)  # scale-free
     same = torch.randn(5).expand(1, 4, 5)  # four copies of one token: no spread at all
     assert_close(content_features(same, torch.ones(1, 4)), torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_score_statistics_match_a_per_sample_loop():
+    torch.manual_seed(0)
+    score = torch.rand(4, 9)
+    present = torch.rand(4, 9) > 0.4
+    present[2] = False  # no token left
+    present[3] = False
+    present[3, 5] = True  # one token: std 0
+    got = score_statistics(score, present)
+    for b in range(4):
+        values = score[b][present[b]]
+        if values.numel() == 0:
+            expected = torch.zeros(7)
+        else:
+            std = values.std() if values.numel() > 1 else torch.tensor(0.0)
+            expected = torch.cat([values.mean()[None], std[None], torch.quantile(values, torch.tensor(QUANTILES))])
+        assert_close(got[b], expected)
 
 
 def test_losses_match_the_formula():
