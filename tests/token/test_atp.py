@@ -104,10 +104,11 @@ def test_initial_modules_keep_everything(model_factory):
     assert (atp.stats(model).visual_tokens == 16).all()
 
 
-def test_drop_and_eval_mask_agree(model_factory):
+@pytest.mark.parametrize("content", [False, True])
+def test_drop_and_eval_mask_agree(model_factory, content):
     model = model_factory()
     batch = make_batch(RAGGED)
-    pruner = ATPPruner(num_layers=4, layers=[1, 3]).eval()
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], content_features=content).eval()
     with torch.no_grad():
         for module in pruner.modules_by_layer.values():
             module.redundancy_head.bias.fill_(0.0)
