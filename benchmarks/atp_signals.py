@@ -8,6 +8,9 @@ For the unpruned model on held-out ShapesVQA, at the input of every decoder laye
 - Spearman with the object count, over images, of each `content_features` statistic of the
   visual hidden states entering layer l (mean and std of cos(h_j, h_bar), relative spread).
 
+Then, for each pruner in --pruners at --keep-tokens, the share of its kept visual tokens that
+cover an object (against the share of all tokens that do).
+
     python benchmarks/atp_signals.py --base checkpoints/shapes_base/model --max-samples 200
 """
 
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--data", default="checkpoints/data/shapes")
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-samples", type=int, default=200)
+    parser.add_argument("--pruners", nargs="*", default=["fastervlm", "visionzip", "divprune", "spatial"])
+    parser.add_argument("--keep-tokens", type=int, default=64)
     args = parser.parse_args()
 
     model, processor = load_llava(args.base)
@@ -101,6 +106,27 @@ def main() -> None:
         rho = " | ".join(f"{spearman(column, counts):.2f}" for column in stats)
         self_auc, cross_auc = np.mean(aucs[(layer, "S_self")]), np.mean(aucs[(layer, "S_cross")])
         print(f"| {layer} | {self_auc:.2f} | {cross_auc:.2f} | {rho} |")
+    atp.remove(model)
+    print(
+        f"\nShare of kept visual tokens on objects at {args.keep_tokens} kept (all tokens: "
+        f"{100 * np.mean([o.mean() for o in objects]):.1f} %)\n"
+    )
+    print("| pruner | first layer without the pruned tokens | kept visual tokens | on objects |")
+    print("|---|---|---|---|")
+    for name in args.pruners:
+        atp.apply(model, atp.build_pruner(name, keep_tokens=args.keep_tokens).eval(), mode="drop")
+        shares, counts, offset = [], [], 0
+        with torch.inference_mode():
+            for batch in loader:
+                model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+                kept = atp.stats(model).kept
+                first = min(kept)
+                for b, indices in enumerate(kept[first]):
+                    shares.append(objects[offset + b][indices.numpy()].mean())
+                    counts.append(len(indices))
+                offset += len(batch["id"])
+        atp.remove(model)
+        print(f"| {name} | {first} | {np.mean(counts):.1f} | {100 * np.mean(shares):.1f} % |")
 
 
 if __name__ == "__main__":
