@@ -17,17 +17,15 @@ cover an object (against the share of all tokens that do).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import atp
-from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.data.llava_format import prompt_loader
 from atp.evaluation import spearman
 from atp.models.build import load_llava
 from atp.token.atp import ATPPruner, content_features
@@ -59,15 +57,8 @@ def main() -> None:
     model.eval()
     num_layers = model.config.text_config.num_hidden_layers
     records = json.loads(Path(args.data, f"{args.split}.json").read_text())[: args.max_samples]
-    dataset = LlavaConversationDataset(
-        Path(args.data, f"{args.split}.json"),
-        Path(args.data, "images"),
-        processor,
-        max_samples=args.max_samples,
-        prompt_only=True,
-    )
-    loader = DataLoader(
-        dataset, batch_size=50, collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
+    loader = prompt_loader(
+        Path(args.data, f"{args.split}.json"), Path(args.data, "images"), processor, args.max_samples
     )
     grid, patch = processor.image_processor.crop_size["height"] // processor.patch_size, processor.patch_size
     objects = [object_tokens(Path(args.data, "images", r["image"]), grid, patch) for r in records]

@@ -12,16 +12,14 @@ so that their average visual tokens per decoder layer match ATP's measured avera
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 import atp
 from atp.budget import single_cut_keep_ratio
-from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.data.llava_format import prompt_loader
 from atp.evaluation import evaluate, markdown_table
 from atp.models.build import load_llava
 
@@ -40,17 +38,8 @@ def main() -> None:
 
     model, processor = load_llava(args.base)
     model.eval()
-    dataset = LlavaConversationDataset(
-        Path(args.data, f"{args.split}.json"),
-        Path(args.data, "images"),
-        processor,
-        max_samples=args.max_samples,
-        prompt_only=True,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    loader = prompt_loader(
+        Path(args.data, f"{args.split}.json"), Path(args.data, "images"), processor, args.max_samples, args.batch_size
     )
     results = [
         evaluate(model, processor, loader, "unpruned"),
@@ -74,7 +63,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=1))
     (out / "results.md").write_text(table + "\n")
     base = results[0].accuracy
-    print(f"\nShapesVQA {args.split} ({len(dataset)} questions); retention = accuracy / unpruned accuracy\n")
+    print(f"\nShapesVQA {args.split} ({len(loader.dataset)} questions); retention = accuracy / unpruned accuracy\n")
     print(table)
     for r in results[1:]:
         print(f"{r.method}: retention {100 * r.accuracy / max(base, 1e-9):.1f} %")

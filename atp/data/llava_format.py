@@ -9,12 +9,13 @@ template works (ours, LLaVA-1.5's, Vicuna's).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from atp.runtime.prompt import IGNORE_INDEX
 
@@ -156,3 +157,15 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     for key in ("answer", "question_type", "num_objects", "id"):
         out[key] = [item[key] for item in batch]
     return out
+
+
+def prompt_loader(
+    json_path: str | Path, image_folder: str | Path, processor, max_samples: int | None = None, batch_size: int = 50
+) -> DataLoader:
+    """Evaluation batches: prompts without their answers (`prompt_only`), left-padded, in file order."""
+    dataset = LlavaConversationDataset(json_path, image_folder, processor, max_samples=max_samples, prompt_only=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    )

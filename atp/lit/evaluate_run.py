@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 import atp
-from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.data.llava_format import prompt_loader
 from atp.evaluation import EvaluationResult, evaluate, markdown_table
 from atp.export import load_pruned
 from atp.lit.data import prepare_configured_data
@@ -78,13 +76,8 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         if pruner is not None:
             atp.apply(model, pruner.eval(), mode=cfg.mode)
     model.eval()
-    dataset = LlavaConversationDataset(
-        cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor, max_samples=cfg.max_samples, prompt_only=True
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        collate_fn=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    loader = prompt_loader(
+        cfg.data[f"{cfg.split}_json"], cfg.data.image_folder, processor, cfg.max_samples, cfg.batch_size
     )
     result = evaluate(
         model,
