@@ -17,7 +17,6 @@ cover an object (against the share of all tokens that do).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +55,12 @@ def main() -> None:
     model, processor = load_llava(args.base)
     model.eval()
     num_layers = model.config.text_config.num_hidden_layers
-    records = json.loads(Path(args.data, f"{args.split}.json").read_text())[: args.max_samples]
     loader = prompt_loader(
         Path(args.data, f"{args.split}.json"), Path(args.data, "images"), processor, args.max_samples
     )
+    records = loader.dataset.records  # the loader's own order
     grid, patch = processor.image_processor.crop_size["height"] // processor.patch_size, processor.patch_size
-    objects = [object_tokens(Path(args.data, "images", r["image"]), grid, patch) for r in records]
+    objects = [object_tokens(loader.dataset.image_folder / r["image"], grid, patch) for r in records]
 
     probe = ATPPruner(num_layers=num_layers, layers=list(range(1, num_layers))).eval()  # keeps every token
     aucs: dict[tuple[int, str], list[float]] = {}
