@@ -66,8 +66,7 @@ class _MassWalk(TokenPruner):
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         layer = ctx.layer - 1
-        slots = torch.arange(ctx.visual.shape[1], device=ctx.visual.device).expand_as(ctx.visual)
-        cross, self_ = attention_masses(ctx.attention(layer, slots), ctx)
+        cross, self_ = attention_masses(ctx, layer)
         self.masses[layer] = torch.stack([cross.sum(1), self_.sum(1)], 1)
         if self.alpha is None:
             return torch.ones_like(ctx.visual)

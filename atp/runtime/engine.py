@@ -28,7 +28,7 @@ from torch import nn
 
 from atp.models import get_adapter
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
-from atp.runtime.probe import ProjectionCapture, attention_rows, project_qk
+from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.stage import (
     apply_drop,
@@ -409,6 +409,9 @@ class PruningRuntime:
             grid=self.adapter.image_grid,
             mode=self.mode,
             attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
+            attention_received=lambda layer, weights, **options: self._attention_received(
+                index, hidden, layer, weights, **options
+            ),
             vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
             vision_features=lambda: self._vision_features(layout),
@@ -468,8 +471,8 @@ class PruningRuntime:
         rows, cols = self.adapter.image_grid
         return self._per_visual_slot(features, layout, features.shape[1] - rows * cols)
 
-    def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
-        """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
+    def _probe_inputs(self, stage: int, hidden: torch.Tensor, layer: int) -> tuple:
+        """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`."""
         state = self._prefill
         if layer == stage:
             query, key = project_qk(self.adapter.layers[layer], hidden)
@@ -487,7 +490,17 @@ class PruningRuntime:
                 f"{self.pruner.name}: before layer {stage} the probe can read layer {stage} (computed on "
                 f"demand) or layer {stage - 1} if listed in probe_layers(); asked for layer {layer}."
             )
-        return attention_rows(self.adapter.layers[layer].self_attn, query, key, rotary, mask, queries)
+        return self.adapter.layers[layer].self_attn, query, key, rotary, mask
+
+    def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
+        return attention_rows(*self._probe_inputs(stage, hidden, layer), queries)
+
+    def _attention_received(
+        self, stage: int, hidden: torch.Tensor, layer: int, weights: torch.Tensor, **options
+    ) -> torch.Tensor:
+        """Attention each key receives from weighted queries in layer `layer` (`attention_received`)."""
+        return attention_received(*self._probe_inputs(stage, hidden, layer), weights, **options)
 
     # -- hooks: output ----------------------------------------------------------------------
     def _after_norm(self, _module, _inputs, output: torch.Tensor):

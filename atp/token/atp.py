@@ -71,22 +71,22 @@ class ThresholdMLP(nn.Module):
         return torch.sigmoid(self.redundancy_head(hidden))[:, 0], torch.sigmoid(self.spatial_head(hidden))[:, 0]
 
 
-def redundancy_scores(attention: torch.Tensor, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S_self, S_cross), each [B, S] in [0, 1] on visual slots, 0 elsewhere.
+def redundancy_scores(ctx: PruneContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_self, S_cross), each [B, S] in [0, 1] on visual slots, 0 elsewhere, from the
+    head-averaged attention A of decoder layer `layer`:
 
-    attention: [B, H, S, S] post-softmax probabilities of the previous layer (queries x keys).
+        S_self[j]  = sum_{i > j} w_i A[i, j] / sum_{i > j} w_i   over visual queries i (w: soft keep weight)
+        S_cross[j] = mean over instruction queries i of A[i, j]
+
+    (A is causal, so the visual queries that can attend to j are those after it.)
     """
-    probs = attention.mean(1)  # [B, S(query), S(key)]
     visual = ctx.visual
-    length = visual.shape[1]
     query_weight = (ctx.weight * visual).float()  # remaining visual queries, soft-weighted
-    later = torch.ones(length, length, dtype=torch.bool, device=probs.device).tril(-1)  # query i > key j
-    weighted = probs * (query_weight[:, :, None] * later[None])
-    self_total = weighted.sum(1)
-    self_count = (query_weight[:, :, None] * later[None]).sum(1)
-    s_self = torch.where(self_count > 0, self_total / self_count.clamp_min(1e-12), torch.zeros_like(self_total))
     instruction = ctx.instruction.float()
-    s_cross = (probs * instruction[:, :, None]).sum(1) / instruction.sum(1, keepdim=True).clamp_min(1.0)
+    received = ctx.attention_received(layer, torch.stack([query_weight, instruction], 1), exclude_self=True)
+    later_weight = query_weight.flip(1).cumsum(1).flip(1) - query_weight  # [B, S]: sum of w_i over i > j
+    s_self = torch.where(later_weight > 0, received[:, 0] / later_weight.clamp_min(1e-12), 0.0)
+    s_cross = received[:, 1] / instruction.sum(1, keepdim=True).clamp_min(1.0)
     return _rescaled(s_self, visual), _rescaled(s_cross, visual)
 
 
@@ -197,8 +197,7 @@ class ATPPruner(TokenPruner):
     def scores(self, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(S_self, S_cross, S_s), each [B, S], detached."""
         with torch.no_grad():
-            slots = torch.arange(ctx.visual.shape[1], device=ctx.visual.device).expand_as(ctx.visual)
-            s_self, s_cross = redundancy_scores(ctx.attention(ctx.layer - 1, slots), ctx)
+            s_self, s_cross = redundancy_scores(ctx, ctx.layer - 1)
             return s_self, s_cross, sap_scores(ctx.visual_index, ctx.grid)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:

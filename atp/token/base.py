@@ -52,6 +52,10 @@ class PruneContext:
     mode:              "drop" or "mask"
     attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
                        probabilities of decoder layer `layer` (this one or the previous one)
+    attention_received: attention_received(layer, weights [B, n, S], heads="mean"|"max",
+                       exclude_self=False) -> [B, n, S]: sum_i weights[b, n, i] * A[b, i, j], the
+                       attention each slot j receives from weighted queries, without holding
+                       [B, H, S, S] (`atp.runtime.probe.attention_received`)
     vision_cls_attention: vision_cls_attention(layer) -> [B, H, S]: for every visual slot, the
                        attention its image's [CLS] token pays to it in vision-tower layer
                        `layer` (listed in vision_probe_layers); 0 on other slots
@@ -77,6 +81,7 @@ class PruneContext:
     grid: tuple[int, int]
     mode: str
     attention: Callable[[int, torch.Tensor], torch.Tensor]
+    attention_received: Callable[..., torch.Tensor] | None = None
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None

@@ -23,15 +23,17 @@ import torch
 from atp.token.base import PruneContext, TokenPruner, register, top_k_per_sample
 
 
-def attention_masses(attention: torch.Tensor, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross, self), each [B, S]: FitPrune's per-token attention masses, 0 on non-visual slots.
+def attention_masses(ctx: PruneContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross, self), each [B, S]: FitPrune's per-token attention masses in decoder layer
+    `layer` (head-wise max of the attention), 0 on non-visual slots:
 
-    attention: [B, H, S, S] post-softmax probabilities of the scoring layer (all slots as queries).
+        cross[j] = mean over instruction queries i of max_h A_h[i, j]
+        self[j]  = mean over visual queries i of max_h A_h[i, j]
     """
-    probs = attention.amax(1)  # head-wise max: [B, S(query), S(key)]
     visual, instruction = ctx.visual.float(), ctx.instruction.float()
-    cross = (probs * instruction[:, :, None]).sum(1) / instruction.sum(1, keepdim=True).clamp_min(1.0)
-    self_ = (probs * visual[:, :, None]).sum(1) / visual.sum(1, keepdim=True).clamp_min(1.0)
+    received = ctx.attention_received(layer, torch.stack([instruction, visual], 1), heads="max")
+    cross = received[:, 0] / instruction.sum(1, keepdim=True).clamp_min(1.0)
+    self_ = received[:, 1] / visual.sum(1, keepdim=True).clamp_min(1.0)
     return cross.masked_fill(~ctx.visual, 0.0), self_.masked_fill(~ctx.visual, 0.0)
 
 
@@ -106,6 +108,5 @@ class FitPrune(TokenPruner):
                 f"{int(present.min())} remain there (the recipe deletes more tokens than the image has "
                 "after its earlier deletions); refit the recipe for this model and image size."
             )
-        slots = torch.arange(ctx.visual.shape[1], device=ctx.visual.device).expand_as(ctx.visual)
-        cross, self_ = attention_masses(ctx.attention(layer, slots), ctx)
+        cross, self_ = attention_masses(ctx, layer)
         return top_k_per_sample(cross * self_, ctx.visual, present - count) | ~ctx.visual

@@ -49,7 +49,9 @@ def recording(pruner):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_redundancy_scores_match_brute_force(model_factory, attn):
+@pytest.mark.parametrize("chunk_elements", [1, 2**21])  # one query row at a time, or all at once
+def test_redundancy_scores_match_brute_force(model_factory, monkeypatch, attn, chunk_elements):
+    monkeypatch.setattr(atp.runtime.probe, "QUERY_CHUNK_ELEMENTS", chunk_elements)
     model = model_factory()
     batch = make_batch(RAGGED, seed=2)
     reference = brute_force_scores(model, batch, layer=2)
