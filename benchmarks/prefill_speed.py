@@ -19,6 +19,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import atp
 from atp.metrics import cost_report
+from atp.token.atp import ATPPruner
 
 IMAGE_TOKEN = 31999
 
@@ -53,6 +54,18 @@ def build_inputs(system_tokens: int, question_tokens: int) -> dict:
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, logits_to_keep=1)
 
 
+def fixed_threshold_atp(num_layers: int, theta_r: float, theta_s: float) -> ATPPruner:
+    """ATP modules at the default layers whose threshold MLPs output constant (theta_r, theta_s):
+    untrained modules keep everything, and the probes cost the same whatever the thresholds."""
+    pruner = atp.build_pruner("atp", num_layers=num_layers)
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            for head, theta in ((module.redundancy_head, theta_r), (module.spatial_head, theta_s)):
+                head.weight.zero_()
+                head.bias.fill_(torch.logit(torch.tensor(theta)).item())
+    return pruner.eval()
+
+
 def timed_prefill(model, inputs) -> float:
     start = time.perf_counter()
     model(**inputs)
@@ -66,6 +79,14 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.25, help="fraction of the 576 visual tokens kept")
     parser.add_argument("--layer", type=int, default=2, help="prune before this layer (FastV's K)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument(
+        "--atp-theta",
+        type=float,
+        nargs=2,
+        default=(0.5, 0.6),
+        metavar=("THETA_R", "THETA_S"),
+        help="constant ATP thresholds (0.6: the SAP branch keeps the stride-4 grid)",
+    )
     parser.add_argument("--system-tokens", type=int, default=35)
     parser.add_argument("--question-tokens", type=int, default=30)
     args = parser.parse_args()
@@ -78,6 +99,7 @@ def main() -> None:
         "atp runtime, none": atp.build_pruner("none"),
         f"fastv K={args.layer}": atp.build_pruner("fastv", layer=args.layer, keep_ratio=args.keep_ratio),
         f"random L={args.layer}": atp.build_pruner("random", layers=[args.layer], keep_ratio=args.keep_ratio),
+        "atp (fixed thresholds)": fixed_threshold_atp(args.layers, *args.atp_theta),
     }
     times = {name: [] for name in pruners}
     scoring = {name: [] for name in pruners}
