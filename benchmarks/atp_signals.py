@@ -66,10 +66,10 @@ def main() -> None:
     aucs: dict[tuple[int, str], list[float]] = {}
     content: dict[int, list[torch.Tensor]] = {}
     offset = [0]
-    score_and_keep = probe.prune
+    scores = probe.scores
 
-    def record(ctx):
-        s_self, s_cross, _ = probe.scores(ctx)
+    def record(ctx):  # wraps the probe's own scoring, so each module scores once
+        s_self, s_cross, s_spatial = scores(ctx)
         content.setdefault(ctx.layer, []).append(content_features(ctx.hidden, (ctx.weight * ctx.visual).float()))
         for b in range(ctx.visual.shape[0]):
             covered = objects[offset[0] + b][ctx.visual_index[b][ctx.visual[b]].numpy()]
@@ -77,9 +77,9 @@ def main() -> None:
                 continue
             for name, score in (("S_self", s_self), ("S_cross", s_cross)):
                 aucs.setdefault((ctx.layer, name), []).append(auc(score[b][ctx.visual[b]].numpy(), covered))
-        return score_and_keep(ctx)
+        return s_self, s_cross, s_spatial
 
-    probe.prune = record
+    probe.scores = record
     atp.apply(model, probe, mode="drop")
     with torch.inference_mode():
         for batch in loader:
@@ -105,18 +105,18 @@ def main() -> None:
     print("|---|---|---|---|")
     for name in args.pruners:
         atp.apply(model, atp.build_pruner(name, keep_tokens=args.keep_tokens).eval(), mode="drop")
-        shares, counts, offset = [], [], 0
+        shares, kept_counts, start = [], [], 0
         with torch.inference_mode():
             for batch in loader:
                 model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
                 kept = atp.stats(model).kept
                 first = min(kept)
                 for b, indices in enumerate(kept[first]):
-                    shares.append(objects[offset + b][indices.numpy()].mean())
-                    counts.append(len(indices))
-                offset += len(batch["id"])
+                    shares.append(objects[start + b][indices.numpy()].mean())
+                    kept_counts.append(len(indices))
+                start += len(batch["id"])
         atp.remove(model)
-        print(f"| {name} | {first} | {np.mean(counts):.1f} | {100 * np.mean(shares):.1f} % |")
+        print(f"| {name} | {first} | {np.mean(kept_counts):.1f} | {100 * np.mean(shares):.1f} % |")
 
 
 if __name__ == "__main__":
