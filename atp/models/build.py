@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from atp.models.tiny import tiny_llava_config
@@ -43,6 +44,7 @@ def build_testbed_llava(
     vision_positions: str = "sincos",
     projector_init: str = "standardised",
     calibration_images: int = 64,
+    text_init_std: float | None = None,
 ) -> LlavaForConditionalGeneration:
     """A small LLaVA on LLaVA-1.5's geometry (336 px, patch 14: 24 x 24 visual tokens) for the
     testbed's processor, randomly initialised (seeded) for training from scratch.
@@ -57,6 +59,11 @@ def build_testbed_llava(
     have zero mean and unit variance per dimension over the visual tokens of
     `calibration_images` seeded ShapesVQA scenes (see `standardise_projector`); "random"
     keeps HF's initialisation.
+
+    text_init_std: the standard deviation of the LLM's linear and embedding weights (None:
+    HF's `initializer_range`, 0.02, tuned for 4096-wide models). At the testbed's width a
+    query-key product starts near zero at 0.02 and content-based attention is slow to
+    appear; 1/sqrt(hidden_size) keeps each matrix's gain near 1.
     """
     tokenizer = processor.tokenizer
     crop = processor.image_processor.crop_size["height"]
@@ -80,6 +87,10 @@ def build_testbed_llava(
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if text_init_std is not None:
+        init_language_model(model, text_init_std)
+        # recorded after construction: set before, HF's Llava init would apply it to the projector too
+        config.text_config.initializer_range = text_init_std
     if vision_positions == "sincos":
         embedding = model.model.vision_tower.embeddings.position_embedding.weight
         with torch.no_grad():
@@ -96,6 +107,22 @@ def build_testbed_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+@torch.no_grad()
+def init_language_model(model: LlavaForConditionalGeneration, std: float) -> None:
+    """Redraw the LLM's linear and embedding weights (and the LM head) from N(0, std^2);
+    biases and norms keep HF's zeros and ones. The vision tower and projector are untouched."""
+    if std <= 0:
+        raise ValueError(f"text_init_std must be positive, got {std}.")
+    for module in [*model.model.language_model.modules(), model.lm_head]:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+    padding = model.config.text_config.pad_token_id
+    if padding is not None:
+        model.model.language_model.get_input_embeddings().weight[padding].zero_()
 
 
 def shapes_pixel_values(processor, count: int, seed: int = 0) -> torch.Tensor:

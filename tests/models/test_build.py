@@ -69,3 +69,25 @@ def test_random_projector_keeps_the_hf_init(processor):
     assert plain.state_dict()[last].std() < 0.03  # HF's initializer_range 0.02
     with pytest.raises(ValueError, match="projector_init must be 'standardised' or 'random'"):
         build_testbed_llava(processor, projector_init="zeros", **kwargs)
+
+
+def test_text_init_std_redraws_only_the_language_model(processor):
+    from atp.models.build import build_testbed_llava
+
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_layers=1, vision_hidden=32, calibration_images=4)
+    plain = build_testbed_llava(processor, **kwargs)
+    wide = build_testbed_llava(processor, text_init_std=0.2, **kwargs)
+    for name, weight in plain.state_dict().items():
+        redrawn = wide.state_dict()[name]
+        if "language_model" in name or name.startswith("lm_head"):
+            if "norm" in name:
+                assert torch.equal(redrawn, weight), name  # RMSNorm scales stay 1
+            elif weight.dim() == 2:
+                assert weight.std() < 0.03 and abs(redrawn.std().item() - 0.2) < 0.03, name
+        else:
+            assert torch.equal(redrawn, weight), name  # tower and projector as without the option
+    embeddings = wide.model.language_model.get_input_embeddings().weight
+    assert torch.equal(embeddings[processor.tokenizer.pad_token_id], torch.zeros(32))
+    assert wide.config.text_config.initializer_range == 0.2
+    with pytest.raises(ValueError, match="text_init_std must be positive"):
+        build_testbed_llava(processor, text_init_std=0.0, **kwargs)
