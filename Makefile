@@ -15,7 +15,7 @@ test:  ## the whole suite (CPU, minutes)
 bench:  ## prefill speed table (README)
 	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5
 
-QUICK_BASE_STEPS ?= 180
+QUICK_BASE_STEPS ?= 140
 QUICK_ATP_STEPS ?= 50
 # the ATP modules' learning rate: at 3e-3 they reach the token budget within about 50 steps (at 1e-3, about 100)
 QUICK_ATP_LR ?= 3e-3
