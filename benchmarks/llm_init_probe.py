@@ -16,12 +16,12 @@ import argparse
 import random
 
 import torch
-from projector_probe import image_features
+from projector_probe import image_features, position_questions
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from atp.data.processor import build_processor
-from atp.data.shapes import COLORS, IMAGE_SIZE, sample_scene, vocabulary
+from atp.data.shapes import COLORS, vocabulary
 from atp.models.build import build_testbed_llava
 
 
@@ -79,16 +79,7 @@ def main() -> None:
     parser.add_argument("--stds", type=float, nargs="+", default=[0.02, 0.1])
     args = parser.parse_args()
     processor = build_processor(vocabulary())
-    rng = random.Random(1)
-    scenes = [sample_scene(rng) for _ in range(args.scenes)]
-    colours = list(COLORS)
-    examples = [
-        (i, colours.index(o.color), int(o.center[0] >= IMAGE_SIZE // 2))
-        for i, scene in enumerate(scenes)
-        for o in scene
-        if sum(p.color == o.color for p in scene) == 1
-    ]
-    random.Random(0).shuffle(examples)
+    scenes, examples = position_questions(args.scenes)
     model = build_testbed_llava(processor, hidden_size=96, intermediate_size=192, num_layers=8)
     features = image_features(model, processor, scenes)
     steps = list(range(args.every, args.steps + 1, args.every))

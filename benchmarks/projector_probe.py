@@ -32,6 +32,22 @@ def image_features(model, processor, scenes: list, chunk: int = 100) -> torch.Te
     return torch.stack(out)
 
 
+def position_questions(count: int) -> tuple[list, list[tuple[int, int, int]]]:
+    """`count` seeded scenes and, shuffled, one (scene index, colour index, 0 left / 1 right)
+    per colour held by exactly one shape in its scene."""
+    rng = random.Random(1)
+    scenes = [sample_scene(rng) for _ in range(count)]
+    colours = list(COLORS)
+    examples = [
+        (i, colours.index(o.color), int(o.center[0] >= IMAGE_SIZE // 2))
+        for i, scene in enumerate(scenes)
+        for o in scene
+        if sum(p.color == o.color for p in scene) == 1
+    ]
+    random.Random(0).shuffle(examples)
+    return scenes, examples
+
+
 class AttentionReadout(nn.Module):
     """colour [B] + tokens [B, T, D] -> left/right logits [B, 2] through one attention head."""
 
@@ -79,16 +95,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=125)
     args = parser.parse_args()
     processor = build_processor(vocabulary())
-    rng = random.Random(1)
-    scenes = [sample_scene(rng) for _ in range(args.scenes)]
-    colours = list(COLORS)
-    examples = [
-        (i, colours.index(o.color), int(o.center[0] >= IMAGE_SIZE // 2))
-        for i, scene in enumerate(scenes)
-        for o in scene
-        if sum(p.color == o.color for p in scene) == 1
-    ]
-    random.Random(0).shuffle(examples)
+    scenes, examples = position_questions(args.scenes)
     steps = list(range(args.every, args.steps + 1, args.every))
     print(f"{len(examples)} position questions on {args.scenes} scenes; held-out accuracy (%) after Adam steps\n")
     print("| projector_init | " + " | ".join(f"step {s}" for s in steps) + " |")
