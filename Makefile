@@ -17,12 +17,10 @@ bench:  ## prefill speed table (README)
 
 QUICK_BASE_STEPS ?= 140
 QUICK_ATP_STEPS ?= 50
-# the ATP modules' learning rate: at 3e-3 they reach the token budget within about 50 steps (at 1e-3, about 100)
-QUICK_ATP_LR ?= 3e-3
 quickstart:  ## the testbed end to end on CPU (~15 min): base model (if missing), ATP training, comparison table
 	test -f checkpoints/shapes_base/model/config.json || \
 		WANDB_MODE=disabled $(BIN)/python train.py experiment=shapes_base trainer.max_steps=$(QUICK_BASE_STEPS) trainer.val_check_interval=$(QUICK_BASE_STEPS)
-	WANDB_MODE=disabled $(BIN)/python train.py experiment=atp_llava_shapes run_name=quickstart trainer.max_steps=$(QUICK_ATP_STEPS) trainer.val_check_interval=$(QUICK_ATP_STEPS) module.pruner_lr=$(QUICK_ATP_LR)
+	WANDB_MODE=disabled $(BIN)/python train.py experiment=atp_llava_shapes run_name=quickstart trainer.max_steps=$(QUICK_ATP_STEPS) trainer.val_check_interval=$(QUICK_ATP_STEPS)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp checkpoints/atp_llava_shapes/quickstart/export --max-samples 200
 
 compare:  ## the comparison table for an existing ATP export (ATP=path)

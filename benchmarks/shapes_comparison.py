@@ -3,7 +3,10 @@
 Rows: the unpruned base model; two blind controls (images replaced by noise, out of
 distribution, or by the empty black background: what the prompts alone are worth); the trained ATP
 export; FastV and random with one cut before the first ATP layer, their keep ratio chosen
-so that their average visual tokens per decoder layer match ATP's measured average.
+so that their average visual tokens per decoder layer match ATP's measured average. When the
+export carries its own LLM (trained with LoRA, `module.train_parts=lora`), one more row runs
+that LLM without its pruner: the accuracy the fine-tuning alone is worth, so ATP's retention
+can be read against it as well as against the base model.
 
     python benchmarks/shapes_comparison.py --base checkpoints/shapes_base/model \\
         --atp checkpoints/atp_llava_shapes/export --split test
@@ -50,6 +53,9 @@ def main() -> None:
     atp_result = evaluate(atp_model, processor, loader, "atp (trained)")
     results.append(atp_result)
     pruner = atp.runtime_of(atp_model).pruner
+    if json.loads(Path(args.atp, "atp_config.json").read_text())["base_model"] == "base":  # its own LLM
+        atp.remove(atp_model)
+        results.append(evaluate(atp_model, processor, loader, "the export's fine-tuned model, unpruned"))
     num_layers, cut = model.config.text_config.num_hidden_layers, min(pruner.layers)
     num_visual = round(atp_result.input_visual_tokens)
     ratio = single_cut_keep_ratio(atp_result.avg_visual_tokens, num_visual, num_layers, cut)

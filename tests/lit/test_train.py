@@ -142,7 +142,9 @@ def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
     resumed = torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)
     assert unbroken["global_step"] == resumed["global_step"] == 6
     assert unbroken["state_dict"].keys() == resumed["state_dict"].keys()
-    assert all(k.startswith("pruner.") for k in unbroken["state_dict"])  # frozen model not checkpointed
+    keys = unbroken["state_dict"].keys()
+    assert all(k.startswith("pruner.") or "lora_" in k for k in keys)  # the frozen weights are not checkpointed
+    assert any(k.startswith("pruner.") for k in keys) and any("lora_" in k for k in keys)  # both trainables are
     initial = torch.load(checkpoint, weights_only=False)["state_dict"]
     for key, value in unbroken["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0)
@@ -272,6 +274,7 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         "| blind control (noise images) |",
         "| blind control (blank images) |",
         "| atp (trained) |",
+        "| the export's fine-tuned model, unpruned |",  # the experiment trains LoRA: the export has its own LLM
         "| fastv (cut before layer 1",
         "| random (cut before layer 1",
     ):
