@@ -4,9 +4,10 @@ ShapesVQA's generator knows which visual tokens cover an object (any non-black p
 token's 14 x 14 patch). The oracle keeps exactly those tokens (a different count per image)
 with one cut before --layers; at each cut it is compared with a random subset of the same
 count per image and with FastV at the same average keep ratio, all on the unpruned base
-model in drop mode. If the oracle cannot keep the base model's accuracy at a budget, no
-scoring rule that only ranks tokens can: what the base model needs from the tokens it loses
-is more than the objects.
+model in drop mode. The object tokens are not the best possible choice (a model may read
+the background too), but when neither they nor the other selections keep the base model's
+accuracy at a budget, the loss comes from removing tokens the frozen model was never trained
+without rather than from ranking them badly.
 
     python benchmarks/oracle_ceiling.py --base checkpoints/shapes_base/init01/model --layers 1 2
 """
