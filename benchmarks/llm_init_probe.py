@@ -13,10 +13,9 @@ held-out accuracy during training.
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
-from projector_probe import image_features, position_questions
+from projector_probe import fit_and_score, image_features, position_questions
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
@@ -45,30 +44,13 @@ def colour_position_reader(std: float, hidden: int, heads: int) -> tuple[LlamaMo
 def train(features: torch.Tensor, examples: list, std: float, steps: int, every: int) -> list[float]:
     """Held-out accuracy (%) every `every` Adam steps (batch 64, lr 1e-3)."""
     llm, head = colour_position_reader(std, features.shape[-1], heads=4)
-    optimizer = torch.optim.Adam([*llm.parameters(), *head.parameters()], 1e-3)
-    held_out, pool = examples[:1000], examples[1000:]
-    rng, accuracies = random.Random(0), []
 
-    def logits(rows):
+    def predict(rows):
         image, colour, side = (torch.tensor(column) for column in zip(*rows))
         inputs = torch.cat([features[image], llm.embed_tokens(colour)[:, None]], 1)  # [B, 577, D]
         return head(llm(inputs_embeds=inputs).last_hidden_state[:, -1]), side
 
-    for step in range(1, steps + 1):
-        scores, side = logits(rng.sample(pool, 64))
-        loss = nn.functional.cross_entropy(scores, side)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % every == 0:
-            with torch.no_grad():
-                right = sum((s.argmax(-1) == y).sum().item() for s, y in map(logits, _chunks(held_out, 250)))
-            accuracies.append(100 * right / len(held_out))
-    return accuracies
-
-
-def _chunks(rows: list, size: int) -> list[list]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    return fit_and_score([*llm.parameters(), *head.parameters()], predict, examples, steps, every, eval_chunk=250)
 
 
 def main() -> None:

@@ -64,28 +64,38 @@ class AttentionReadout(nn.Module):
         return self.out(torch.cat([pooled, query], -1))
 
 
-def probe(features: torch.Tensor, examples: list, steps: int, every: int) -> list[float]:
-    torch.manual_seed(0)
+def fit_and_score(
+    parameters: list[nn.Parameter], predict, examples: list, steps: int, every: int, eval_chunk: int = 1000
+) -> list[float]:
+    """Adam (lr 1e-3, batch 64) on examples[1000:]; held-out accuracy (%) on examples[:1000]
+    every `every` steps. predict(rows) -> (logits [B, 2], side [B]); held-out rows are scored
+    `eval_chunk` at a time."""
+    optimizer = torch.optim.Adam(parameters, 1e-3)
     held_out, train = examples[:1000], examples[1000:]
-    readout = AttentionReadout(features.shape[-1], len(COLORS))
-    optimizer = torch.optim.Adam(readout.parameters(), 1e-3)
     rng, accuracies = random.Random(0), []
-
-    def batch(rows):
-        image, colour, side = (torch.tensor(column) for column in zip(*rows))
-        return readout(colour, features[image]), side
-
     for step in range(1, steps + 1):
-        logits, side = batch(rng.sample(train, 64))
+        logits, side = predict(rng.sample(train, 64))
         loss = nn.functional.cross_entropy(logits, side)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % every == 0:
             with torch.no_grad():
-                logits, side = batch(held_out)
-                accuracies.append(100 * (logits.argmax(-1) == side).float().mean().item())
+                chunks = (predict(held_out[i : i + eval_chunk]) for i in range(0, len(held_out), eval_chunk))
+                right = sum((logits.argmax(-1) == side).sum().item() for logits, side in chunks)
+            accuracies.append(100 * right / len(held_out))
     return accuracies
+
+
+def probe(features: torch.Tensor, examples: list, steps: int, every: int) -> list[float]:
+    torch.manual_seed(0)
+    readout = AttentionReadout(features.shape[-1], len(COLORS))
+
+    def predict(rows):
+        image, colour, side = (torch.tensor(column) for column in zip(*rows))
+        return readout(colour, features[image]), side
+
+    return fit_and_score(list(readout.parameters()), predict, examples, steps, every)
 
 
 def main() -> None:
