@@ -18,11 +18,16 @@ an image of near-identical tokens is redundant, one with many distinct objects i
     training (mask mode):  m_j = max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s - theta_s)))
     inference (drop mode): keep j  iff  S_r > theta_r  or  S_s > theta_s
 
-Scores are detached: gradients reach the thresholds through the masks [ours]. The soft
-token counts per module are kept for the ATP and target-token losses (`atp_losses`).
+Scores are detached by default: gradients reach the thresholds through the masks [ours].
+With `score_gradients` the masks' gradients also flow back through S_self and S_cross into
+the probed layer's q/k projections, so LoRA on the LLM can learn which tokens its attention
+should rank high (the LLM's own weights stay frozen either way) [ours]. The soft token counts
+per module are kept for the ATP and target-token losses (`atp_losses`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -156,7 +161,10 @@ class ATPPruner(TokenPruner):
     tau: soft-mask temperature; straight_through: hard forward, soft backward in training;
     hidden: threshold-MLP width; content_features: also feed the threshold MLP how alike the
     remaining visual hidden states are [ours] (default False: the score statistics only; on
-    the testbed the extra features did not change accuracy or adaptivity, see the README).
+    the testbed the extra features did not change accuracy or adaptivity, see the README);
+    score_gradients: in training, let gradients flow through the redundancy scores into the
+    probed layers' q/k projections (useful only when those train, e.g. with LoRA) [ours];
+    sap: the spatial branch (False: the paper's "without SAP" ablation, redundancy scores only).
     """
 
     name = "atp"
@@ -169,6 +177,8 @@ class ATPPruner(TokenPruner):
         straight_through: bool = False,
         hidden: int = 256,
         content_features: bool = False,
+        score_gradients: bool = False,
+        sap: bool = True,
     ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
@@ -178,6 +188,8 @@ class ATPPruner(TokenPruner):
         self.tau = float(tau)
         self.straight_through = bool(straight_through)
         self.content_features = bool(content_features)
+        self.score_gradients = bool(score_gradients)
+        self.sap = bool(sap)
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
         self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(num_features, hidden) for layer in self.layers})
         self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
@@ -195,8 +207,9 @@ class ATPPruner(TokenPruner):
         return {layer - 1 for layer in self.layers}
 
     def scores(self, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(S_self, S_cross, S_s), each [B, S], detached."""
-        with torch.no_grad():
+        """(S_self, S_cross, S_s), each [B, S]; detached unless training with `score_gradients`."""
+        track = self.score_gradients and self.training and ctx.mode == "mask"
+        with contextlib.nullcontext() if track else torch.no_grad():
             s_self, s_cross = redundancy_scores(ctx, ctx.layer - 1)
             return s_self, s_cross, sap_scores(ctx.visual_index, ctx.grid)
 
@@ -205,17 +218,20 @@ class ATPPruner(TokenPruner):
             self.soft_counts, self.thresholds = {}, {}
         s_self, s_cross, s_spatial = self.scores(ctx)
         s_redundancy = (s_self + s_cross) / 2
-        features = instance_features(s_self, s_cross, ctx, ctx.layer / self.num_layers, self.content_features)
+        depth = ctx.layer / self.num_layers  # the MLP reads statistics only: no gradient into the scores there
+        features = instance_features(s_self.detach(), s_cross.detach(), ctx, depth, self.content_features)
         theta_r, theta_s = self.modules_by_layer[str(ctx.layer)](features)
         self.thresholds[ctx.layer] = torch.stack([theta_r, theta_s], 1).detach()
-        hard = ((s_redundancy > theta_r[:, None]) | (s_spatial > theta_s[:, None])) & ctx.visual
+        hard = s_redundancy > theta_r[:, None]
+        if self.sap:
+            hard = hard | (s_spatial > theta_s[:, None])
+        hard = hard & ctx.visual
         if ctx.mode == "drop" or not self.training:
             self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
             return hard | ~ctx.visual
-        soft = torch.maximum(
-            torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None])),
-            torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])),
-        )
+        soft = torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None]))
+        if self.sap:
+            soft = torch.maximum(soft, torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
         if self.straight_through:
             soft = hard.float() + soft - soft.detach()
         soft = torch.where(ctx.visual, soft, torch.ones_like(soft))

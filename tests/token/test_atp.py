@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import atp
+from atp.models import get_adapter
 from atp.token.atp import (
     QUANTILES,
     ATPPruner,
@@ -22,10 +23,10 @@ from tests.conftest import IMAGE, make_batch
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 
 
-def brute_force_scores(model, batch, layer: int):
+def brute_force_scores(model, batch, layer: int, grad: bool = False):
     """S_self, S_cross (rescaled) per sample from HF eager attentions of layer `layer - 1`."""
     model.set_attn_implementation("eager")
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         probs = model(**batch, output_attentions=True).attentions[layer - 1].mean(1)
     results = []
     for b in range(probs.shape[0]):
@@ -69,24 +70,66 @@ def test_redundancy_scores_match_brute_force(model_factory, monkeypatch, attn, c
         assert visual[b].nonzero()[:, 0].tolist() == positions
 
 
-def test_hard_decision_is_the_threshold_rule(model_factory):
+@pytest.mark.parametrize("score_gradients", [False, True])
+def test_score_gradients_reach_the_probed_layer_as_through_eager_attention(model_factory, score_gradients):
+    """With score_gradients, d(any function of S_self, S_cross)/d(probed layer's q/k weights)
+    equals the gradient through HF's eager attention probabilities; without, no gradient."""
+    model = model_factory()
+    model.requires_grad_(False)
+    attn = get_adapter(model).layers[1].self_attn
+    trained = [attn.q_proj.weight, attn.k_proj.weight]
+    for weight in trained:
+        weight.requires_grad_(True)
+    batch = make_batch(RAGGED, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    coefficients = [torch.randn(2, 16, generator=generator) for _ in RAGGED]
+
+    def objective(per_sample):  # [(s_self, s_cross) per sample, visual tokens only]
+        terms = [
+            (c[0] * s_self).sum() + (c[1] * s_cross).sum() for c, (s_self, s_cross) in zip(coefficients, per_sample)
+        ]
+        return sum(terms)
+
+    reference = brute_force_scores(model, batch, layer=2, grad=True)
+    expected = torch.autograd.grad(objective([(a, b) for a, b, _ in reference]), trained)
+
+    model.set_attn_implementation("sdpa")
+    pruner = ATPPruner(num_layers=4, layers=[2], score_gradients=score_gradients).train()
+    calls = recording(pruner)
+    atp.apply(model, pruner, mode="mask")
+    model(**batch)
+    _, _, s_self, s_cross, _ = calls[0]
+    assert s_self.requires_grad == s_cross.requires_grad == score_gradients
+    if score_gradients:
+        per_sample = [(s_self[b, positions], s_cross[b, positions]) for b, (_, _, positions) in enumerate(reference)]
+        for got, want in zip(torch.autograd.grad(objective(per_sample), trained), expected):
+            assert want.abs().sum() > 0
+            assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sap", [True, False])
+def test_hard_decision_is_the_threshold_rule(model_factory, sap):
     model = model_factory()
     batch = make_batch(RAGGED, seed=2)
     reference = brute_force_scores(model, batch, layer=2)
     model.set_attn_implementation("sdpa")
-    pruner = ATPPruner(num_layers=4, layers=[2]).eval()
+    pruner = ATPPruner(num_layers=4, layers=[2], sap=sap).eval()
     with torch.no_grad():  # thresholds in the middle of the score range, so the rule matters
-        pruner.modules_by_layer["2"].redundancy_head.bias.fill_(0.0)
-        pruner.modules_by_layer["2"].spatial_head.bias.fill_(0.4)
+        pruner.modules_by_layer["2"].redundancy_head.bias.fill_(1.8)  # theta_r 0.86
+        pruner.modules_by_layer["2"].spatial_head.bias.fill_(-0.4)  # theta_s 0.40: the stride-2 grid
     atp.apply(model, pruner, mode="drop")
     with torch.no_grad():
         model(**batch)
     spatial = sap_scores(torch.arange(16)[None], (4, 4))[0]
+    spatial_only = 0  # tokens only the SAP branch keeps
     for b, (ref_self, ref_cross, _) in enumerate(reference):
         theta_r, theta_s = pruner.thresholds[2][b].tolist()
-        keep = ((ref_self + ref_cross) / 2 > theta_r) | (spatial > theta_s)
+        redundant = (ref_self + ref_cross) / 2 > theta_r
+        keep = redundant | ((spatial > theta_s) & sap)
+        spatial_only += int((~redundant & (spatial > theta_s)).sum())
         assert 0 < int(keep.sum()) < 16
         assert atp.stats(model).kept[2][b].tolist() == keep.nonzero()[:, 0].tolist()
+    assert spatial_only > 0
 
 
 def test_sap_hierarchy_on_llava_grid():
@@ -128,12 +171,17 @@ def test_drop_and_eval_mask_agree(model_factory, content):
     assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("straight_through", "content"), [(False, True), (True, True), (False, False)])
-def test_soft_training_trains_every_module(model_factory, straight_through, content):
+@pytest.mark.parametrize(
+    ("straight_through", "content", "sap"),
+    [(False, True, True), (True, True, True), (False, False, True), (True, True, False)],
+)
+def test_soft_training_trains_every_module(model_factory, straight_through, content, sap):
     model = model_factory()
     for p in model.parameters():
         p.requires_grad_(False)
-    pruner = ATPPruner(num_layers=4, layers=[1, 3], straight_through=straight_through, content_features=content)
+    pruner = ATPPruner(
+        num_layers=4, layers=[1, 3], straight_through=straight_through, content_features=content, sap=sap
+    )
     pruner.train()
     assert pruner.modules_by_layer["1"].trunk[0].in_features == (19 if content else 16)
     atp.apply(model, pruner, mode="mask")
@@ -145,7 +193,10 @@ def test_soft_training_trains_every_module(model_factory, straight_through, cont
     losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
     (out.loss + losses["atp"] + losses["target"]).backward()
     for name, param in pruner.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        if "spatial_head" in name and not sap:  # without SAP theta_s decides nothing
+            assert param.grad is None, name
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
 def test_content_features_match_a_per_sample_computation():
