@@ -106,7 +106,8 @@ def content_features(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     hidden: [B, S, d] hidden states; weight: [B, S] keep weight (0 on absent and non-visual
     slots). With h_bar the weighted mean of the h_j: the weighted mean and std of
     cos(h_j, h_bar), and the relative spread sqrt(E|h_j - h_bar|^2 / E|h_j|^2) in [0, 1]
-    (0 when every token is the same vector). All are invariant to the hidden states' scale.
+    (0 when every token is the same vector). All are invariant to the hidden states' scale;
+    a row with no remaining token gets zeros.
     """
     hidden, weight = hidden.detach().float(), weight.detach().float()
     total = weight.sum(1).clamp_min(1e-12)  # [B]
@@ -119,7 +120,8 @@ def content_features(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     cosine = nn.functional.cosine_similarity(hidden, mean_token[:, None], dim=-1)  # [B, S]
     cosine_mean = weighted_mean(cosine)
     cosine_std = weighted_mean((cosine - cosine_mean[:, None]) ** 2).sqrt()
-    spread = weighted_mean((hidden - mean_token[:, None]).pow(2).sum(-1)) / weighted_mean(hidden.pow(2).sum(-1))
+    energy = weighted_mean(hidden.pow(2).sum(-1)).clamp_min(1e-12)  # 0 only where no token remains
+    spread = weighted_mean((hidden - mean_token[:, None]).pow(2).sum(-1)) / energy
     return torch.stack([cosine_mean, cosine_std, spread.clamp_min(0).sqrt()], 1)
 
 

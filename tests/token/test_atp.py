@@ -218,6 +218,31 @@ def test_content_features_match_a_per_sample_computation():
     assert_close(content_features(3 * hidden, weight), got, rtol=1e-5, atol=1e-6)  # scale-free
     same = torch.randn(5).expand(1, 4, 5)  # four copies of one token: no spread at all
     assert_close(content_features(same, torch.ones(1, 4)), torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    assert_close(content_features(hidden, torch.zeros(2, 7)), torch.zeros(2, 3))  # nothing remains: zeros
+
+
+def test_an_instance_that_loses_every_token_trains_without_nan(model_factory):
+    """Without SAP nothing guarantees a token survives; the later modules (content features,
+    scores, losses) must stay finite when an instance has none left."""
+    model = model_factory()
+    pruner = ATPPruner(
+        num_layers=4, layers=[1, 2, 3], straight_through=True, content_features=True, score_gradients=True, sap=False
+    ).train()
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            module.redundancy_head.bias.fill_(5.0)  # theta_r 0.99: about one token survives layer 1
+    atp.apply(model, pruner, mode="mask")
+    batch = make_batch(RAGGED, padding="left")
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    labels[:, :-2] = -100
+    out = model(**batch, labels=labels)
+    num_visual = atp.stats(model).num_visual
+    assert (pruner.soft_counts[3] == 0).any()
+    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
+    (out.loss + losses["atp"] + losses["target"]).backward()
+    assert torch.isfinite(out.loss)
+    for name, param in list(model.named_parameters()) + list(pruner.named_parameters()):
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
 
 
 def test_score_statistics_match_a_per_sample_loop():
