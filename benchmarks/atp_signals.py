@@ -6,7 +6,10 @@ For the unpruned model on held-out ShapesVQA, at the input of every decoder laye
   cover an object above the background ones (0.5: no better than chance; one value per
   image, averaged; a token covers an object if any of its 14 x 14 pixels is not black);
 - Spearman with the object count, over images, of each `content_features` statistic of the
-  visual hidden states entering layer l (mean and std of cos(h_j, h_bar), relative spread).
+  visual hidden states entering layer l (mean and std of cos(h_j, h_bar), relative spread);
+- Spearman with the object count of how many visual tokens pass S_r = (S_self + S_cross) / 2
+  > theta for fixed thresholds (THRESHOLDS): could a redundancy threshold at this layer keep
+  more tokens for busier images? (mean count in brackets)
 
 Then, for each pruner in --pruners at --keep-tokens, the share of its kept visual tokens that
 cover an object (against the share of all tokens that do).
@@ -28,6 +31,8 @@ from atp.data.llava_format import prompt_loader
 from atp.evaluation import spearman
 from atp.models.build import load_llava
 from atp.token.atp import ATPPruner, content_features
+
+THRESHOLDS = (0.1, 0.3)
 
 
 def object_tokens(image_path: Path, grid: int, patch: int) -> np.ndarray:
@@ -65,12 +70,16 @@ def main() -> None:
     probe = ATPPruner(num_layers=num_layers, layers=list(range(1, num_layers))).eval()  # keeps every token
     aucs: dict[tuple[int, str], list[float]] = {}
     content: dict[int, list[torch.Tensor]] = {}
+    passing: dict[tuple[int, float], list[int]] = {}  # (layer, theta) -> tokens with S_r > theta, per image
     offset = [0]
     scores = probe.scores
 
     def record(ctx):  # wraps the probe's own scoring, so each module scores once
         s_self, s_cross, s_spatial = scores(ctx)
         content.setdefault(ctx.layer, []).append(content_features(ctx.hidden, (ctx.weight * ctx.visual).float()))
+        for theta in THRESHOLDS:
+            above = ((s_self + s_cross) / 2 > theta) & ctx.visual
+            passing.setdefault((ctx.layer, theta), []).extend(above.sum(1).tolist())
         for b in range(ctx.visual.shape[0]):
             covered = objects[offset[0] + b][ctx.visual_index[b][ctx.visual[b]].numpy()]
             if covered.all() or not covered.any():
@@ -87,15 +96,20 @@ def main() -> None:
             offset[0] += len(batch["id"])
     counts = [r["num_objects"] for r in records]
     print(f"{args.base} on {len(records)} {args.split} images\n")
+    above = " | ".join(f"#(S_r > {theta})" for theta in THRESHOLDS)
     print(
-        "| layer | AUC S_self (layer l-1) | AUC S_cross (layer l-1) | Spearman: mean cos | std cos | relative spread |"
+        "| layer | AUC S_self (layer l-1) | AUC S_cross (layer l-1) | Spearman: mean cos | std cos | relative spread "
+        f"| {above} |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|" + "---|" * len(THRESHOLDS))
     for layer in probe.layers:
         stats = torch.cat(content[layer]).T.tolist()
         rho = " | ".join(f"{spearman(column, counts):.2f}" for column in stats)
         self_auc, cross_auc = np.mean(aucs[(layer, "S_self")]), np.mean(aucs[(layer, "S_cross")])
-        print(f"| {layer} | {self_auc:.2f} | {cross_auc:.2f} | {rho} |")
+        kept = " | ".join(
+            f"{spearman(passing[(layer, t)], counts):.2f} ({np.mean(passing[(layer, t)]):.0f})" for t in THRESHOLDS
+        )
+        print(f"| {layer} | {self_auc:.2f} | {cross_auc:.2f} | {rho} | {kept} |")
     atp.remove(model)
     print(
         f"\nShare of kept visual tokens on objects at {args.keep_tokens} kept (all tokens: "
