@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from atp.lit.run import MissingAssetError, run_job, run_training
+from atp.lit.run import MissingAssetError, build_pruner, run_job, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(  # VLM experiments (the structural ones are tested in test_structural.py)
@@ -193,6 +193,15 @@ def test_experiment_and_debug_values_override_the_defaults():
     cfg = compose_train(["experiment=shapes_base", "debug=fast_dev_run"])
     assert cfg.experiment_name == "shapes_base" and cfg.export is False and cfg.trainer.fast_dev_run is True
     assert compose_train(["experiment=atp_llava"]).pruner.layers == [4, 14, 24]
+
+
+@pytest.mark.parametrize(("pruner", "extra"), [("fastv", ["pruner.layer=1"]), ("random", ["pruner.layers=[1]"])])
+def test_a_baseline_replaces_the_testbed_atp_settings(pruner, extra):
+    """The README's trained controls: `pruner=<baseline>` on atp_llava_shapes builds that
+    baseline, with none of ATP's testbed settings left in its config."""
+    cfg = compose_train(["experiment=atp_llava_shapes", f"pruner={pruner}", *extra])
+    assert build_pruner(cfg.pruner, num_layers=8).name == pruner
+    assert compose_train(["experiment=atp_llava_shapes"]).pruner.layers == [1, 3]
 
 
 @pytest.mark.parametrize("strategy", sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")))
