@@ -171,6 +171,21 @@ def test_drop_and_eval_mask_agree(model_factory, content):
     assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
 
 
+def training_backward(model, pruner, padding: str) -> torch.Tensor:
+    """One mask-mode training forward on RAGGED (LM loss on the last two tokens plus the ATP
+    and target losses), backward; returns the total loss."""
+    atp.apply(model, pruner, mode="mask")
+    batch = make_batch(RAGGED, padding=padding)
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    labels[:, :-2] = -100
+    out = model(**batch, labels=labels)
+    num_visual = atp.stats(model).num_visual
+    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
+    loss = out.loss + losses["atp"] + losses["target"]
+    loss.backward()
+    return loss.detach()
+
+
 @pytest.mark.parametrize(
     ("straight_through", "content", "sap"),
     [(False, True, True), (True, True, True), (False, False, True), (True, True, False)],
@@ -184,14 +199,7 @@ def test_soft_training_trains_every_module(model_factory, straight_through, cont
     )
     pruner.train()
     assert pruner.modules_by_layer["1"].trunk[0].in_features == (19 if content else 16)
-    atp.apply(model, pruner, mode="mask")
-    batch = make_batch(RAGGED, padding="right")
-    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
-    labels[:, :-2] = -100
-    out = model(**batch, labels=labels)
-    num_visual = atp.stats(model).num_visual
-    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
-    (out.loss + losses["atp"] + losses["target"]).backward()
+    training_backward(model, pruner, padding="right")
     for name, param in pruner.named_parameters():
         if "spatial_head" in name and not sap:  # without SAP theta_s decides nothing
             assert param.grad is None, name
@@ -231,16 +239,9 @@ def test_an_instance_that_loses_every_token_trains_without_nan(model_factory):
     with torch.no_grad():
         for module in pruner.modules_by_layer.values():
             module.redundancy_head.bias.fill_(5.0)  # theta_r 0.99: about one token survives layer 1
-    atp.apply(model, pruner, mode="mask")
-    batch = make_batch(RAGGED, padding="left")
-    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
-    labels[:, :-2] = -100
-    out = model(**batch, labels=labels)
-    num_visual = atp.stats(model).num_visual
+    loss = training_backward(model, pruner, padding="left")
     assert (pruner.soft_counts[3] == 0).any()
-    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
-    (out.loss + losses["atp"] + losses["target"]).backward()
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(loss)
     for name, param in list(model.named_parameters()) + list(pruner.named_parameters()):
         assert param.grad is None or torch.isfinite(param.grad).all(), name
 
