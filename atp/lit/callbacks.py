@@ -21,7 +21,7 @@ class TokenBudgetLogger(L.Callback):
         for layer, thresholds in pruner.thresholds.items():
             metrics[f"atp/theta_r_layer{layer}"] = thresholds[:, 0].mean()
             metrics[f"atp/theta_s_layer{layer}"] = thresholds[:, 1].mean()
-        metrics["atp/target_tokens"] = float(module.hparams.target_tokens)
+        metrics["atp/target_tokens"] = float(module.scheduled_target())
         module.log_dict(metrics, batch_size=size)
 
 

@@ -30,7 +30,10 @@ class VLMTrainingModule(L.LightningModule):
     stage 2: only the vision tower frozen); "pruner" (only the pruner); "lora".
 
     target_tokens: ATP's N_target as a fraction of the visual tokens (<= 1) or an absolute
-    count (> 1, e.g. 144 of 576); target_reduction: "batch" or "instance" (see `atp_losses`).
+    count (> 1, e.g. 144 of 576); target_reduction: "batch" or "instance", target_side: "both"
+    or "above" (see `atp_losses`); target_warmup: the fraction of the training steps over which
+    the target falls linearly from every visual token to target_tokens (0: in force from the
+    first step) [ours].
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class VLMTrainingModule(L.LightningModule):
         lambda_target: float = 0.2,
         target_tokens: float = 0.25,
         target_reduction: str = "batch",
+        target_side: str = "both",
+        target_warmup: float = 0.0,
         train_mode: str = "mask",
         eval_mode: str = "drop",
         lora_rank: int = 16,
@@ -58,6 +63,8 @@ class VLMTrainingModule(L.LightningModule):
         self.model = model
         self.pruner = pruner
         self._check_target(target_tokens)
+        if not 0 <= target_warmup < 1:
+            raise ValueError(f"target_warmup={target_warmup} is outside [0, 1): give a fraction of the training steps.")
         if train_parts == "lora":
             self._inject_lora(lora_rank, lora_alpha)
         for name, param in self.model.named_parameters():
@@ -82,6 +89,15 @@ class VLMTrainingModule(L.LightningModule):
                 f"target_tokens={target} is outside (0, {visual}]: give a fraction of the {visual} visual tokens "
                 "(e.g. 0.25) or a count no larger than that."
             )
+
+    def scheduled_target(self) -> float:
+        """target_tokens at this training step, in its own units (a fraction or a count)."""
+        final = self.hparams.target_tokens
+        if self.hparams.target_warmup <= 0:
+            return final
+        start = 1.0 if final <= 1 else float(self.model.config.image_seq_length)
+        warmup_steps = self.hparams.target_warmup * self.trainer.estimated_stepping_batches
+        return start + min(1.0, self.global_step / max(warmup_steps, 1.0)) * (final - start)
 
     def _inject_lora(self, rank: int, alpha: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -126,7 +142,7 @@ class VLMTrainingModule(L.LightningModule):
         if isinstance(self.pruner, ATPPruner):
             stats = atp.stats(self.model)
             num_visual = stats.num_visual.to(loss.device)
-            target = self.hparams.target_tokens
+            target = self.scheduled_target()
             target = (
                 target * num_visual.float() if target <= 1 else torch.full_like(num_visual, target, dtype=torch.float)
             )
@@ -137,6 +153,7 @@ class VLMTrainingModule(L.LightningModule):
                 self.hparams.lambda_atp,
                 self.hparams.lambda_target,
                 self.hparams.target_reduction,
+                self.hparams.target_side,
             )
             loss = loss + terms["atp"] + terms["target"]
             self.log_dict(

@@ -59,6 +59,30 @@ def sap_scores(visual_index: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return score.masked_fill(visual_index < 0, 0.0)
 
 
+def sap_layers(sap: bool | list[int], layers: tuple[int, ...]) -> frozenset[int]:
+    """The module layers with a spatial branch: all (True), none (False) or those listed."""
+    if isinstance(sap, bool):
+        return frozenset(layers if sap else ())
+    chosen = frozenset(int(layer) for layer in sap)
+    if not chosen <= set(layers):
+        raise ValueError(f"atp: sap={sorted(chosen)} names layers without a module; modules sit before {list(layers)}.")
+    return chosen
+
+
+def instance_threshold_kinds(instance_thresholds: bool | list[str]) -> frozenset[str]:
+    """The thresholds predicted per instance: both (True), none (False) or those listed."""
+    kinds = {"redundancy", "spatial"}
+    if isinstance(instance_thresholds, bool):
+        return frozenset(kinds if instance_thresholds else ())
+    chosen = frozenset(instance_thresholds)
+    if not chosen <= kinds:
+        raise ValueError(
+            f"atp: instance_thresholds={sorted(chosen)} names unknown thresholds; use true, false or a list of "
+            "'redundancy' and 'spatial'."
+        )
+    return chosen
+
+
 class ThresholdMLP(nn.Module):
     """Instance statistics [B, F] -> (theta_r, theta_s), each [B] in (0, 1)."""
 
@@ -166,7 +190,13 @@ class ATPPruner(TokenPruner):
     the testbed the extra features did not change accuracy or adaptivity, see the README);
     score_gradients: in training, let gradients flow through the redundancy scores into the
     probed layers' q/k projections (useful only when those train, e.g. with LoRA) [ours];
-    sap: the spatial branch (False: the paper's "without SAP" ablation, redundancy scores only).
+    sap: which modules have the spatial branch: True every one, False none (the paper's
+    "without SAP" ablation, redundancy scores only), or a list of module layers [ours];
+    instance_thresholds: which thresholds the MLP predicts per instance: True both (the paper),
+    False neither, or a list of "redundancy" / "spatial" [ours]. A threshold that is not
+    instance-wise is the MLP's output for a constant (zero) input: one learned value per module
+    for every instance. The kept count still differs per instance (how many tokens score above
+    the thresholds); with ["redundancy"], every instance gets the same SAP grid at a module.
     """
 
     name = "atp"
@@ -180,7 +210,8 @@ class ATPPruner(TokenPruner):
         hidden: int = 256,
         content_features: bool = False,
         score_gradients: bool = False,
-        sap: bool = True,
+        sap: bool | list[int] = True,
+        instance_thresholds: bool | list[str] = True,
     ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
@@ -191,7 +222,8 @@ class ATPPruner(TokenPruner):
         self.straight_through = bool(straight_through)
         self.content_features = bool(content_features)
         self.score_gradients = bool(score_gradients)
-        self.sap = bool(sap)
+        self.sap_layers = sap_layers(sap, self.layers)
+        self.instance_thresholds = instance_threshold_kinds(instance_thresholds)
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
         self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(num_features, hidden) for layer in self.layers})
         self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
@@ -222,17 +254,23 @@ class ATPPruner(TokenPruner):
         s_redundancy = (s_self + s_cross) / 2
         depth = ctx.layer / self.num_layers  # the MLP reads statistics only: no gradient into the scores there
         features = instance_features(s_self.detach(), s_cross.detach(), ctx, depth, self.content_features)
-        theta_r, theta_s = self.modules_by_layer[str(ctx.layer)](features)
+        module = self.modules_by_layer[str(ctx.layer)]
+        theta_r, theta_s = module(features if self.instance_thresholds else torch.zeros_like(features))
+        if self.instance_thresholds == {"redundancy"}:  # one spatial threshold for every instance
+            theta_s = module(torch.zeros_like(features))[1]
+        elif self.instance_thresholds == {"spatial"}:
+            theta_r = module(torch.zeros_like(features))[0]
         self.thresholds[ctx.layer] = torch.stack([theta_r, theta_s], 1).detach()
+        sap = ctx.layer in self.sap_layers
         hard = s_redundancy > theta_r[:, None]
-        if self.sap:
+        if sap:
             hard = hard | (s_spatial > theta_s[:, None])
         hard = hard & ctx.visual
         if ctx.mode == "drop" or not self.training:
             self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
             return hard | ~ctx.visual
         soft = torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None]))
-        if self.sap:
+        if sap:
             soft = torch.maximum(soft, torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
         if self.straight_through:
             soft = hard.float() + soft - soft.detach()
@@ -259,6 +297,7 @@ def atp_losses(
     lambda_atp: float = 0.05,
     lambda_target: float = 0.2,
     target_reduction: str = "batch",
+    target_side: str = "both",
 ) -> dict[str, torch.Tensor]:
     """The ATP loss and the target-token loss of the last forward (METHODS.md section 1).
 
@@ -270,7 +309,14 @@ def atp_losses(
     so the budget holds on average and each instance may keep more or fewer tokens;
     "instance" averages |mean_l n_l - N_target| / N over the samples, which pulls every
     image to the same count and so works against instance adaptivity.
+
+    target_side: "both" penalises any distance from N_target (METHODS.md); "above" [ours] only
+    an excess (a ceiling, max(0, .)), so below the budget only the LM and ATP losses decide
+    how many tokens to keep.
     """
+    if target_side not in ("both", "above"):
+        raise ValueError(f"target_side must be 'both' or 'above', got {target_side!r}.")
+    distance = torch.abs if target_side == "both" else torch.relu
     n = tokens_per_layer(pruner, num_visual)  # [B, L]
     total = num_visual.float().clamp_min(1.0)
     depth = torch.arange(pruner.num_layers, device=n.device, dtype=n.dtype) / pruner.num_layers
@@ -280,9 +326,9 @@ def atp_losses(
     average = n.mean(1)
     excess = (average - torch.as_tensor(target_tokens, device=n.device)) / total * has_image  # [B]
     if target_reduction == "batch":
-        target_term = (excess.sum() / denominator).abs()
+        target_term = distance(excess.sum() / denominator)
     elif target_reduction == "instance":
-        target_term = excess.abs().sum() / denominator
+        target_term = distance(excess).sum() / denominator
     else:
         raise ValueError(f"target_reduction must be 'batch' or 'instance', got {target_reduction!r}.")
     return {"atp": lambda_atp * atp_term, "target": lambda_target * target_term, "average_tokens": average.detach()}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from torch.testing import assert_close
 from transformers import LlavaForConditionalGeneration
@@ -50,3 +53,18 @@ def test_llava_stage_two_freezes_only_the_vision_tower(model_factory):
     frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in module.model.named_parameters() if "vision_tower" in n}
     assert any("multi_modal_projector" in n for n, p in module.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("target", "start"), [(0.25, 1.0), (4.0, 16.0)])  # a fraction, or a count of the 16
+def test_target_warmup_eases_the_budget_in_from_every_token(model_factory, target, start):
+    pruner = ATPPruner(num_layers=4, hidden=8)
+    module = VLMTrainingModule(model_factory(), pruner, target_tokens=target, target_warmup=0.4)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=0)  # warm-up: the first 4 steps
+    schedule = []
+    for step in range(7):
+        module._trainer.global_step = step
+        schedule.append(module.scheduled_target())
+    assert schedule == pytest.approx([start - min(1.0, step / 4) * (start - target) for step in range(7)])
+    assert VLMTrainingModule(model_factory(), pruner, target_tokens=target).scheduled_target() == target
+    with pytest.raises(ValueError, match=r"target_warmup=1.0 is outside \[0, 1\)"):
+        VLMTrainingModule(model_factory(), pruner, target_warmup=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,16 +129,19 @@ def atp_overrides(base_model: Path, output: Path, data: Path, steps: int) -> lis
 
 
 def test_killed_and_resumed_run_equals_unbroken_run(base_model, tmp_path):
-    """Same config three ways: unbroken 6 steps; stopped after 3; resumed from the step-3 checkpoint."""
+    """Same config three ways: unbroken 6 steps; stopped after 3; resumed from the step-3 checkpoint
+    (with the target eased in over the first 4 steps, so the budget depends on the step too)."""
     data = tmp_path / "data"
-    run_training(compose_train(atp_overrides(base_model, tmp_path / "unbroken", data, steps=6)))
+
+    def overrides(run: str) -> list[str]:
+        return [*atp_overrides(base_model, tmp_path / run, data, steps=6), "module.target_warmup=0.67"]
+
+    run_training(compose_train(overrides("unbroken")))
     stop = ["+callbacks.stop._target_=tests.lit.test_train.StopAfterSteps", "+callbacks.stop.steps=3"]
-    run_training(compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6), *stop]))
+    run_training(compose_train([*overrides("killed"), *stop]))
     checkpoint = tmp_path / "killed/checkpoints/epoch=1-step=3.ckpt"  # mid-epoch: 2 steps per epoch
     assert checkpoint.is_file()
-    run_training(
-        compose_train([*atp_overrides(base_model, tmp_path / "killed", data, steps=6), f"ckpt_path='{checkpoint}'"])
-    )
+    run_training(compose_train([*overrides("killed"), f"ckpt_path='{checkpoint}'"]))
     unbroken = torch.load(tmp_path / "unbroken/checkpoints/last.ckpt", weights_only=False)
     resumed = torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)
     assert unbroken["global_step"] == resumed["global_step"] == 6
@@ -288,6 +292,33 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         "| random (cut before layer 1",
     ):
         assert row in result.stdout
+
+    # constant thresholds: keep everything, or only the stride-8 SAP grid after the first module
+    num_visual = round(json.loads((tmp_path / "cmp" / "results.json").read_text())[0]["avg_visual_tokens"])
+    kwargs = json.loads((tmp_path / "run" / "export" / "atp_config.json").read_text())["kwargs"]
+    layers, num_layers = kwargs["layers"], kwargs["num_layers"]
+    side = math.isqrt(num_visual)
+    stride8 = math.ceil(side / 8) ** 2
+    settings = {" ".join(f"{layer}:1.0,{theta_s}" for layer in layers): theta_s for theta_s in ("0.0", "0.9")}
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "atp_fixed_thresholds.py"),
+        "--atp",
+        str(tmp_path / "run" / "export"),
+    ]
+    command += ["--data", str(data)] + [arg for setting in settings for arg in ("--setting", setting)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens = {
+        line.split(" | ")[0][2:]: float(line.split(" | ")[2]) for line in result.stdout.splitlines() if ":1.0," in line
+    }
+    expected = {
+        "0.0": num_visual,
+        "0.9": (num_visual * min(layers) + stride8 * (num_layers - min(layers))) / num_layers,
+    }
+    assert {setting: tokens[setting] for setting in settings} == {
+        setting: pytest.approx(expected[theta_s], abs=0.05) for setting, theta_s in settings.items()
+    }
 
 
 def test_training_continues_after_a_mid_epoch_validation(base_model, tmp_path):

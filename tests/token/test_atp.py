@@ -107,13 +107,14 @@ def test_score_gradients_reach_the_probed_layer_as_through_eager_attention(model
             assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("sap", [True, False])
+@pytest.mark.parametrize("sap", [True, False, [2], [1]])
 def test_hard_decision_is_the_threshold_rule(model_factory, sap):
     model = model_factory()
     batch = make_batch(RAGGED, seed=2)
     reference = brute_force_scores(model, batch, layer=2)
     model.set_attn_implementation("sdpa")
-    pruner = ATPPruner(num_layers=4, layers=[2], sap=sap).eval()
+    pruner = ATPPruner(num_layers=4, layers=[1, 2] if sap == [1] else [2], sap=sap).eval()
+    with_sap = sap is True or sap == [2]  # the module before layer 2 has the spatial branch
     with torch.no_grad():  # thresholds in the middle of the score range, so the rule matters
         pruner.modules_by_layer["2"].redundancy_head.bias.fill_(1.8)  # theta_r 0.86
         pruner.modules_by_layer["2"].spatial_head.bias.fill_(-0.4)  # theta_s 0.40: the stride-2 grid
@@ -125,11 +126,16 @@ def test_hard_decision_is_the_threshold_rule(model_factory, sap):
     for b, (ref_self, ref_cross, _) in enumerate(reference):
         theta_r, theta_s = pruner.thresholds[2][b].tolist()
         redundant = (ref_self + ref_cross) / 2 > theta_r
-        keep = redundant | ((spatial > theta_s) & sap)
+        keep = redundant | ((spatial > theta_s) & with_sap)
         spatial_only += int((~redundant & (spatial > theta_s)).sum())
         assert 0 < int(keep.sum()) < 16
         assert atp.stats(model).kept[2][b].tolist() == keep.nonzero()[:, 0].tolist()
     assert spatial_only > 0
+
+
+def test_sap_must_name_module_layers():
+    with pytest.raises(ValueError, match=r"sap=\[2\] names layers without a module; modules sit before \[1, 3\]"):
+        ATPPruner(num_layers=4, layers=[1, 3], sap=[2])
 
 
 def test_sap_hierarchy_on_llava_grid():
@@ -171,6 +177,35 @@ def test_drop_and_eval_mask_agree(model_factory, content):
     assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("instance", [True, False, ["redundancy"], ["spatial"]])
+def test_thresholds_differ_per_instance_only_where_instance_wise(model_factory, instance):
+    """The paper's MLP maps each instance's statistics to its own thresholds; a threshold that is
+    not instance-wise is the MLP's output for a zero input, the same for every instance."""
+    model = model_factory()
+    torch.manual_seed(0)
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], instance_thresholds=instance).eval()
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            for head in (module.redundancy_head, module.spatial_head):
+                head.weight.normal_(std=0.1)
+                head.bias.fill_(0.0)
+    atp.apply(model, pruner, mode="drop")
+    with torch.no_grad():
+        model(**make_batch(RAGGED))
+    assert pruner.thresholds.keys() == {1, 3}
+    for layer, thresholds in pruner.thresholds.items():  # [B, 2]: (theta_r, theta_s)
+        module = pruner.modules_by_layer[str(layer)]
+        constant = torch.cat(module(torch.zeros(1, module.trunk[0].in_features)))
+        for column, kind in enumerate(("redundancy", "spatial")):
+            if instance is True or kind in (instance or []):
+                assert (thresholds[:, column] - thresholds[0, column]).abs().amax() > 1e-3, (layer, kind)
+            else:
+                expected = constant[column].expand(len(thresholds))
+                assert_close(thresholds[:, column], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"instance_thresholds=\['theta'\] names unknown thresholds"):
+        ATPPruner(num_layers=4, layers=[1, 3], instance_thresholds=["theta"])
+
+
 def training_backward(model, pruner, padding: str) -> torch.Tensor:
     """One mask-mode training forward on RAGGED (LM loss on the last two tokens plus the ATP
     and target losses), backward; returns the total loss."""
@@ -188,7 +223,7 @@ def training_backward(model, pruner, padding: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("straight_through", "content", "sap"),
-    [(False, True, True), (True, True, True), (False, False, True), (True, True, False)],
+    [(False, True, True), (True, True, True), (False, False, True), (True, True, False), (True, True, [1])],
 )
 def test_soft_training_trains_every_module(model_factory, straight_through, content, sap):
     model = model_factory()
@@ -201,7 +236,8 @@ def test_soft_training_trains_every_module(model_factory, straight_through, cont
     assert pruner.modules_by_layer["1"].trunk[0].in_features == (19 if content else 16)
     training_backward(model, pruner, padding="right")
     for name, param in pruner.named_parameters():
-        if "spatial_head" in name and not sap:  # without SAP theta_s decides nothing
+        module_layer = int(name.split(".")[1])
+        if "spatial_head" in name and not (sap is True or module_layer in (sap or [])):  # theta_s decides nothing
             assert param.grad is None, name
         else:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -275,6 +311,25 @@ def test_losses_match_the_formula():
     expected_target = abs((16 + 10 + 10 + 4) / 4 - 4.0) / 16
     assert losses["atp"].item() == pytest.approx(0.05 * expected_atp)
     assert losses["target"].item() == pytest.approx(0.2 * expected_target)
+
+
+@pytest.mark.parametrize("reduction", ["batch", "instance"])
+def test_a_ceiling_target_counts_only_an_excess(reduction):
+    pruner = ATPPruner(num_layers=2, layers=[1])
+    num_visual = torch.tensor([16, 16])
+    for kept, target in (([2.0, 4.0], 12.0), ([14.0, 12.0], 6.0), ([2.0, 14.0], 10.0)):
+        pruner.soft_counts = {1: torch.tensor(kept)}
+        excess = [((16 + k) / 2 - target) / 16 for k in kept]  # averages over the two layers
+        kwargs = {"target_tokens": target, "lambda_target": 1.0, "target_reduction": reduction}
+        got = atp_losses(pruner, num_visual, target_side="above", **kwargs)["target"].item()
+        if reduction == "batch":
+            assert got == pytest.approx(max(0.0, sum(excess) / 2))
+        else:
+            assert got == pytest.approx(sum(max(0.0, e) for e in excess) / 2)
+        both = atp_losses(pruner, num_visual, **kwargs)["target"].item()
+        assert both == pytest.approx(abs(sum(excess)) / 2 if reduction == "batch" else sum(map(abs, excess)) / 2)
+    with pytest.raises(ValueError, match="target_side must be 'both' or 'above', got 'below'"):
+        atp_losses(pruner, num_visual, target_tokens=4.0, target_side="below")
 
 
 def test_batch_target_lets_instances_differ_and_instance_target_does_not():

@@ -1,0 +1,83 @@
+"""Is it the learned thresholds or the scores? An exported ATP model with constant thresholds.
+
+Runs the export as trained, then with every module's threshold MLP replaced by a constant
+(theta_r, theta_s) for each setting given, and prints accuracy, average visual tokens per
+decoder layer and Spearman(kept tokens, objects) for each. If constant thresholds give a
+high Spearman where the learned ones do not, the scores follow the object count and the
+learned thresholds are what undoes it.
+
+    python benchmarks/atp_fixed_thresholds.py --atp checkpoints/atp_llava_shapes/l13_seed1/export \\
+        --setting "1:1.0,0.4 3:0.1,0.9" --setting "1:1.0,0.4 3:0.2,0.6"
+
+A setting names every module: "layer:theta_r,theta_s" separated by spaces (theta_r 1.0 turns
+the redundancy branch off; theta_s 0.4 keeps the stride-2 SAP grid, 0.6 stride 4, 0.9 stride 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import atp
+from atp.data.llava_format import prompt_loader
+from atp.evaluation import evaluate
+
+
+class ConstantThresholds(nn.Module):
+    """Stands in for a ThresholdMLP: the same (theta_r, theta_s) for every instance."""
+
+    def __init__(self, theta_r: float, theta_s: float) -> None:
+        super().__init__()
+        self.theta_r, self.theta_s = theta_r, theta_s
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = features.shape[0]
+        return features.new_full((batch,), self.theta_r), features.new_full((batch,), self.theta_s)
+
+
+def parse_setting(text: str, layers: tuple[int, ...]) -> dict[int, tuple[float, float]]:
+    setting = {}
+    for part in text.split():
+        layer, thetas = part.split(":")
+        theta_r, theta_s = (float(v) for v in thetas.split(","))
+        setting[int(layer)] = (theta_r, theta_s)
+    if sorted(setting) != sorted(layers):
+        raise ValueError(f"--setting {text!r} names layers {sorted(setting)}; the export has modules before {layers}.")
+    return setting
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--atp", required=True, help="an export directory")
+    parser.add_argument("--data", default="checkpoints/data/shapes")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--setting", action="append", default=[])
+    args = parser.parse_args()
+
+    model, processor = atp.load_pruned(args.atp)
+    loader = prompt_loader(
+        Path(args.data, f"{args.split}.json"), Path(args.data, "images"), processor, args.max_samples
+    )
+    pruner = atp.runtime_of(model).pruner
+    settings = [parse_setting(text, pruner.layers) for text in args.setting]
+    learned = dict(pruner.modules_by_layer)
+    rows = [("learned thresholds", evaluate(model, processor, loader, "learned", latency_batches=1, latency_repeats=1))]
+    for text, setting in zip(args.setting, settings):
+        for layer, (theta_r, theta_s) in setting.items():
+            pruner.modules_by_layer[str(layer)] = ConstantThresholds(theta_r, theta_s)
+        rows.append((text, evaluate(model, processor, loader, text, latency_batches=1, latency_repeats=1)))
+        pruner.modules_by_layer.update(learned)
+    print(f"\n{args.atp}, ShapesVQA {args.split} ({len(loader.dataset)} questions)\n")
+    print("| thresholds (layer:theta_r,theta_s) | accuracy | avg visual tokens/layer | Spearman(tokens, objects) |")
+    print("|---|---|---|---|")
+    for name, result in rows:
+        rho = "-" if result.spearman_tokens_objects is None else f"{result.spearman_tokens_objects:.2f}"
+        print(f"| {name} | {100 * result.accuracy:.1f} | {result.avg_visual_tokens:.1f} | {rho} |")
+
+
+if __name__ == "__main__":
+    main()
