@@ -1,6 +1,8 @@
 """Is it the learned thresholds or the scores? An exported ATP model with constant thresholds.
 
-Runs the export as trained, then with every module's threshold MLP replaced by a constant
+First, per module of the export as trained: the mean learned thresholds and the visual tokens
+it keeps, each with its Spearman correlation with the object count over the images. Then
+runs the export as trained, and with every module's threshold MLP replaced by a constant
 (theta_r, theta_s) for each setting given, and prints accuracy, average visual tokens per
 decoder layer and Spearman(kept tokens, objects) for each. If constant thresholds give a
 high Spearman where the learned ones do not, the scores follow the object count and the
@@ -23,7 +25,7 @@ from torch import nn
 
 import atp
 from atp.data.llava_format import prompt_loader
-from atp.evaluation import evaluate
+from atp.evaluation import evaluate, spearman
 
 
 class ConstantThresholds(nn.Module):
@@ -36,6 +38,27 @@ class ConstantThresholds(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = features.shape[0]
         return features.new_full((batch,), self.theta_r), features.new_full((batch,), self.theta_s)
+
+
+@torch.inference_mode()
+def learned_decisions(model, loader) -> None:
+    """Print, per module, theta_r, theta_s and the kept count: mean, range, Spearman with objects."""
+    pruner = atp.runtime_of(model).pruner
+    values: dict[str, list[float]] = {}
+    objects: list[int] = []
+    for batch in loader:
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, logits_to_keep=1)
+        objects += [int(n) for n in batch["num_objects"]]
+        for layer in pruner.layers:
+            values.setdefault(f"theta_r before layer {layer}", []).extend(pruner.thresholds[layer][:, 0].tolist())
+            values.setdefault(f"theta_s before layer {layer}", []).extend(pruner.thresholds[layer][:, 1].tolist())
+            values.setdefault(f"kept before layer {layer}", []).extend(pruner.soft_counts[layer].tolist())
+    print("| learned, per image | mean | min | max | Spearman with objects |")
+    print("|---|---|---|---|---|")
+    for name, series in sorted(values.items(), key=lambda item: int(item[0].split()[-1])):
+        rho = spearman(series, objects)
+        rho = "-" if rho is None else f"{rho:.2f}"
+        print(f"| {name} | {sum(series) / len(series):.3f} | {min(series):.3f} | {max(series):.3f} | {rho} |")
 
 
 def parse_setting(text: str, layers: tuple[int, ...]) -> dict[int, tuple[float, float]]:
@@ -64,6 +87,8 @@ def main() -> None:
     )
     pruner = atp.runtime_of(model).pruner
     settings = [parse_setting(text, pruner.layers) for text in args.setting]
+    print(f"\n{args.atp}, ShapesVQA {args.split} ({len(loader.dataset)} questions)\n")
+    learned_decisions(model, loader)
     learned = dict(pruner.modules_by_layer)
     rows = [("learned thresholds", evaluate(model, processor, loader, "learned", latency_batches=1, latency_repeats=1))]
     for text, setting in zip(args.setting, settings):
@@ -71,7 +96,7 @@ def main() -> None:
             pruner.modules_by_layer[str(layer)] = ConstantThresholds(theta_r, theta_s)
         rows.append((text, evaluate(model, processor, loader, text, latency_batches=1, latency_repeats=1)))
         pruner.modules_by_layer.update(learned)
-    print(f"\n{args.atp}, ShapesVQA {args.split} ({len(loader.dataset)} questions)\n")
+    print()
     print("| thresholds (layer:theta_r,theta_s) | accuracy | avg visual tokens/layer | Spearman(tokens, objects) |")
     print("|---|---|---|---|")
     for name, result in rows:
