@@ -35,9 +35,10 @@ class ConstantThresholds(nn.Module):
         super().__init__()
         self.theta_r, self.theta_s = theta_r, theta_s
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = features.shape[0]
-        return features.new_full((batch,), self.theta_r), features.new_full((batch,), self.theta_s)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, 2] pre-sigmoid (theta_r, theta_s), as ThresholdMLP.logits gives them."""
+        theta = torch.tensor([self.theta_r, self.theta_s], dtype=torch.float64)
+        return torch.logit(theta).to(features).expand(features.shape[0], 2)
 
 
 @torch.inference_mode()

@@ -96,8 +96,12 @@ class ThresholdMLP(nn.Module):
             nn.init.constant_(head.bias, init_bias)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.sigmoid(self.logits(features)).unbind(1))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, F] -> [B, 2] pre-sigmoid (theta_r, theta_s)."""
         hidden = self.trunk(features)
-        return torch.sigmoid(self.redundancy_head(hidden))[:, 0], torch.sigmoid(self.spatial_head(hidden))[:, 0]
+        return torch.cat([self.redundancy_head(hidden), self.spatial_head(hidden)], 1)
 
 
 def redundancy_scores(ctx: PruneContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +201,13 @@ class ATPPruner(TokenPruner):
     instance-wise is the MLP's output for a constant (zero) input: one learned value per module
     for every instance. The kept count still differs per instance (how many tokens score above
     the thresholds); with ["redundancy"], every instance gets the same SAP grid at a module.
+    budget_gradients: how the ATP and target losses train the threshold MLP [ours]. "all": through
+    each instance's threshold. "level": the losses see every instance's threshold logit as the
+    batch mean plus a constant offset, so they move the common level of the thresholds (through
+    every MLP parameter) and the spread between instances is learned from the LM loss alone.
+    Why: an instance's budget gradient is proportional to how many of its tokens score near its
+    threshold, which is largest for busy images, so under "all" the budget pushes their
+    thresholds up hardest and cancels the adaptivity the scores carry (README).
     """
 
     name = "atp"
@@ -212,6 +223,7 @@ class ATPPruner(TokenPruner):
         score_gradients: bool = False,
         sap: bool | list[int] = True,
         instance_thresholds: bool | list[str] = True,
+        budget_gradients: str = "all",
     ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
@@ -224,6 +236,9 @@ class ATPPruner(TokenPruner):
         self.score_gradients = bool(score_gradients)
         self.sap_layers = sap_layers(sap, self.layers)
         self.instance_thresholds = instance_threshold_kinds(instance_thresholds)
+        if budget_gradients not in ("all", "level"):
+            raise ValueError(f"atp: budget_gradients must be 'all' or 'level', got {budget_gradients!r}.")
+        self.budget_gradients = budget_gradients
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
         self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(num_features, hidden) for layer in self.layers})
         self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
@@ -255,11 +270,11 @@ class ATPPruner(TokenPruner):
         depth = ctx.layer / self.num_layers  # the MLP reads statistics only: no gradient into the scores there
         features = instance_features(s_self.detach(), s_cross.detach(), ctx, depth, self.content_features)
         module = self.modules_by_layer[str(ctx.layer)]
-        theta_r, theta_s = module(features if self.instance_thresholds else torch.zeros_like(features))
-        if self.instance_thresholds == {"redundancy"}:  # one spatial threshold for every instance
-            theta_s = module(torch.zeros_like(features))[1]
-        elif self.instance_thresholds == {"spatial"}:
-            theta_r = module(torch.zeros_like(features))[0]
+        instance_wise = torch.tensor([kind in self.instance_thresholds for kind in ("redundancy", "spatial")])
+        logits = torch.where(  # [B, 2]; a threshold that is not instance-wise: the MLP's output for a zero input
+            instance_wise.to(features.device), module.logits(features), module.logits(torch.zeros_like(features))
+        )
+        theta_r, theta_s = torch.sigmoid(logits).unbind(1)
         self.thresholds[ctx.layer] = torch.stack([theta_r, theta_s], 1).detach()
         sap = ctx.layer in self.sap_layers
         hard = s_redundancy > theta_r[:, None]
@@ -269,14 +284,40 @@ class ATPPruner(TokenPruner):
         if ctx.mode == "drop" or not self.training:
             self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
             return hard | ~ctx.visual
+        soft = self._soft_mask(s_redundancy, s_spatial, theta_r, theta_s, hard, ctx.visual, sap)
+        if self.budget_gradients == "all":
+            self.soft_counts[ctx.layer] = (ctx.weight * soft * ctx.visual).sum(1)
+            return soft
+        # "level": the same values, but the counts the losses read see every instance's threshold logit
+        # as the batch mean plus a constant offset, in this module's mask and those of the modules before it
+        with_image = (ctx.num_visual > 0).float()[:, None]  # [B, 1]
+        level = (logits * with_image).sum(0) / with_image.sum().clamp_min(1.0)  # [2]
+        budget_logits = torch.where(instance_wise.to(logits.device), level + (logits - level).detach(), logits)
+        budget_r, budget_s = torch.sigmoid(budget_logits).unbind(1)
+        counted = self._soft_mask(s_redundancy, s_spatial, budget_r, budget_s, hard, ctx.visual, sap)
+        earlier = ctx.weight if ctx.layer == min(self.layers) else self._budget_weight
+        self._budget_weight = earlier * counted  # [B, S]: mask mode keeps the sequence length
+        self.soft_counts[ctx.layer] = (self._budget_weight * ctx.visual).sum(1)
+        return soft
+
+    def _soft_mask(
+        self,
+        s_redundancy: torch.Tensor,
+        s_spatial: torch.Tensor,
+        theta_r: torch.Tensor,
+        theta_s: torch.Tensor,
+        hard: torch.Tensor,
+        visual: torch.Tensor,
+        sap: bool,
+    ) -> torch.Tensor:
+        """[B, S] training mask: max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s - theta_s)))
+        on visual slots, 1 elsewhere; with `straight_through`, `hard` forward and soft backward."""
         soft = torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None]))
         if sap:
             soft = torch.maximum(soft, torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
         if self.straight_through:
             soft = hard.float() + soft - soft.detach()
-        soft = torch.where(ctx.visual, soft, torch.ones_like(soft))
-        self.soft_counts[ctx.layer] = (ctx.weight * soft * ctx.visual).sum(1)
-        return soft
+        return torch.where(visual, soft, torch.ones_like(soft))
 
 
 def tokens_per_layer(pruner: ATPPruner, num_visual: torch.Tensor) -> torch.Tensor:

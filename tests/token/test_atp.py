@@ -238,9 +238,75 @@ def test_soft_training_trains_every_module(model_factory, straight_through, cont
     for name, param in pruner.named_parameters():
         module_layer = int(name.split(".")[1])
         if "spatial_head" in name and not (sap is True or module_layer in (sap or [])):  # theta_s decides nothing
-            assert param.grad is None, name
+            assert param.grad is None or not param.grad.any(), name
         else:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def module_gradients(model, pruner, parts: str) -> dict[str, torch.Tensor]:
+    """The threshold MLPs' gradients of one mask-mode training forward on RAGGED from the LM
+    loss (`parts="lm"`) or the ATP plus target losses (`parts="budget"`)."""
+    pruner.zero_grad(set_to_none=False)
+    atp.apply(model, pruner, mode="mask")
+    batch = make_batch(RAGGED)
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    labels[:, :-2] = -100
+    out = model(**batch, labels=labels)
+    num_visual = atp.stats(model).num_visual
+    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
+    (out.loss if parts == "lm" else losses["atp"] + losses["target"]).backward()
+    return {name: param.grad.clone() for name, param in pruner.named_parameters()}
+
+
+@pytest.mark.parametrize("instance", [True, False, ["redundancy"]])
+def test_level_budget_gradients_move_only_the_common_level(model_factory, instance):
+    """budget_gradients="level" changes no value and no LM gradient. The budget losses see each
+    instance-wise threshold logit as the batch mean plus a constant, so (chain rule) a head's
+    weight gets its bias's gradient times the batch mean of the head's input; "all" differs."""
+    model = model_factory()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    pruners = {}
+    for mode in ("all", "level"):
+        pruners[mode] = ATPPruner(
+            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=mode
+        ).train()
+    pruners["level"].load_state_dict(pruners["all"].state_dict())
+    head_inputs = {}  # the trunk output [B, hidden] each head read first: the one for the instance features
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            head_inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    for name, module in pruners["level"].named_modules():
+        if name.endswith("_head"):
+            module.register_forward_hook(record(name))
+    with torch.no_grad():  # thresholds near the middle of the scores, so that the masks have gradients
+        for pruner in pruners.values():
+            for module in pruner.modules_by_layer.values():
+                module.redundancy_head.bias.fill_(0.0)
+                module.spatial_head.bias.fill_(0.3)
+    grads = {(mode, parts): module_gradients(model, pruners[mode], parts) for mode in pruners for parts in ("lm", "budget")}
+    for layer in (1, 3):
+        assert torch.equal(pruners["all"].soft_counts[layer], pruners["level"].soft_counts[layer])
+        assert torch.equal(pruners["all"].thresholds[layer], pruners["level"].thresholds[layer])
+    kinds = {"redundancy", "spatial"} if instance is True else set(instance or [])
+    for name in grads["all", "lm"]:
+        assert_close(grads["level", "lm"][name], grads["all", "lm"][name], rtol=0, atol=0)
+        level, full = grads["level", "budget"][name], grads["all", "budget"][name]
+        kind = "redundancy" if "redundancy_head" in name else "spatial" if "spatial_head" in name else None
+        if name.endswith("head.bias") or kind not in kinds and (kind is not None or not kinds):
+            assert_close(level, full, rtol=1e-5, atol=1e-9)  # the level's gradient is the sum over instances
+        elif name.endswith("head.weight"):
+            bias_grad = grads["level", "budget"][name.replace("weight", "bias")]
+            expected = bias_grad[:, None] * head_inputs[name.rsplit(".", 1)[0]].mean(0, keepdim=True)
+            assert_close(level, expected, rtol=1e-4, atol=1e-9)
+            assert (level - full).abs().amax() > 1e-3 * full.abs().amax(), name
+    with pytest.raises(ValueError, match="budget_gradients must be 'all' or 'level', got 'bias'"):
+        ATPPruner(num_layers=4, layers=[1, 3], budget_gradients="bias")
 
 
 def test_content_features_match_a_per_sample_computation():
