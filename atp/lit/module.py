@@ -34,6 +34,11 @@ class VLMTrainingModule(L.LightningModule):
     or "above" (see `atp_losses`); target_warmup: the fraction of the training steps over which
     the target falls linearly from every visual token to target_tokens (0: in force from the
     first step) [ours].
+
+    pruner_betas: AdamW's betas for the pruner's parameters [ours]. With the default beta2 =
+    0.999 the second moment remembers the large early gradients of the thresholds for about
+    1,000 steps, so a threshold pushed where its gradient is small then moves far slower than
+    pruner_lr; a smaller beta2 (e.g. 0.95) forgets them within about 20 steps.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class VLMTrainingModule(L.LightningModule):
         train_parts: str = "all",
         lr: float = 1e-3,
         pruner_lr: float = 1e-4,
+        pruner_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.05,
         lambda_atp: float = 0.05,
@@ -63,6 +69,8 @@ class VLMTrainingModule(L.LightningModule):
         self.model = model
         self.pruner = pruner
         self._check_target(target_tokens)
+        if len(pruner_betas) != 2 or not all(0 <= beta < 1 for beta in pruner_betas):
+            raise ValueError(f"pruner_betas={list(pruner_betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
         if not 0 <= target_warmup < 1:
             raise ValueError(f"target_warmup={target_warmup} is outside [0, 1): give a fraction of the training steps.")
         if train_parts == "lora":
@@ -192,7 +200,13 @@ class VLMTrainingModule(L.LightningModule):
         if model_params:
             groups.append({"params": model_params, "lr": self.hparams.lr})
         if self.pruner is not None and any(p.requires_grad for p in self.pruner.parameters()):
-            groups.append({"params": list(self.pruner.parameters()), "lr": self.hparams.pruner_lr})
+            groups.append(
+                {
+                    "params": list(self.pruner.parameters()),
+                    "lr": self.hparams.pruner_lr,
+                    "betas": tuple(float(b) for b in self.hparams.pruner_betas),
+                }
+            )
         if not groups:
             raise ValueError("nothing to train: no trainable model parameters and no pruner parameters.")
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)

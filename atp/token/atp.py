@@ -205,9 +205,10 @@ class ATPPruner(TokenPruner):
     each instance's threshold. "level": the losses see every instance's threshold logit as the
     batch mean plus a constant offset, so they move the common level of the thresholds (through
     every MLP parameter) and the spread between instances is learned from the LM loss alone.
-    Why: an instance's budget gradient is proportional to how many of its tokens score near its
-    threshold, which is largest for busy images, so under "all" the budget pushes their
-    thresholds up hardest and cancels the adaptivity the scores carry (README).
+    It tests one hypothesis: an instance's budget gradient is proportional to how many of its
+    tokens score near its threshold, largest for busy images, so under "all" the budget pushes
+    their thresholds up hardest. On the testbed the thresholds rose with the object count
+    under "level" as well (README, "Two more causes tested on b2").
     """
 
     name = "atp"

@@ -68,3 +68,15 @@ def test_target_warmup_eases_the_budget_in_from_every_token(model_factory, targe
     assert VLMTrainingModule(model_factory(), pruner, target_tokens=target).scheduled_target() == target
     with pytest.raises(ValueError, match=r"target_warmup=1.0 is outside \[0, 1\)"):
         VLMTrainingModule(model_factory(), pruner, target_warmup=1.0)
+
+
+def test_pruner_betas_reach_only_the_pruner_group(model_factory):
+    pruner = ATPPruner(num_layers=4, hidden=8)
+    module = VLMTrainingModule(model_factory(), pruner, train_parts="lora", pruner_betas=[0.9, 0.95])
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    model_group, pruner_group = optimizer.param_groups
+    assert pruner_group["betas"] == (0.9, 0.95) and model_group["betas"] == (0.9, 0.999)
+    assert {id(p) for p in pruner_group["params"]} == {id(p) for p in pruner.parameters()}
+    with pytest.raises(ValueError, match=r"pruner_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"):
+        VLMTrainingModule(model_factory(), pruner, pruner_betas=[0.9, 1.0])
