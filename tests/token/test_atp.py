@@ -206,9 +206,9 @@ def test_thresholds_differ_per_instance_only_where_instance_wise(model_factory, 
         ATPPruner(num_layers=4, layers=[1, 3], instance_thresholds=["theta"])
 
 
-def training_backward(model, pruner, padding: str) -> torch.Tensor:
-    """One mask-mode training forward on RAGGED (LM loss on the last two tokens plus the ATP
-    and target losses), backward; returns the total loss."""
+def training_losses(model, pruner, padding: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask-mode training forward on RAGGED: (LM loss on the last two tokens, ATP plus
+    target losses)."""
     atp.apply(model, pruner, mode="mask")
     batch = make_batch(RAGGED, padding=padding)
     labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
@@ -216,7 +216,12 @@ def training_backward(model, pruner, padding: str) -> torch.Tensor:
     out = model(**batch, labels=labels)
     num_visual = atp.stats(model).num_visual
     losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
-    loss = out.loss + losses["atp"] + losses["target"]
+    return out.loss, losses["atp"] + losses["target"]
+
+
+def training_backward(model, pruner, padding: str) -> torch.Tensor:
+    """`training_losses`, summed and backpropagated; returns the total loss."""
+    loss = sum(training_losses(model, pruner, padding))
     loss.backward()
     return loss.detach()
 
@@ -244,17 +249,11 @@ def test_soft_training_trains_every_module(model_factory, straight_through, cont
 
 
 def module_gradients(model, pruner, parts: str) -> dict[str, torch.Tensor]:
-    """The threshold MLPs' gradients of one mask-mode training forward on RAGGED from the LM
-    loss (`parts="lm"`) or the ATP plus target losses (`parts="budget"`)."""
+    """The threshold MLPs' gradients of `training_losses` from the LM loss (`parts="lm"`) or
+    the ATP plus target losses (`parts="budget"`)."""
     pruner.zero_grad(set_to_none=False)
-    atp.apply(model, pruner, mode="mask")
-    batch = make_batch(RAGGED)
-    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
-    labels[:, :-2] = -100
-    out = model(**batch, labels=labels)
-    num_visual = atp.stats(model).num_visual
-    losses = atp_losses(pruner, num_visual, target_tokens=0.25 * num_visual.float())
-    (out.loss if parts == "lm" else losses["atp"] + losses["target"]).backward()
+    lm, budget = training_losses(model, pruner)
+    (lm if parts == "lm" else budget).backward()
     return {name: param.grad.clone() for name, param in pruner.named_parameters()}
 
 
