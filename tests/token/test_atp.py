@@ -206,7 +206,7 @@ def test_thresholds_differ_per_instance_only_where_instance_wise(model_factory, 
         ATPPruner(num_layers=4, layers=[1, 3], instance_thresholds=["theta"])
 
 
-def training_losses(model, pruner, padding: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def training_losses(model, pruner, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One mask-mode training forward on RAGGED: (LM loss on the last two tokens, ATP plus
     target losses)."""
     atp.apply(model, pruner, mode="mask")
@@ -252,7 +252,7 @@ def module_gradients(model, pruner, parts: str) -> dict[str, torch.Tensor]:
     """The threshold MLPs' gradients of `training_losses` from the LM loss (`parts="lm"`) or
     the ATP plus target losses (`parts="budget"`)."""
     pruner.zero_grad(set_to_none=False)
-    lm, budget = training_losses(model, pruner)
+    lm, budget = training_losses(model, pruner, padding="left")
     (lm if parts == "lm" else budget).backward()
     return {name: param.grad.clone() for name, param in pruner.named_parameters()}
 
