@@ -39,6 +39,11 @@ class VLMTrainingModule(L.LightningModule):
     0.999 the second moment remembers the large early gradients of the thresholds for about
     1,000 steps, so a threshold pushed where its gradient is small then moves far slower than
     pruner_lr; a smaller beta2 (e.g. 0.95) forgets them within about 20 steps.
+
+    budget_offset_lr: the learning rate of ATP's per-module threshold offsets (pruner option
+    budget_gradients="offset"; None: pruner_lr). Adam moves a parameter about its learning
+    rate per step, so at pruner_lr an offset would need about 1,000 steps to move the threshold
+    logits from their start (-3) to a budget of 25 %.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class VLMTrainingModule(L.LightningModule):
         lr: float = 1e-3,
         pruner_lr: float = 1e-4,
         pruner_betas: tuple[float, float] = (0.9, 0.999),
+        budget_offset_lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.05,
         lambda_atp: float = 0.05,
@@ -71,6 +77,8 @@ class VLMTrainingModule(L.LightningModule):
         self._check_target(target_tokens)
         if len(pruner_betas) != 2 or not all(0 <= beta < 1 for beta in pruner_betas):
             raise ValueError(f"pruner_betas={list(pruner_betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
+        if budget_offset_lr is not None and not budget_offset_lr > 0:
+            raise ValueError(f"budget_offset_lr={budget_offset_lr} must be positive (or null: pruner_lr).")
         if not 0 <= target_warmup < 1:
             raise ValueError(f"target_warmup={target_warmup} is outside [0, 1): give a fraction of the training steps.")
         if train_parts == "lora":
@@ -200,13 +208,13 @@ class VLMTrainingModule(L.LightningModule):
         if model_params:
             groups.append({"params": model_params, "lr": self.hparams.lr})
         if self.pruner is not None and any(p.requires_grad for p in self.pruner.parameters()):
-            groups.append(
-                {
-                    "params": list(self.pruner.parameters()),
-                    "lr": self.hparams.pruner_lr,
-                    "betas": tuple(float(b) for b in self.hparams.pruner_betas),
-                }
-            )
+            betas = tuple(float(b) for b in self.hparams.pruner_betas)
+            offsets = {name: p for name, p in self.pruner.named_parameters() if name.endswith("budget_offset")}
+            rest = [p for name, p in self.pruner.named_parameters() if name not in offsets]
+            groups.append({"params": rest, "lr": self.hparams.pruner_lr, "betas": betas})
+            if offsets:
+                offset_lr = self.hparams.budget_offset_lr or self.hparams.pruner_lr
+                groups.append({"params": list(offsets.values()), "lr": offset_lr, "betas": betas})
         if not groups:
             raise ValueError("nothing to train: no trainable model parameters and no pruner parameters.")
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)

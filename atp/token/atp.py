@@ -40,6 +40,7 @@ NUM_SCORE_FEATURES = 2 * (2 + len(QUANTILES)) + 2
 NUM_CONTENT_FEATURES = 3
 SAP_LEVELS = ((8, 1.0), (4, 0.75), (2, 0.5))
 SAP_FLOOR = 0.25
+BUDGET_GRADIENTS = ("all", "level", "offset")
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -86,7 +87,7 @@ def instance_threshold_kinds(instance_thresholds: bool | list[str]) -> frozenset
 class ThresholdMLP(nn.Module):
     """Instance statistics [B, F] -> (theta_r, theta_s), each [B] in (0, 1)."""
 
-    def __init__(self, num_features: int, hidden: int = 256, init_bias: float = -3.0) -> None:
+    def __init__(self, num_features: int, hidden: int = 256, init_bias: float = -3.0, offset: bool = False) -> None:
         super().__init__()
         self.trunk = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU())
         self.redundancy_head = nn.Linear(hidden, 1)
@@ -94,6 +95,8 @@ class ThresholdMLP(nn.Module):
         for head in (self.redundancy_head, self.spatial_head):  # start near theta = 0.05: keep ~all
             nn.init.normal_(head.weight, std=1e-3)
             nn.init.constant_(head.bias, init_bias)
+        # [2] logit offset of (theta_r, theta_s) shared by every instance (budget_gradients="offset")
+        self.budget_offset = nn.Parameter(torch.zeros(2)) if offset else None
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.sigmoid(self.logits(features)).unbind(1))
@@ -101,7 +104,8 @@ class ThresholdMLP(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """[B, F] -> [B, 2] pre-sigmoid (theta_r, theta_s)."""
         hidden = self.trunk(features)
-        return torch.cat([self.redundancy_head(hidden), self.spatial_head(hidden)], 1)
+        logits = torch.cat([self.redundancy_head(hidden), self.spatial_head(hidden)], 1)
+        return logits if self.budget_offset is None else logits + self.budget_offset
 
 
 def redundancy_scores(ctx: PruneContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +212,12 @@ class ATPPruner(TokenPruner):
     It tests one hypothesis: an instance's budget gradient is proportional to how many of its
     tokens score near its threshold, largest for busy images, so under "all" the budget pushes
     their thresholds up hardest. On the testbed the thresholds rose with the object count
-    under "level" as well (README, "Two more causes tested on b2").
+    under "level" as well (README, "Two more causes tested on b2"): the level still moves
+    through the MLP's weights, which shift each instance's logit by its own hidden features.
+    "offset": every module gets a learned logit offset per threshold, shared by all instances
+    (`ThresholdMLP.budget_offset`, in the pruner's parameters under that name, so a trainer
+    can give it its own learning rate), and the budget losses train only it; the MLP learns
+    from the LM loss alone, the offset from both.
     """
 
     name = "atp"
@@ -237,11 +246,16 @@ class ATPPruner(TokenPruner):
         self.score_gradients = bool(score_gradients)
         self.sap_layers = sap_layers(sap, self.layers)
         self.instance_thresholds = instance_threshold_kinds(instance_thresholds)
-        if budget_gradients not in ("all", "level"):
-            raise ValueError(f"atp: budget_gradients must be 'all' or 'level', got {budget_gradients!r}.")
+        if budget_gradients not in BUDGET_GRADIENTS:
+            raise ValueError(
+                f"atp: budget_gradients must be one of {', '.join(map(repr, BUDGET_GRADIENTS))}, got {budget_gradients!r}."
+            )
         self.budget_gradients = budget_gradients
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
-        self.modules_by_layer = nn.ModuleDict({str(layer): ThresholdMLP(num_features, hidden) for layer in self.layers})
+        offset = budget_gradients == "offset"
+        self.modules_by_layer = nn.ModuleDict(
+            {str(layer): ThresholdMLP(num_features, hidden, offset=offset) for layer in self.layers}
+        )
         self.soft_counts: dict[int, torch.Tensor] = {}  # layer -> [B] visual tokens after the module
         self.thresholds: dict[int, torch.Tensor] = {}  # layer -> [B, 2] (theta_r, theta_s)
 
@@ -289,11 +303,14 @@ class ATPPruner(TokenPruner):
         if self.budget_gradients == "all":
             self.soft_counts[ctx.layer] = (ctx.weight * soft * ctx.visual).sum(1)
             return soft
-        # "level": the same values, but the counts the losses read see every instance's threshold logit
-        # as the batch mean plus a constant offset, in this module's mask and those of the modules before it
-        with_image = (ctx.num_visual > 0).float()[:, None]  # [B, 1]
-        level = (logits * with_image).sum(0) / with_image.sum().clamp_min(1.0)  # [2]
-        budget_logits = torch.where(instance_wise.to(logits.device), level + (logits - level).detach(), logits)
+        # the same values, but the counts the losses read see only the common level of the threshold logits
+        # ("level": the batch mean, "offset": the module's offset) move, in this module's mask and the earlier ones'
+        if self.budget_gradients == "offset":
+            budget_logits = (logits - module.budget_offset).detach() + module.budget_offset
+        else:
+            with_image = (ctx.num_visual > 0).float()[:, None]  # [B, 1]
+            level = (logits * with_image).sum(0) / with_image.sum().clamp_min(1.0)  # [2]
+            budget_logits = torch.where(instance_wise.to(logits.device), level + (logits - level).detach(), logits)
         budget_r, budget_s = torch.sigmoid(budget_logits).unbind(1)
         counted = self._soft_mask(s_redundancy, s_spatial, budget_r, budget_s, hard, ctx.visual, sap)
         earlier = ctx.weight if ctx.layer == min(self.layers) else self._budget_weight

@@ -80,3 +80,18 @@ def test_pruner_betas_reach_only_the_pruner_group(model_factory):
     assert {id(p) for p in pruner_group["params"]} == {id(p) for p in pruner.parameters()}
     with pytest.raises(ValueError, match=r"pruner_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"):
         VLMTrainingModule(model_factory(), pruner, pruner_betas=[0.9, 1.0])
+
+
+def test_budget_offsets_get_their_own_learning_rate(model_factory):
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], hidden=8, budget_gradients="offset")
+    module = VLMTrainingModule(model_factory(), pruner, train_parts="pruner", pruner_lr=1e-3, budget_offset_lr=0.1)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    mlp_group, offset_group = module.configure_optimizers()["optimizer"].param_groups
+    offsets = [pruner.modules_by_layer[layer].budget_offset for layer in ("1", "3")]
+    assert {id(p) for p in offset_group["params"]} == {id(p) for p in offsets} and offset_group["lr"] == 0.1
+    assert len(mlp_group["params"]) + 2 == len(list(pruner.parameters())) and mlp_group["lr"] == 1e-3
+    default = VLMTrainingModule(model_factory(), pruner, train_parts="pruner", pruner_lr=1e-3)
+    default._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    assert [group["lr"] for group in default.configure_optimizers()["optimizer"].param_groups] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match=r"budget_offset_lr=0.0 must be positive \(or null: pruner_lr\)"):
+        VLMTrainingModule(model_factory(), pruner, budget_offset_lr=0.0)

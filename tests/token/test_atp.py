@@ -304,8 +304,46 @@ def test_level_budget_gradients_move_only_the_common_level(model_factory, instan
             expected = bias_grad[:, None] * head_inputs[name.rsplit(".", 1)[0]].mean(0, keepdim=True)
             assert_close(level, expected, rtol=1e-4, atol=1e-9)
             assert (level - full).abs().amax() > 1e-3 * full.abs().amax(), name
-    with pytest.raises(ValueError, match="budget_gradients must be 'all' or 'level', got 'bias'"):
+    with pytest.raises(ValueError, match="budget_gradients must be one of 'all', 'level', 'offset', got 'bias'"):
         ATPPruner(num_layers=4, layers=[1, 3], budget_gradients="bias")
+
+
+@pytest.mark.parametrize("instance", [True, ["redundancy"]])
+def test_offset_budget_gradients_train_only_the_offsets(model_factory, instance):
+    """budget_gradients="offset" adds a per-module logit offset (zero: the values of "all").
+    The budget losses train only it, and an offset shifts every instance's logit as its head's
+    bias does, so its gradients (budget and LM) are the "all" path's head-bias gradients; the
+    MLP's LM gradients are those of "all", its budget gradients zero."""
+    model = model_factory()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    pruners = {}
+    for mode in ("all", "offset"):
+        pruners[mode] = ATPPruner(
+            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=mode
+        ).train()
+    missing = pruners["offset"].load_state_dict(pruners["all"].state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["modules_by_layer.1.budget_offset", "modules_by_layer.3.budget_offset"]
+    with torch.no_grad():  # thresholds near the middle of the scores, so that the masks have gradients
+        for pruner in pruners.values():
+            for module in pruner.modules_by_layer.values():
+                module.redundancy_head.bias.fill_(0.0)
+                module.spatial_head.bias.fill_(0.3)
+    grads = {(mode, parts): module_gradients(model, pruners[mode], parts) for mode in pruners for parts in ("lm", "budget")}
+    for layer in (1, 3):
+        assert torch.equal(pruners["all"].soft_counts[layer], pruners["offset"].soft_counts[layer])
+        assert torch.equal(pruners["all"].thresholds[layer], pruners["offset"].thresholds[layer])
+    for layer in ("1", "3"):
+        offset = f"modules_by_layer.{layer}.budget_offset"
+        for parts in ("lm", "budget"):
+            heads = [grads["all", parts][f"modules_by_layer.{layer}.{kind}_head.bias"] for kind in ("redundancy", "spatial")]
+            assert_close(grads["offset", parts][offset], torch.cat(heads), rtol=1e-5, atol=1e-9)
+        assert grads["offset", "budget"][offset].abs().amin() > 0
+    for name in grads["all", "lm"]:
+        assert_close(grads["offset", "lm"][name], grads["all", "lm"][name], rtol=0, atol=0)
+        assert not grads["offset", "budget"][name].any(), name
+        assert grads["all", "budget"][name].any() or "trunk" not in name, name
 
 
 def test_content_features_match_a_per_sample_computation():
