@@ -247,9 +247,8 @@ class ATPPruner(TokenPruner):
         self.sap_layers = sap_layers(sap, self.layers)
         self.instance_thresholds = instance_threshold_kinds(instance_thresholds)
         if budget_gradients not in BUDGET_GRADIENTS:
-            raise ValueError(
-                f"atp: budget_gradients must be one of {', '.join(map(repr, BUDGET_GRADIENTS))}, got {budget_gradients!r}."
-            )
+            choices = ", ".join(map(repr, BUDGET_GRADIENTS))
+            raise ValueError(f"atp: budget_gradients must be one of {choices}, got {budget_gradients!r}.")
         self.budget_gradients = budget_gradients
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
         offset = budget_gradients == "offset"

@@ -257,21 +257,48 @@ def module_gradients(model, pruner, parts: str) -> dict[str, torch.Tensor]:
     return {name: param.grad.clone() for name, param in pruner.named_parameters()}
 
 
-@pytest.mark.parametrize("instance", [True, False, ["redundancy"]])
-def test_level_budget_gradients_move_only_the_common_level(model_factory, instance):
-    """budget_gradients="level" changes no value and no LM gradient. The budget losses see each
-    instance-wise threshold logit as the batch mean plus a constant, so (chain rule) a head's
-    weight gets its bias's gradient times the batch mean of the head's input; "all" differs."""
+PARTS = ("lm", "budget")
+
+
+def paired_pruners(model_factory, instance, mode: str):
+    """(frozen tiny model, {"all": pruner, mode: pruner}): two training-mode ATP pruners with the
+    same MLP weights, thresholds near the middle of the scores so that the masks have gradients."""
     model = model_factory()
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
     pruners = {}
-    for mode in ("all", "level"):
-        pruners[mode] = ATPPruner(
-            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=mode
+    for name in ("all", mode):
+        pruners[name] = ATPPruner(
+            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=name
         ).train()
-    pruners["level"].load_state_dict(pruners["all"].state_dict())
+    missing = pruners[mode].load_state_dict(pruners["all"].state_dict(), strict=False).missing_keys
+    offsets = [f"modules_by_layer.{layer}.budget_offset" for layer in (1, 3)]
+    assert missing == ([] if mode == "level" else offsets)
+    with torch.no_grad():
+        for pruner in pruners.values():
+            for module in pruner.modules_by_layer.values():
+                module.redundancy_head.bias.fill_(0.0)
+                module.spatial_head.bias.fill_(0.3)
+    return model, pruners
+
+
+def paired_gradients(model, pruners) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(mode, "lm" | "budget") -> the MLPs' gradients; both pruners must compute the same values."""
+    grads = {(mode, part): module_gradients(model, pruner, part) for mode, pruner in pruners.items() for part in PARTS}
+    first, second = pruners.values()
+    for layer in (1, 3):
+        assert torch.equal(first.soft_counts[layer], second.soft_counts[layer])
+        assert torch.equal(first.thresholds[layer], second.thresholds[layer])
+    return grads
+
+
+@pytest.mark.parametrize("instance", [True, False, ["redundancy"]])
+def test_level_budget_gradients_move_only_the_common_level(model_factory, instance):
+    """budget_gradients="level" changes no value and no LM gradient. The budget losses see each
+    instance-wise threshold logit as the batch mean plus a constant, so (chain rule) a head's
+    weight gets its bias's gradient times the batch mean of the head's input; "all" differs."""
+    model, pruners = paired_pruners(model_factory, instance, "level")
     head_inputs = {}  # the trunk output [B, hidden] each head read first: the one for the instance features
 
     def record(name: str):
@@ -283,15 +310,7 @@ def test_level_budget_gradients_move_only_the_common_level(model_factory, instan
     for name, module in pruners["level"].named_modules():
         if name.endswith("_head"):
             module.register_forward_hook(record(name))
-    with torch.no_grad():  # thresholds near the middle of the scores, so that the masks have gradients
-        for pruner in pruners.values():
-            for module in pruner.modules_by_layer.values():
-                module.redundancy_head.bias.fill_(0.0)
-                module.spatial_head.bias.fill_(0.3)
-    grads = {(mode, parts): module_gradients(model, pruners[mode], parts) for mode in pruners for parts in ("lm", "budget")}
-    for layer in (1, 3):
-        assert torch.equal(pruners["all"].soft_counts[layer], pruners["level"].soft_counts[layer])
-        assert torch.equal(pruners["all"].thresholds[layer], pruners["level"].thresholds[layer])
+    grads = paired_gradients(model, pruners)
     kinds = {"redundancy", "spatial"} if instance is True else set(instance or [])
     for name in grads["all", "lm"]:
         assert_close(grads["level", "lm"][name], grads["all", "lm"][name], rtol=0, atol=0)
@@ -314,31 +333,14 @@ def test_offset_budget_gradients_train_only_the_offsets(model_factory, instance)
     The budget losses train only it, and an offset shifts every instance's logit as its head's
     bias does, so its gradients (budget and LM) are the "all" path's head-bias gradients; the
     MLP's LM gradients are those of "all", its budget gradients zero."""
-    model = model_factory()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(0)
-    pruners = {}
-    for mode in ("all", "offset"):
-        pruners[mode] = ATPPruner(
-            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=mode
-        ).train()
-    missing = pruners["offset"].load_state_dict(pruners["all"].state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["modules_by_layer.1.budget_offset", "modules_by_layer.3.budget_offset"]
-    with torch.no_grad():  # thresholds near the middle of the scores, so that the masks have gradients
-        for pruner in pruners.values():
-            for module in pruner.modules_by_layer.values():
-                module.redundancy_head.bias.fill_(0.0)
-                module.spatial_head.bias.fill_(0.3)
-    grads = {(mode, parts): module_gradients(model, pruners[mode], parts) for mode in pruners for parts in ("lm", "budget")}
-    for layer in (1, 3):
-        assert torch.equal(pruners["all"].soft_counts[layer], pruners["offset"].soft_counts[layer])
-        assert torch.equal(pruners["all"].thresholds[layer], pruners["offset"].thresholds[layer])
+    model, pruners = paired_pruners(model_factory, instance, "offset")
+    grads = paired_gradients(model, pruners)
     for layer in ("1", "3"):
         offset = f"modules_by_layer.{layer}.budget_offset"
-        for parts in ("lm", "budget"):
-            heads = [grads["all", parts][f"modules_by_layer.{layer}.{kind}_head.bias"] for kind in ("redundancy", "spatial")]
-            assert_close(grads["offset", parts][offset], torch.cat(heads), rtol=1e-5, atol=1e-9)
+        for part in PARTS:
+            biases = [f"modules_by_layer.{layer}.{kind}_head.bias" for kind in ("redundancy", "spatial")]
+            heads = [grads["all", part][bias] for bias in biases]
+            assert_close(grads["offset", part][offset], torch.cat(heads), rtol=1e-5, atol=1e-9)
         assert grads["offset", "budget"][offset].abs().amin() > 0
     for name in grads["all", "lm"]:
         assert_close(grads["offset", "lm"][name], grads["all", "lm"][name], rtol=0, atol=0)
