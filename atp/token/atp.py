@@ -41,6 +41,7 @@ NUM_CONTENT_FEATURES = 3
 SAP_LEVELS = ((8, 1.0), (4, 0.75), (2, 0.5))
 SAP_FLOOR = 0.25
 BUDGET_GRADIENTS = ("all", "level", "offset")
+BUDGET_COUNTS = ("mask", "hard")
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -220,6 +221,12 @@ class ATPPruner(TokenPruner):
     from the LM loss alone, the offset from both. On the testbed the LM-learned redundancy
     threshold before layer 3 then fell with the object count, but the spatial thresholds
     settled on SAP grid levels (README, "The budget on a learned offset").
+    budget_count: which token counts the ATP and target losses read in training [ours]. "mask":
+    those of the training mask (soft, or hard with `straight_through`). "hard": the hard keep
+    decisions that inference makes, with the soft mask's gradient (straight-through for the
+    counts only), so that soft-mask training (`straight_through=False`) still holds the budget
+    that inference keeps: with soft masks alone, the soft counts met the budget in training and
+    the hard ones fell short of it (README, "The budget on a learned offset").
     """
 
     name = "atp"
@@ -236,6 +243,7 @@ class ATPPruner(TokenPruner):
         sap: bool | list[int] = True,
         instance_thresholds: bool | list[str] = True,
         budget_gradients: str = "all",
+        budget_count: str = "mask",
     ) -> None:
         layers = default_layers(num_layers) if layers is None else list(layers)
         super().__init__(layers)
@@ -252,6 +260,10 @@ class ATPPruner(TokenPruner):
             choices = ", ".join(map(repr, BUDGET_GRADIENTS))
             raise ValueError(f"atp: budget_gradients must be one of {choices}, got {budget_gradients!r}.")
         self.budget_gradients = budget_gradients
+        if budget_count not in BUDGET_COUNTS:
+            choices = ", ".join(map(repr, BUDGET_COUNTS))
+            raise ValueError(f"atp: budget_count must be one of {choices}, got {budget_count!r}.")
+        self.budget_count = budget_count
         num_features = NUM_SCORE_FEATURES + (NUM_CONTENT_FEATURES if self.content_features else 0)
         offset = budget_gradients == "offset"
         self.modules_by_layer = nn.ModuleDict(
@@ -300,24 +312,34 @@ class ATPPruner(TokenPruner):
         if ctx.mode == "drop" or not self.training:
             self.soft_counts[ctx.layer] = (ctx.weight * hard).sum(1)
             return hard | ~ctx.visual
-        soft = self._soft_mask(s_redundancy, s_spatial, theta_r, theta_s, hard, ctx.visual, sap)
-        if self.budget_gradients == "all":
+        soft = self._soft_mask(s_redundancy, s_spatial, theta_r, theta_s, hard, ctx.visual, sap, self.straight_through)
+        count_hard = self.budget_count == "hard"
+        if self.budget_gradients == "all" and not count_hard:
             self.soft_counts[ctx.layer] = (ctx.weight * soft * ctx.visual).sum(1)
             return soft
-        # the same values, but the counts the losses read see only the common level of the threshold logits
-        # ("level": the batch mean, "offset": the module's offset) move, in this module's mask and the earlier ones'
-        if self.budget_gradients == "offset":
-            budget_logits = (logits - module.budget_offset).detach() + module.budget_offset
-        else:
-            with_image = (ctx.num_visual > 0).float()[:, None]  # [B, 1]
-            level = (logits * with_image).sum(0) / with_image.sum().clamp_min(1.0)  # [2]
-            budget_logits = torch.where(instance_wise.to(logits.device), level + (logits - level).detach(), logits)
-        budget_r, budget_s = torch.sigmoid(budget_logits).unbind(1)
-        counted = self._soft_mask(s_redundancy, s_spatial, budget_r, budget_s, hard, ctx.visual, sap)
+        # the counts the losses read, through this module's mask and the earlier ones': hard with
+        # budget_count="hard", and moved only by the thresholds' common level with "level" and "offset"
+        budget_r, budget_s = torch.sigmoid(self._budget_logits(logits, module, ctx, instance_wise)).unbind(1)
+        through = self.straight_through or count_hard
+        counted = self._soft_mask(s_redundancy, s_spatial, budget_r, budget_s, hard, ctx.visual, sap, through)
         earlier = ctx.weight if ctx.layer == min(self.layers) else self._budget_weight
         self._budget_weight = earlier * counted  # [B, S]: mask mode keeps the sequence length
         self.soft_counts[ctx.layer] = (self._budget_weight * ctx.visual).sum(1)
         return soft
+
+    def _budget_logits(
+        self, logits: torch.Tensor, module: ThresholdMLP, ctx: PruneContext, instance_wise: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, 2] the threshold logits as the budget losses see them: the same values; "all": every
+        gradient, "offset": only the module's offset's, "level": the instance-wise logits as their
+        batch mean (over samples with an image) plus a constant."""
+        if self.budget_gradients == "all":
+            return logits
+        if self.budget_gradients == "offset":
+            return (logits - module.budget_offset).detach() + module.budget_offset
+        with_image = (ctx.num_visual > 0).float()[:, None]  # [B, 1]
+        level = (logits * with_image).sum(0) / with_image.sum().clamp_min(1.0)  # [2]
+        return torch.where(instance_wise.to(logits.device), level + (logits - level).detach(), logits)
 
     def _soft_mask(
         self,
@@ -328,13 +350,14 @@ class ATPPruner(TokenPruner):
         hard: torch.Tensor,
         visual: torch.Tensor,
         sap: bool,
+        straight_through: bool,
     ) -> torch.Tensor:
         """[B, S] training mask: max(sigmoid(tau (S_r - theta_r)), sigmoid(tau (S_s - theta_s)))
         on visual slots, 1 elsewhere; with `straight_through`, `hard` forward and soft backward."""
         soft = torch.sigmoid(self.tau * (s_redundancy - theta_r[:, None]))
         if sap:
             soft = torch.maximum(soft, torch.sigmoid(self.tau * (s_spatial - theta_s[:, None])))
-        if self.straight_through:
+        if straight_through:
             soft = hard.float() + soft - soft.detach()
         return torch.where(visual, soft, torch.ones_like(soft))
 

@@ -254,33 +254,39 @@ def module_gradients(model, pruner, parts: str) -> dict[str, torch.Tensor]:
     pruner.zero_grad(set_to_none=False)
     lm, budget = training_losses(model, pruner, padding="left")
     (lm if parts == "lm" else budget).backward()
-    return {name: param.grad.clone() for name, param in pruner.named_parameters()}
+    return {
+        name: torch.zeros_like(param) if param.grad is None else param.grad.clone()
+        for name, param in pruner.named_parameters()
+    }
 
 
 PARTS = ("lm", "budget")
 
 
-def paired_pruners(model_factory, instance, mode: str):
-    """(frozen tiny model, {"all": pruner, mode: pruner}): two training-mode ATP pruners with the
-    same MLP weights, thresholds near the middle of the scores so that the masks have gradients."""
+def same_weight_pruners(model_factory, variants: dict[str, dict], layers: tuple[int, ...] = (1, 3)):
+    """(frozen tiny model, {name: pruner}): training-mode ATP pruners built with the keyword
+    arguments `variants[name]` and the same MLP weights (the first's; a missing budget offset
+    stays zero), thresholds near the middle of the scores so that the masks have gradients."""
     model = model_factory()
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
-    pruners = {}
-    for name in ("all", mode):
-        pruners[name] = ATPPruner(
-            num_layers=4, layers=[1, 3], straight_through=True, instance_thresholds=instance, budget_gradients=name
-        ).train()
-    missing = pruners[mode].load_state_dict(pruners["all"].state_dict(), strict=False).missing_keys
-    offsets = [f"modules_by_layer.{layer}.budget_offset" for layer in (1, 3)]
-    assert missing == ([] if mode == "level" else offsets)
-    with torch.no_grad():
-        for pruner in pruners.values():
+    pruners = {name: ATPPruner(num_layers=4, layers=list(layers), **kw).train() for name, kw in variants.items()}
+    first = next(iter(pruners.values()))
+    for pruner in pruners.values():
+        missing, unexpected = pruner.load_state_dict(first.state_dict(), strict=False)
+        assert all(key.endswith(".budget_offset") for key in missing + unexpected), (missing, unexpected)
+        with torch.no_grad():
             for module in pruner.modules_by_layer.values():
                 module.redundancy_head.bias.fill_(0.0)
                 module.spatial_head.bias.fill_(0.3)
     return model, pruners
+
+
+def paired_pruners(model_factory, instance, mode: str):
+    """(frozen tiny model, {"all": pruner, mode: pruner}), straight-through, `same_weight_pruners`."""
+    common = {"straight_through": True, "instance_thresholds": instance}
+    return same_weight_pruners(model_factory, {name: {**common, "budget_gradients": name} for name in ("all", mode)})
 
 
 def paired_gradients(model, pruners) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
@@ -346,6 +352,53 @@ def test_offset_budget_gradients_train_only_the_offsets(model_factory, instance)
         assert_close(grads["offset", "lm"][name], grads["all", "lm"][name], rtol=0, atol=0)
         assert not grads["offset", "budget"][name].any(), name
         assert grads["all", "budget"][name].any() or "trunk" not in name, name
+
+
+def hard_keep_counts(calls, thresholds) -> dict[int, torch.Tensor]:
+    """layer -> [B] visual tokens every module so far keeps by the threshold rule, recomputed
+    from `recording`'s scores of one forward and the thresholds the pruner used."""
+    keep, counts = None, {}
+    for layer, visual, s_self, s_cross, s_spatial in calls:
+        theta_r, theta_s = thresholds[layer].unbind(1)
+        rule = ((s_self + s_cross) / 2 > theta_r[:, None]) | (s_spatial > theta_s[:, None])
+        keep = visual & rule if keep is None else keep & rule
+        counts[layer] = keep.sum(1).float()
+    return counts
+
+
+@pytest.mark.parametrize("budget_gradients", ["all", "offset"])
+def test_hard_budget_count_reads_the_inference_keeps_under_soft_masks(model_factory, budget_gradients):
+    """budget_count="hard" with soft masks: the LM sees the soft masks (the values and LM gradients
+    of budget_count="mask"), the budget losses read the hard keep counts (recomputed from the
+    scores), and with one module their gradients are those of straight-through masks."""
+    variants = {
+        "hard": {"budget_count": "hard"},
+        "soft": {"budget_count": "mask"},
+        "straight": {"budget_count": "mask", "straight_through": True},
+    }
+    for kwargs in variants.values():
+        kwargs["budget_gradients"] = budget_gradients
+    model, pruners = same_weight_pruners(model_factory, variants)
+    calls = recording(pruners["hard"])
+    lm = {name: module_gradients(model, pruners[name], "lm") for name in ("hard", "soft")}
+    for name in lm["soft"]:
+        assert_close(lm["hard"][name], lm["soft"][name], rtol=0, atol=0)
+    expected = hard_keep_counts(calls[-2:], pruners["hard"].thresholds)
+    module_gradients(model, pruners["soft"], "budget")
+    budget = module_gradients(model, pruners["hard"], "budget")
+    for layer in (1, 3):
+        assert_close(pruners["hard"].soft_counts[layer], expected[layer], rtol=0, atol=1e-5)
+        assert (pruners["soft"].soft_counts[layer] - expected[layer]).abs().amax() > 0.1, layer
+    trained = [name for name in budget if ("offset" if budget_gradients == "offset" else "head") in name]
+    assert trained and all(budget[name].any() for name in trained), trained
+
+    model, pruners = same_weight_pruners(model_factory, variants, layers=(2,))
+    budget = {name: module_gradients(model, pruners[name], "budget") for name in ("hard", "straight")}
+    assert torch.equal(pruners["hard"].soft_counts[2], pruners["straight"].soft_counts[2])
+    for name in budget["hard"]:
+        assert_close(budget["hard"][name], budget["straight"][name], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="budget_count must be one of 'mask', 'hard', got 'soft'"):
+        ATPPruner(num_layers=4, layers=[1, 3], budget_count="soft")
 
 
 def test_content_features_match_a_per_sample_computation():
