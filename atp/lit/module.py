@@ -44,6 +44,15 @@ class VLMTrainingModule(L.LightningModule):
     budget_gradients="offset"; None: pruner_lr). Adam moves a parameter about its learning
     rate per step, so at the testbed's pruner_lr (3e-3) an offset would need 1,000 steps or more
     to move the threshold logits from their start (-3) to a budget of 25 % (a change of 3 to 5).
+
+    hard_finetune: the fraction of the training steps, at the end, in which the pruner is
+    frozen and the trainable LLM parts (LoRA) train on the pruner's hard drops, in `eval_mode`
+    as at inference [ours]. Soft masks train the LLM on tokens weighted between 0 and 1, which
+    inference then drops or keeps whole (README, "The budget on the hard counts"); this phase
+    adapts the LLM to the hard decisions its frozen thresholds make. The learning-rate schedule
+    restarts for it: warm-up and cosine over the soft phase as without it, then a cosine from
+    the full rate over the hard phase. With DDP set `strategy.find_unused_parameters=true`: the
+    frozen pruner gets no gradient in that phase.
     """
 
     def __init__(
@@ -63,6 +72,7 @@ class VLMTrainingModule(L.LightningModule):
         target_reduction: str = "batch",
         target_side: str = "both",
         target_warmup: float = 0.0,
+        hard_finetune: float = 0.0,
         train_mode: str = "mask",
         eval_mode: str = "drop",
         lora_rank: int = 16,
@@ -81,6 +91,14 @@ class VLMTrainingModule(L.LightningModule):
             raise ValueError(f"budget_offset_lr={budget_offset_lr} must be positive (or null: pruner_lr).")
         if not 0 <= target_warmup < 1:
             raise ValueError(f"target_warmup={target_warmup} is outside [0, 1): give a fraction of the training steps.")
+        if not 0 <= hard_finetune < 1:
+            raise ValueError(f"hard_finetune={hard_finetune} is outside [0, 1): give a fraction of the training steps.")
+        if hard_finetune > 0 and (pruner is None or train_parts == "pruner"):
+            raise ValueError(
+                f"hard_finetune={hard_finetune} trains the LLM on a frozen pruner's hard drops, but "
+                f"{'there is no pruner' if pruner is None else 'train_parts=pruner trains nothing else'}: "
+                "use train_parts=lora with a pruner, or hard_finetune=0."
+            )
         if train_parts == "lora":
             self._inject_lora(lora_rank, lora_alpha)
         for name, param in self.model.named_parameters():
@@ -115,6 +133,15 @@ class VLMTrainingModule(L.LightningModule):
         warmup_steps = self.hparams.target_warmup * self.trainer.estimated_stepping_batches
         return start + min(1.0, self.global_step / max(warmup_steps, 1.0)) * (final - start)
 
+    def phase_steps(self) -> tuple[int, int]:
+        """(soft, hard): the steps trained through the training masks, then the hard_finetune steps."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        hard = round(self.hparams.hard_finetune * total)
+        return total - hard, hard
+
+    def in_hard_phase(self) -> bool:
+        return self.hparams.hard_finetune > 0 and self.global_step >= self.phase_steps()[0]
+
     def _inject_lora(self, rank: int, alpha: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -138,9 +165,23 @@ class VLMTrainingModule(L.LightningModule):
             atp.apply(self.model, self.pruner, mode=mode)
             self._mode = mode
 
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if self.hparams.hard_finetune > 0 and isinstance(strategy, DDPStrategy):
+            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+                raise ValueError(
+                    f"hard_finetune={self.hparams.hard_finetune} freezes the pruner, which DDP then finds without "
+                    "a gradient: set strategy.find_unused_parameters=true."
+                )
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # every batch (a no-op when already attached so): validation may run mid-epoch
-        self.use_mode(self.hparams.train_mode)
+        hard = self.in_hard_phase()
+        if hard:
+            self.pruner.requires_grad_(False)
+        self.use_mode(self.hparams.eval_mode if hard else self.hparams.train_mode)
 
     def on_validation_epoch_start(self) -> None:
         self.use_mode(self.hparams.eval_mode)
@@ -182,6 +223,8 @@ class VLMTrainingModule(L.LightningModule):
                 batch_size=size,
             )
         self.log("train/loss", loss, batch_size=size)
+        if self.hparams.hard_finetune > 0:
+            self.log("train/hard_phase", float(self.in_hard_phase()), batch_size=size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -218,13 +261,18 @@ class VLMTrainingModule(L.LightningModule):
         if not groups:
             raise ValueError("nothing to train: no trainable model parameters and no pruner parameters.")
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
+        soft, hard = self.phase_steps()
+        warmup = int(self.hparams.warmup_ratio * soft)
 
-        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0
+        def cosine(progress: float) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0; the hard phase restarts the cosine
+            if hard and step >= soft:
+                return cosine((step - soft) / hard)
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            return cosine((step - warmup) / max(1, soft - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -95,3 +95,84 @@ def test_budget_offsets_get_their_own_learning_rate(model_factory):
     assert [group["lr"] for group in default.configure_optimizers()["optimizer"].param_groups] == [1e-3, 1e-3]
     with pytest.raises(ValueError, match=r"budget_offset_lr=0.0 must be positive \(or null: pruner_lr\)"):
         VLMTrainingModule(model_factory(), pruner, budget_offset_lr=0.0)
+
+
+def hard_finetune_module(model_factory, straight_through: bool = False, **kwargs) -> VLMTrainingModule:
+    """LoRA (moved off its zero init) and ATP modules before layers 1 and 3 whose thresholds sit
+    inside the scores, so that tokens drop; the same weights for every call."""
+    torch.manual_seed(0)
+    pruner = ATPPruner(num_layers=4, layers=[1, 3], hidden=8, straight_through=straight_through)
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            module.redundancy_head.bias.fill_(0.0)
+            module.spatial_head.bias.fill_(0.3)
+    module = VLMTrainingModule(model_factory(), pruner, train_parts="lora", lora_rank=4, **kwargs)
+    with torch.no_grad():
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=8, global_step=0)
+    return module
+
+
+def test_hard_finetune_trains_lora_on_the_frozen_pruners_drops(model_factory):
+    """The last quarter of 8 steps: the pruner frozen, LoRA trained on the runtime's drops. Reference:
+    the same weights in mask mode with the pruner's hard (straight-through) masks."""
+    batch = make_batch([(2, 3), (4, 2)])
+    batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    batch["labels"][:, :-1] = -100  # predicted from a text token (after a dropped visual token, the drop
+    # path's hidden state is zero while the mask path computes one)
+    module = hard_finetune_module(model_factory, hard_finetune=0.25)
+    assert module.phase_steps() == (6, 2)
+    module._trainer.global_step = 5
+    module.on_train_batch_start(batch, 0)
+    assert module._mode == "mask" and all(p.requires_grad for p in module.pruner.parameters())
+    module._trainer.global_step = 6
+    module.on_train_batch_start(batch, 0)
+    assert module._mode == "drop" and not any(p.requires_grad for p in module.pruner.parameters())
+    loss = module(batch, labels=batch["labels"]).loss
+    loss.backward()
+    kept = atp.stats(module.model).visual_tokens
+    assert 0 < kept[:, 1:].float().mean() < 16  # tokens dropped, not all of them
+
+    reference = hard_finetune_module(model_factory, straight_through=True)
+    reference.use_mode("mask")
+    reference.pruner.train()
+    reference_loss = reference(batch, labels=batch["labels"]).loss
+    reference_loss.backward()
+    assert_close(loss, reference_loss, rtol=1e-4, atol=1e-5)
+    lora = {n: p.grad for n, p in module.model.named_parameters() if "lora_" in n}
+    reference_lora = {n: p.grad for n, p in reference.model.named_parameters() if "lora_" in n}
+    assert sum(g.abs().sum() for g in lora.values()) > 0
+    for name, grad in lora.items():
+        assert_close(grad, reference_lora[name], rtol=1e-3, atol=1e-6)
+    assert all(p.grad is None for p in module.pruner.parameters())
+
+
+def test_hard_finetune_restarts_the_schedule_after_the_unchanged_soft_phase(model_factory):
+    def rates(module, steps: int) -> list[float]:
+        scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+        return [scheduler.lr_lambdas[0](step) for step in range(steps)]
+
+    with_hard = hard_finetune_module(model_factory, hard_finetune=0.25, warmup_ratio=0.4)
+    without = hard_finetune_module(model_factory, warmup_ratio=0.4)
+    without._trainer.estimated_stepping_batches = 6  # the soft phase alone
+    assert rates(with_hard, 6) == rates(without, 6)
+    assert rates(with_hard, 8)[6:] == pytest.approx([1.0, 0.5])  # cosine from the full rate over 2 steps
+
+
+def test_hard_finetune_refuses_what_cannot_train_it(model_factory):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    with pytest.raises(ValueError, match=r"hard_finetune=1.0 is outside \[0, 1\)"):
+        VLMTrainingModule(model_factory(), ATPPruner(num_layers=4, hidden=8), train_parts="lora", hard_finetune=1.0)
+    with pytest.raises(ValueError, match=r"hard_finetune=0.2 .* train_parts=pruner trains nothing else"):
+        VLMTrainingModule(model_factory(), ATPPruner(num_layers=4, hidden=8), train_parts="pruner", hard_finetune=0.2)
+    with pytest.raises(ValueError, match=r"hard_finetune=0.2 .* there is no pruner"):
+        VLMTrainingModule(model_factory(), None, train_parts="lora", hard_finetune=0.2)
+    module = hard_finetune_module(model_factory, hard_finetune=0.2)
+    module._trainer.strategy = DDPStrategy(find_unused_parameters=False)
+    with pytest.raises(ValueError, match=r"set strategy.find_unused_parameters=true"):
+        module.on_fit_start()
+    module._trainer.strategy = DDPStrategy(find_unused_parameters=True)
+    module.on_fit_start()

@@ -404,3 +404,20 @@ def test_budget_evaluations_collect_into_one_table(base_model, tmp_path):
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     rows = [line for line in table.read_text().splitlines() if line.startswith("| f")]
     assert [row.split(" | ")[0] for row in rows] == ["| fastv @ 64 tokens", "| fitprune @ 64 tokens"]
+
+
+def test_hard_finetune_freezes_the_pruner_while_lora_trains(base_model, tmp_path):
+    """4 steps, the last 2 in the hard phase: the checkpoints after steps 2 to 4 hold the same pruner."""
+    overrides = atp_overrides(base_model, tmp_path, tmp_path / "data", steps=4)
+    run_training(compose_train([*overrides, "module.hard_finetune=0.5"]))
+    states = [
+        torch.load(tmp_path / f"checkpoints/epoch={(step - 1) // 2}-step={step}.ckpt", weights_only=False)["state_dict"]
+        for step in range(1, 5)
+    ]
+    pruner_keys = [k for k in states[0] if k.startswith("pruner.")]
+    lora_keys = [k for k in states[0] if "lora_" in k]
+    assert pruner_keys and lora_keys
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in pruner_keys)  # the soft phase trains it
+    for later in states[2:]:
+        assert all(torch.equal(states[1][k], later[k]) for k in pruner_keys)
+        assert any(not torch.equal(states[1][k], later[k]) for k in lora_keys)
