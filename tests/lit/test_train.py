@@ -421,3 +421,21 @@ def test_hard_finetune_freezes_the_pruner_while_lora_trains(base_model, tmp_path
     for later in states[2:]:
         assert all(torch.equal(states[1][k], later[k]) for k in pruner_keys)
         assert any(not torch.equal(states[1][k], later[k]) for k in lora_keys)
+
+
+def test_soft_recipe_is_the_measured_command():
+    """experiment=atp_llava_shapes_soft composes to the overrides of the README's measured runs."""
+    measured = [
+        "experiment=atp_llava_shapes",
+        "pruner.budget_gradients=offset",
+        "pruner.straight_through=false",
+        "pruner.tau=40",
+        "module.budget_offset_lr=0.1",
+        "module.pruner_betas=[0.9,0.95]",
+        "trainer.max_steps=200",
+        "module.hard_finetune=0.25",
+        "experiment_name=atp_llava_shapes_soft",
+    ]
+    recipe = compose_train(["experiment=atp_llava_shapes_soft"])
+    assert recipe == compose_train(measured)
+    assert recipe.module.hard_finetune == 0.25 and recipe.pruner.layers == [1, 3]
