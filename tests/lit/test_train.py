@@ -432,10 +432,8 @@ def test_soft_recipe_is_the_measured_command():
         "pruner.tau=40",
         "module.budget_offset_lr=0.1",
         "module.pruner_betas=[0.9,0.95]",
-        "trainer.max_steps=200",
-        "module.hard_finetune=0.25",
         "experiment_name=atp_llava_shapes_soft",
     ]
     recipe = compose_train(["experiment=atp_llava_shapes_soft"])
     assert recipe == compose_train(measured)
-    assert recipe.module.hard_finetune == 0.25 and recipe.pruner.layers == [1, 3]
+    assert recipe.pruner.tau == 40 and recipe.pruner.layers == [1, 3] and recipe.trainer.max_steps == 150
