@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import atp
+from atp.models.hf_compat import cache_kwargs, output_cache
 from tests.conftest import make_batch
 
 
@@ -102,10 +103,10 @@ def test_foreign_cache_is_refused(model_factory):
     model = model_factory()
     batch = make_batch([(2, 2)])
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values  # filled by the stock model
+        cache = output_cache(model(**batch, use_cache=True))  # filled by the stock model
         atp.apply(model, atp.build_pruner("random", layers=1, keep_ratio=0.5))
         with pytest.raises(RuntimeError, match="not filled by a prefill of the pruned model"):
-            model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+            model(input_ids=torch.tensor([[5]]), **cache_kwargs(cache))
 
 
 def test_layers_replaced_after_apply(model_factory):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from atp.models import get_adapter
+from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
 from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
 from atp.runtime.prompt import locate_prompt_parts
@@ -226,7 +227,7 @@ class PruningRuntime:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.ndim != 2:
             raise ValueError(f"atp runtime supports 2D position_ids [batch, seq], got {position_ids.ndim}D.")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:
             position = self._begin_decode(embeds, attention_mask, position_ids, cache, image_mask)
@@ -322,7 +323,7 @@ class PruningRuntime:
     def _prefill_layer(self, index: int, hidden: torch.Tensor, kwargs: dict):
         state = self._prefill
         if index == 0:
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             if cache is not None and getattr(cache, "is_compileable", False):
                 raise ValueError(
                     f"{type(cache).__name__} is not supported by the pruning runtime (each layer caches a "
@@ -344,7 +345,7 @@ class PruningRuntime:
     def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict) -> LayerInputs:
         state, record = self._decode, self._last_prefill
         layout = record.layouts[index]
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         expected = layout.length + state.num_cached_new
         if cache is not None and cache.get_seq_length(index) != expected:
             raise RuntimeError(
