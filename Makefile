@@ -3,11 +3,32 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench quickstart compare budgets smollm2 structural
+.PHONY: setup setup-newest setup-oldest versions lock test bench quickstart compare budgets smollm2 structural
 
-setup:  ## fresh virtual environment; torch pinned through constraints.txt (CPU wheel)
+setup:  ## fresh virtual environment with the exact versions of the last green CI (constraints.txt, torch CPU wheel)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+
+# The other CI legs. Only torch stays pinned (constraints-newest.txt): a newer torch is a CUDA build of several GB.
+setup-newest:  ## VENV upgraded to the newest versions pyproject.toml's ranges allow
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --upgrade-strategy eager -c constraints-newest.txt -e ".[dev]"
+
+OLDEST ?= transformers==5.23.0 peft==0.18.0 lightning==2.4.0
+setup-oldest:  ## VENV (new, or the newest leg's) moved to the ranges' lower bounds for the libraries atp hooks into
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints-newest.txt -e ".[dev]" $(OLDEST)
+
+versions:  ## the versions of the libraries atp hooks into, as installed in VENV
+	@$(BIN)/python -c "import importlib.metadata as m; print('  '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'lightning')))"
+
+lock:  ## rewrite constraints.txt from a fresh environment at the newest versions the ranges allow; then run make test
+	rm -rf .venv-lock
+	$(MAKE) setup-newest VENV=.venv-lock
+	{ echo "# The exact versions of the last green CI; make setup installs these (pip install -c constraints.txt)."; \
+	  echo "# Regenerate with make lock (newest versions within pyproject.toml's ranges), then run make test."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf .venv-lock
 
 test:  ## the whole suite (CPU, minutes)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

@@ -13,13 +13,27 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import transformers
 from transformers.models.llama.modeling_llama import LlamaModel
 
 #: Names a cache may travel under between HF modules, newest first.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
+
+
+def _cache_keyword() -> str:
+    accepted = inspect.signature(LlamaModel.forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in accepted:
+            return name
+    raise ImportError(
+        f"this transformers ({transformers.__version__}) passes the KV cache under none of {CACHE_KEYWORDS}; "
+        "atp supports the transformers range declared in its pyproject.toml: install a version inside it."
+    )
+
+
 #: The keyword the installed transformers' model forwards take for the cache.
-CACHE_KEYWORD = next(name for name in CACHE_KEYWORDS if name in inspect.signature(LlamaModel.forward).parameters)
+CACHE_KEYWORD = _cache_keyword()
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:
