@@ -384,7 +384,7 @@ def atp_losses(
     target_reduction: str = "batch",
     target_side: str = "both",
 ) -> dict[str, torch.Tensor]:
-    """The ATP loss and the target-token loss of the last forward (METHODS.md section 1).
+    """The ATP loss and the target-token loss of the last forward (docs/methods.md, "ATP-LLaVA").
 
     num_visual: [B] visual tokens at the LLM input (N); target_tokens: N_target (absolute,
     a float or [B]). Samples without an image are left out. Returns the weighted terms
@@ -395,7 +395,7 @@ def atp_losses(
     "instance" averages |mean_l n_l - N_target| / N over the samples, which pulls every
     image to the same count and so works against instance adaptivity.
 
-    target_side: "both" penalises any distance from N_target (METHODS.md); "above" [ours] only
+    target_side: "both" penalises any distance from N_target (docs/methods.md); "above" [ours] only
     an excess (a ceiling, max(0, .)), so below the budget only the LM and ATP losses decide
     how many tokens to keep.
     """
