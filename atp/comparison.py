@@ -107,10 +107,12 @@ def verdict(
     unpruned: EvaluationResult,
     blank: EvaluationResult,
     alpha: float = ALPHA,
+    weak_model_hint: str | None = None,
 ) -> tuple[bool, list[str]]:
     """(shown, lines): whether `method` is ahead of every baseline, at the same measured tokens,
     by more than the sampling noise (one-sided sign test at `alpha`), and the lines that say so
-    or say why not."""
+    or say why not. `weak_model_hint` follows the reason "the model answers most questions
+    without the image" (e.g. how to train a model that needs it)."""
     comparisons = [paired(method, b) for b in baselines]
     lines = []
     for c in comparisons:
@@ -150,8 +152,8 @@ def verdict(
         why.append(
             f"the model answers most questions without the image: unpruned {100 * unpruned.accuracy:.1f} % vs "
             f"{100 * blank.accuracy:.1f} % with blank images, so the image is worth {image_worth:.1f} points, "
-            "no more than the lead these questions would need, so a pruner can hardly be shown ahead on this model "
-            "(a base trained longer needs the image more: the README's result used a 1,000-step base)"
+            "no more than the lead these questions would need, so a pruner can hardly be shown ahead on this model"
+            + (f" ({weak_model_hint})" if weak_model_hint else "")
         )
     lines.append(f"VERDICT: not shown that {method.method} beats the baselines: " + "; ".join(why) + ".")
     return False, lines

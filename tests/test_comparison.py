@@ -98,9 +98,9 @@ def test_a_lead_within_noise_is_not_shown_and_says_what_lead_was_needed():
 def test_a_base_that_ignores_the_image_is_named_as_the_reason():
     a, b = table(200, both=80, wins=12, losses=8)  # needs 5.0 points
     unpruned, blank = controls(200, 86, 80)  # 43.0 % vs 40.0 %: the image is worth 3.0 points
-    shown, lines = verdict(result("atp", a), [result("fastv", b)], unpruned, blank)
+    shown, lines = verdict(result("atp", a), [result("fastv", b)], unpruned, blank, weak_model_hint="train longer")
     assert not shown
-    assert "the image is worth 3.0 points" in lines[-1]
+    assert "the image is worth 3.0 points" in lines[-1] and "(train longer)" in lines[-1]
 
 
 def test_being_behind_is_reported():
