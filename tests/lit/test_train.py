@@ -292,6 +292,8 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         "| random (cut before layer 1",
     ):
         assert row in result.stdout
+    assert "VERDICT: " in result.stdout  # the plain verdict line (atp.comparison), also in verdict.txt
+    assert (tmp_path / "cmp" / "verdict.txt").read_text().splitlines()[-1].startswith("VERDICT: ")
 
     # constant thresholds: keep everything, or only the stride-8 SAP grid after the first module
     num_visual = round(json.loads((tmp_path / "cmp" / "results.json").read_text())[0]["avg_visual_tokens"])
