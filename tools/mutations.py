@@ -79,6 +79,13 @@ MUTATIONS = [
         "the evaluation's correct rule: first-word match -> substring match",
     ),
     Mutation(
+        "kv_ratio_unpruned",
+        "atp/evaluation.py",
+        "kv += float(report.kv_bytes.sum())",
+        "kv += float(report.kv_bytes_unpruned.sum())",
+        "the evaluation's KV-cache ratio counts the unpruned cache (always 1)",
+    ),
+    Mutation(
         "s_self_ignores_soft_weights",
         "atp/token/atp.py",
         "query_weight = (ctx.weight * visual).float()",
