@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -65,14 +66,56 @@ def test_evaluate_reports_consistent_numbers(setup):
     assert result.accuracy == sum(s["correct"] for s in result.per_sample) / 6
     assert result.input_visual_tokens == 576
     assert result.avg_visual_tokens == pytest.approx((576 + 3 * 144) / 4)
-    batch = next(iter(loader))  # FLOPs ratio: the accounting module on the same prompts
-    with torch.no_grad():
-        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
-    report = cost_report(model.config.text_config, atp.stats(model))
-    assert 0.3 < result.flops_ratio < 1 and result.flops_ratio == pytest.approx(report.flops_ratio, rel=0.05)
-    assert result.latency_ratio > 0
+    runtime = atp.runtime_of(model)  # the latency measurement detached and re-attached the pruner
+    assert runtime.pruner.name == "fastv" and runtime.mode == "drop"
+    costs = torch.zeros(4, dtype=torch.float64)  # FLOPs and KV bytes: the accounting module, every prompt
+    for batch in loader:
+        with torch.no_grad():
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+        report = cost_report(model.config.text_config, atp.stats(model))
+        parts = (report.flops, report.flops_unpruned, report.kv_bytes, report.kv_bytes_unpruned)
+        costs += torch.tensor([float(part.sum()) for part in parts], dtype=torch.float64)
+    assert 0.3 < result.flops_ratio < 1 and result.flops_ratio == pytest.approx(float(costs[0] / costs[1]), rel=1e-6)
+    assert result.kv_ratio == pytest.approx(float(costs[2] / costs[3]), rel=1e-6)
+    assert result.flops_ratio != pytest.approx(report.flops_ratio, rel=1e-6)  # the sum is not the last batch's
+    assert math.isfinite(result.latency_ratio) and result.latency_ratio > 0
     assert "| fastv |" in markdown_table([result])
     atp.remove(model)
+
+
+# (generated text, reference answer, question type, correct by the first-word rule)
+ANSWER_CASES = [
+    ("red square", "Red", "color", True),  # only the first word counts; case does not
+    ("yes", "Yes.", "exist", True),  # punctuation in the answer
+    ("square", "square, probably", "shape", True),  # a comma after the first word
+    ("blue red", "red", "color", False),  # the answer's word appears, but not first
+    ("no", "None.", "exist", False),  # a prefix of the answer's first word
+    ("three", "two", "count", False),
+]
+
+
+def test_correct_is_the_first_word_match_on_hand_written_answers(setup, monkeypatch):
+    model, processor, loader = setup
+    tokenizer = processor.tokenizer
+    batches = []
+    for batch, start in zip(loader, range(0, len(ANSWER_CASES), 3)):
+        cases = ANSWER_CASES[start : start + 3]
+        batches.append({**batch, "answer": [c[1] for c in cases], "question_type": [c[2] for c in cases]})
+    assert sum(len(b["answer"]) for b in batches) == len(ANSWER_CASES)
+    texts = iter([[c[0] for c in ANSWER_CASES[i : i + 3]] for i in range(0, len(ANSWER_CASES), 3)])
+
+    def generate(input_ids, **kwargs):  # greedy decoding replaced by the hand-written texts
+        encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in next(texts)]
+        width = max(map(len, encoded))
+        new = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in encoded])
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(model, "generate", generate)  # this instance only
+    result = evaluate(model, processor, batches, "scripted")
+    assert [s["prediction"] for s in result.per_sample] == ["red", "yes", "square", "blue", "no", "three"]
+    assert [s["correct"] for s in result.per_sample] == [c[3] for c in ANSWER_CASES]
+    assert result.accuracy == 3 / 6
+    assert result.accuracy_by_type == {"color": 1 / 2, "count": 0.0, "exist": 1 / 2, "shape": 1.0}
 
 
 def test_blind_controls_change_the_images_only(setup):

@@ -15,6 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+import atp
+from atp.data.llava_format import prompt_loader
+from atp.export import load_pruned
 from atp.lit.run import MissingAssetError, build_pruner, run_job, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,6 +238,17 @@ def test_evaluate_entry_point_on_an_export(base_model, tmp_path):
 
     data = tmp_path / "data"
     run_training(compose_train(atp_overrides(base_model, tmp_path / "run", data, steps=1)))
+    # the exported pruner is the trained one: the final checkpoint's pruner weights, file and loaded
+    final = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    assert final["global_step"] == 1
+    trained = {k.removeprefix("pruner."): v for k, v in final["state_dict"].items() if k.startswith("pruner.")}
+    exported = load_file(tmp_path / "run/export/pruner.safetensors")
+    loaded = atp.runtime_of(load_pruned(tmp_path / "run/export")[0]).pruner
+    assert trained and exported.keys() == trained.keys() == loaded.state_dict().keys()
+    for key, value in trained.items():
+        assert torch.equal(exported[key], value) and torch.equal(loaded.state_dict()[key], value), key
+    config = json.loads((tmp_path / "run/export/atp_config.json").read_text())
+    assert config["pruner"] == loaded.name == "atp" and loaded.build_kwargs() == config["kwargs"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="evaluate",
@@ -323,12 +337,64 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
     }
 
 
+class ModeRecorder(L.Callback):
+    """Appends, for every training and validation batch, the phase, the global step, the runtime's
+    mode, the mode the batch's forward ran in and whether the pruner was in training mode, to the
+    JSON-lines file `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _record(self, phase: str, trainer, module) -> None:
+        entry = {
+            "phase": phase,
+            "step": trainer.global_step,
+            "runtime": atp.runtime_of(module.model).mode,
+            "forward": atp.stats(module.model).mode,
+            "training": module.pruner.training,
+        }
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._record("train", trainer, module)
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("val", trainer, module)
+
+
 def test_training_continues_after_a_mid_epoch_validation(base_model, tmp_path):
-    """Validation attaches the pruner in drop mode; the next training step must be back in mask mode."""
-    overrides = atp_overrides(base_model, tmp_path / "run", tmp_path / "data", steps=3)
+    """Validation attaches the pruner in drop mode; the next training step must be back in mask mode.
+    The logged metrics are the values recomputed from the parts and from the exported model."""
+    data = tmp_path / "data"
+    overrides = atp_overrides(base_model, tmp_path / "run", data, steps=3)
     overrides = [o for o in overrides if not o.startswith(("trainer.val_check_interval", "trainer.check_val"))]
-    metrics = run_training(compose_train([*overrides, "trainer.val_check_interval=1", "export=false"]))
-    assert "val/accuracy" in metrics and "train/loss_atp" in metrics
+    record = tmp_path / "modes.jsonl"
+    recorder = ["+callbacks.modes._target_=tests.lit.test_train.ModeRecorder", f"+callbacks.modes.path={record}"]
+    metrics = run_training(compose_train([*overrides, "trainer.val_check_interval=1", *recorder]))
+    entries = [json.loads(line) for line in record.read_text().splitlines()]
+    phases = [(e["phase"], e["step"]) for e in entries]
+    assert ("val", 1) in phases and ("train", 2) in phases  # a validation after step 1 of a 2-batch epoch
+    assert phases.index(("train", 2)) > phases.index(("val", 1))
+    assert max(step for phase, step in phases if phase == "val") == 3  # the last one sees the final weights
+    for entry in entries:
+        expected = ("mask", "mask", True) if entry["phase"] == "train" else ("drop", "drop", False)
+        assert (entry["runtime"], entry["forward"], entry["training"]) == expected, entry
+    parts = metrics["train/loss_lm"] + metrics["train/loss_atp"] + metrics["train/loss_target"]
+    assert metrics["train/loss"] == pytest.approx(parts, rel=1e-6)
+    # the last validation, recomputed on the export (the final pruner, LoRA merged) in drop mode
+    model, processor = load_pruned(tmp_path / "run" / "export", mode="drop")
+    tokenizer = processor.tokenizer
+    correct, tokens = [], []
+    for batch in prompt_loader(data / "val.json", data / "images", processor, batch_size=4):
+        with torch.no_grad():
+            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        answers = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in batch["answer"]]
+        correct += (logits[:, -1].argmax(-1) == torch.tensor(answers)).tolist()
+        tokens += atp.stats(model).average_visual_tokens().tolist()
+    assert len(correct) == 4
+    assert metrics["val/accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-6)
+    assert metrics["val/avg_visual_tokens"] == pytest.approx(sum(tokens) / len(tokens), rel=1e-5)
 
 
 def test_fitprune_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, monkeypatch, capsys):
