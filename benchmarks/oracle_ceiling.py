@@ -25,7 +25,7 @@ import atp
 from atp.data.llava_format import prompt_loader
 from atp.evaluation import evaluate, markdown_table
 from atp.models.build import load_llava
-from atp.token.base import PruneContext, TokenPruner
+from atp.runtime.pruner import PruneContext, TokenPruner
 
 
 class GroundTruthPruner(TokenPruner):

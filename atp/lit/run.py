@@ -18,6 +18,7 @@ from atp.export import save_model, save_pruned
 from atp.lit.data import LlavaDataModule, prepare_configured_data
 from atp.lit.module import VLMTrainingModule
 from atp.models.build import build_testbed_llava, load_llava
+from atp.runtime.pruner import pruner_class
 
 
 class MissingAssetError(ValueError):
@@ -65,7 +66,7 @@ def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPru
     if cfg is None or cfg.get("name") is None:
         return None
     kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True).items() if k != "name"}
-    cls = atp.token.base.pruner_class(cfg["name"])
+    cls = pruner_class(cfg["name"])
     if "num_layers" in inspect.signature(cls.__init__).parameters:
         kwargs.setdefault("num_layers", num_layers)
     return atp.build_pruner(cfg["name"], **kwargs)

@@ -32,7 +32,7 @@ import contextlib
 import torch
 from torch import nn
 
-from atp.token.base import PruneContext, TokenPruner, register
+from atp.runtime.pruner import PruneContext, TokenPruner, register
 
 DEPTH_FRACTIONS = (0.125, 0.4375, 0.75)  # before layers 4, 14, 24 of a 32-layer LLM
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
