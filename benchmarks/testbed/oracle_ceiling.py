@@ -9,7 +9,7 @@ the background too), but when neither they nor the other selections keep the bas
 accuracy at a budget, the loss comes from removing tokens the frozen model was never trained
 without rather than from ranking them badly.
 
-    python benchmarks/oracle_ceiling.py --base checkpoints/shapes_base/init01/model --layers 1 2
+    python benchmarks/testbed/oracle_ceiling.py --base checkpoints/shapes_base/init01/model --layers 1 2
 """
 
 from __future__ import annotations
