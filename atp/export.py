@@ -20,8 +20,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-import atp
 from atp.models.build import load_llava
+from atp.runtime import attach
+from atp.runtime.pruner import TokenPruner, build_pruner
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "atp_config.json"
@@ -54,7 +55,7 @@ def save_model(directory: str | Path, model, processor) -> Path:
 
 
 def save_pruned(
-    directory: str | Path, model, processor, pruner: atp.TokenPruner, base_reference: str | None = None
+    directory: str | Path, model, processor, pruner: TokenPruner, base_reference: str | None = None
 ) -> Path:
     """Write an export; `base_reference` (a model directory) avoids copying the base weights."""
     with atomic_directory(directory) as staging:
@@ -89,7 +90,7 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads format {FORMAT_VERSION}.")
     base_path = directory / base if not Path(base).is_absolute() else Path(base)
     model, processor = load_llava(str(base_path), dtype=dtype, attn_implementation=attn_implementation)
-    pruner = atp.build_pruner(name, **kwargs)
+    pruner = build_pruner(name, **kwargs)
     weights = directory / WEIGHTS_NAME
     expected = pruner.state_dict()
     if expected:
@@ -106,5 +107,5 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
                 f"{sorted(mismatched | (set(state) - set(expected)))[:5]}). Was the export edited or mixed up?"
             )
         pruner.load_state_dict(state)
-    atp.apply(model, pruner.eval(), mode=mode)
+    attach.apply(model, pruner.eval(), mode=mode)
     return model, processor

@@ -85,7 +85,7 @@ def test_soft_decision_in_drop_mode(model_factory):
 
 
 def test_decision_of_wrong_shape(model_factory):
-    from atp.token.base import TokenPruner
+    from atp.runtime.pruner import TokenPruner
 
     class Broken(TokenPruner):
         name = "broken"

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-import atp
 from atp.metrics.accounting import prefill_flops
-from atp.token.base import PruneContext, TokenPruner
+from atp.runtime import attach
+from atp.runtime.pruner import PruneContext, TokenPruner
 from atp.token.fitprune import attention_masses
 
 ALPHA_STEPS = 100  # the grid 0, 0.01, ..., 1 (the reference's precision)
@@ -123,16 +123,16 @@ class FitPruneFitter:
     @torch.inference_mode()
     def _passes(self, alpha: float | None):
         self.walk.alpha = alpha
-        atp.apply(self.model, self.walk, mode="drop")
+        attach.apply(self.model, self.walk, mode="drop")
         try:
             for index, batch in enumerate(self.batches):
                 self.walk.masses, self.walk.deleted = {}, {}
                 self.walk.totals = self.totals[index] if alpha is not None else None
                 keys = ("input_ids", "attention_mask", "pixel_values")
                 self.model(**{k: batch[k].to(self.device) for k in keys if k in batch})
-                yield batch, self.walk.masses, atp.stats(self.model)
+                yield batch, self.walk.masses, attach.stats(self.model)
         finally:
-            atp.remove(self.model)
+            attach.remove(self.model)
 
     def visual_tokens_per_layer(self, recipe: dict[int, int]) -> torch.Tensor:
         """[samples, L] visual tokens each layer processes under `recipe` (deleted after layer l)."""

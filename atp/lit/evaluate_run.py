@@ -12,8 +12,8 @@ import atp
 from atp.data.llava_format import prompt_loader
 from atp.evaluation import EvaluationResult, evaluate, markdown_table
 from atp.export import load_pruned
+from atp.lit.builders import build_pruner
 from atp.lit.data import prepare_configured_data
-from atp.lit.run import build_pruner
 from atp.models.build import load_llava, resolve_device
 
 
@@ -44,7 +44,7 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     if spec.get("name") != "fitprune":
         return {**spec, **budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers)}
     from atp.calibration.fitprune import FitPruneFitter
-    from atp.calibration.run import calibration_batches
+    from atp.lit.fitprune_run import calibration_batches
 
     batches = calibration_batches(
         cfg.fit_calibration_json, cfg.data.image_folder, processor, cfg.fit_calibration_samples, cfg.batch_size

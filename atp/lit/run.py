@@ -2,73 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import atp
-from atp.data.processor import build_processor
-from atp.data.shapes import vocabulary
 from atp.export import save_model, save_pruned
+from atp.lit.builders import (  # noqa: F401  (MissingAssetError: what run_job raises; callers catch it from here)
+    MissingAssetError,
+    build_loggers,
+    build_model,
+    build_pruner,
+    build_trainer,
+    check_assets,
+    resolve_ckpt_path,
+)
 from atp.lit.data import LlavaDataModule, prepare_configured_data
 from atp.lit.module import VLMTrainingModule
-from atp.models.build import build_testbed_llava, load_llava
-
-
-class MissingAssetError(ValueError):
-    """Raised at once when a config needs weights or data that are not on this machine."""
-
-
-def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_json", "image_folder")) -> None:
-    """Fail fast, naming the overrides, when a recipe needs real weights or data.
-
-    needs: the data keys the job reads ("calibration" stands for fit.calibration_json and
-    data.image_folder).
-    """
-    problems = []
-    if cfg.model.kind == "pretrained" and (not cfg.model.path or not Path(cfg.model.path, "config.json").is_file()):
-        problems.append(f"model.path={cfg.model.path} (a local LLaVA directory with config.json)")
-    if cfg.data.kind != "shapes":
-        keys = ["fit.calibration_json", "data.image_folder"] if "calibration" in needs else [f"data.{k}" for k in needs]
-        for key in keys:
-            value = OmegaConf.select(cfg, key)
-            if not value or not Path(value).exists():
-                problems.append(f"{key}={value}")
-    if problems:
-        example = " ".join(f"{p.split('=')[0]}=..." for p in problems)
-        raise MissingAssetError(
-            "this experiment needs weights or data that are not here. Set: "
-            + "; ".join(problems)
-            + f". Example: python train.py experiment={cfg.experiment_name} {example}"
-            " (model.path: a llava-hf/llava-1.5-7b-hf download; data: LLaVA-665K's JSON and image folder)"
-        )
-
-
-def build_model(cfg: DictConfig):
-    """(model, processor) for cfg.model."""
-    if cfg.model.kind == "testbed":
-        processor = build_processor(vocabulary())
-        params = {k: v for k, v in cfg.model.items() if k != "kind"}
-        return build_testbed_llava(processor, **params), processor
-    if cfg.model.kind == "pretrained":
-        return load_llava(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-    raise ValueError(f"model.kind must be 'testbed' or 'pretrained', got {cfg.model.kind!r}.")
-
-
-def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPruner | None:
-    """A pruner from its config group (`name` plus constructor arguments), or None."""
-    if cfg is None or cfg.get("name") is None:
-        return None
-    kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True).items() if k != "name"}
-    cls = atp.token.base.pruner_class(cfg["name"])
-    if "num_layers" in inspect.signature(cls.__init__).parameters:
-        kwargs.setdefault("num_layers", num_layers)
-    return atp.build_pruner(cfg["name"], **kwargs)
 
 
 def build_datamodule(cfg: DictConfig, processor) -> LlavaDataModule:
@@ -88,50 +40,11 @@ def build_datamodule(cfg: DictConfig, processor) -> LlavaDataModule:
     )
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
-        spec = OmegaConf.to_container(spec, resolve=True)
-        if name == "wandb" and spec.get("offline") is None:
-            spec["offline"] = not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online")
-        loggers.append(instantiate(spec))
-    return loggers
-
-
-def build_strategy(cfg: DictConfig):
-    spec = cfg.get("strategy")
-    if spec is None or spec.get("_target_") is None:
-        return "auto"
-    return instantiate(spec)
-
-
-def build_trainer(cfg: DictConfig, loggers: list) -> L.Trainer:
-    """A Lightning Trainer from cfg.trainer, cfg.strategy and cfg.callbacks, logging to `loggers`."""
-    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    if not loggers:  # nothing to log learning rates to
-        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=build_strategy(cfg),
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=cfg.output_dir,
-        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-    )
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    if cfg.ckpt_path != "last":
-        return cfg.ckpt_path
-    last = Path(cfg.output_dir, "checkpoints", "last.ckpt")
-    return str(last) if last.is_file() else None
-
-
 def run_job(cfg: DictConfig) -> dict:
     """What train.py runs: Lightning training of a VLM (job=train), fitting a FitPrune recipe
     (job=fitprune), or ATP structural pruning of a causal LM (job=structural)."""
     if cfg.job == "fitprune":
-        from atp.calibration.run import run_fitprune
+        from atp.lit.fitprune_run import run_fitprune
 
         return run_fitprune(cfg)
     if cfg.job == "structural":

@@ -10,7 +10,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from atp.data.text import TextDataModule, topic_splits, train_tokenizer
-from atp.lit.run import MissingAssetError, build_loggers, build_trainer, resolve_ckpt_path
+from atp.lit.builders import MissingAssetError, build_loggers, build_trainer, resolve_ckpt_path
 from atp.lit.structural import StructuralPruningModule
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
 

@@ -145,7 +145,7 @@ def standardise_projector(model: LlavaForConditionalGeneration, pixel_values: to
     twice as large as their variation between tokens; RMSNorm does not centre, so the LLM
     sees near-identical visual tokens. On such features a single attention head trained to
     answer the position question stays at chance for 500 steps; on standardised ones it
-    reaches 99.8 % within 125 (`benchmarks/projector_probe.py`). A trained LLaVA projector
+    reaches 99.8 % within 125 (`benchmarks/testbed/projector_probe.py`). A trained LLaVA projector
     does this mapping into the LLM's input space itself.
     """
     features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output).float()  # [N*576, D]

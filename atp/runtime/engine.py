@@ -31,6 +31,7 @@ from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
 from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
 from atp.runtime.prompt import locate_prompt_parts
+from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
 from atp.runtime.stage import (
     apply_drop,
     apply_mask,
@@ -40,7 +41,6 @@ from atp.runtime.stage import (
     remaining_visual,
 )
 from atp.runtime.stats import PruningStats
-from atp.token.base import MergeDecision, PruneContext, TokenPruner
 
 MODES = ("drop", "mask")
 SUPPORTED_ATTENTION = ("sdpa", "eager")

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from atp.runtime.layout import Layout, compact_positions, left_filled_slots
-from atp.token.base import MergeDecision
+from atp.runtime.pruner import MergeDecision
 
 
 def check_decision(decision: torch.Tensor | MergeDecision, layout: Layout, pruner: str, mode: str) -> None:

@@ -1,5 +1,8 @@
-"""Token pruners: the interface, the registry and one file per method."""
+"""Token pruners, one file per method. They implement the contract of `atp.runtime.pruner`
+(`TokenPruner`, `PruneContext`, `MergeDecision`, the registry), re-exported here; importing this
+package registers every method by name."""
 
+from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, available_pruners, build_pruner, register
 from atp.token import (  # noqa: F401
     atp,
     divprune,
@@ -13,6 +16,5 @@ from atp.token import (  # noqa: F401
     spatial,
     visionzip,
 )
-from atp.token.base import MergeDecision, PruneContext, TokenPruner, available_pruners, build_pruner, register
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]

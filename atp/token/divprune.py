@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from atp.token.base import PruneContext, TokenBudget, TokenPruner, register
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import TokenBudget
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:

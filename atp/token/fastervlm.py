@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import PruneContext, TokenBudget, TokenPruner, register, top_k_per_sample
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import TokenBudget, top_k_per_sample
 
 
 @register

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from atp.token.base import PruneContext, TokenPruner, register, top_k_per_sample
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import top_k_per_sample
 
 
 def attention_masses(ctx: PruneContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

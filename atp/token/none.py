@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import PruneContext, TokenPruner, register
+from atp.runtime.pruner import PruneContext, TokenPruner, register
 
 
 @register

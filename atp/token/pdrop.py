@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import PruneContext, TokenBudget, TokenPruner, check_keep_ratio, register, top_k_per_sample
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import TokenBudget, check_keep_ratio, top_k_per_sample
 
 
 @register

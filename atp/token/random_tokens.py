@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import PruneContext, TokenPruner, check_keep_ratio, kept_count, register
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import check_keep_ratio, kept_count
 
 
 @register

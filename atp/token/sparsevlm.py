@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.token.base import MergeDecision, PruneContext, TokenPruner, register, top_k_per_sample
+from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
+from atp.token.selection import top_k_per_sample
 
 SCORE_LAYERS = (2, 6, 15)  # LLaVA-1.5-7B: layers whose attention scores each stage
 SCHEDULES = {  # visual tokens kept after each of those layers, per published budget

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from atp.token.base import PruneContext, TokenBudget, TokenPruner, register
+from atp.runtime.pruner import PruneContext, TokenPruner, register
+from atp.token.selection import TokenBudget
 
 
 def grid_stride(rows: int, cols: int, budget: int) -> int:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from atp.token.base import MergeDecision, PruneContext, TokenBudget, TokenPruner, register, top_k_per_sample
+from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
+from atp.token.selection import TokenBudget, top_k_per_sample
 
 DOMINANT_SHARE = 54 / 64  # the paper's split of every budget (54 + 10, 108 + 20, 162 + 30)
 MERGE_RULES = ("reference", "mean")

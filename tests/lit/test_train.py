@@ -318,7 +318,7 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
     settings = {" ".join(f"{layer}:1.0,{theta_s}" for layer in layers): theta_s for theta_s in ("0.0", "0.9")}
     command = [
         sys.executable,
-        str(ROOT / "benchmarks" / "atp_fixed_thresholds.py"),
+        str(ROOT / "benchmarks" / "testbed" / "atp_fixed_thresholds.py"),
         "--atp",
         str(tmp_path / "run" / "export"),
     ]

@@ -7,7 +7,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import atp
-from atp.token.base import PruneContext, TokenPruner
+from atp.runtime.pruner import PruneContext, TokenPruner
 from tests.conftest import make_batch
 
 

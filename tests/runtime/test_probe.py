@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import atp
 import atp.runtime.probe as probe
-from atp.token.base import PruneContext, TokenPruner
+from atp.runtime.pruner import PruneContext, TokenPruner
 from tests.conftest import make_batch
 
 

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from atp.calibration.fitprune import FitPruneFitter, Trial
 from atp.data.llava_format import LlavaConversationDataset, collate
+from atp.lit.builders import build_loggers, build_model, check_assets
 from atp.lit.data import prepare_configured_data
-from atp.lit.run import build_loggers, build_model, check_assets
 from atp.models.build import resolve_device
 
 

@@ -14,7 +14,7 @@ For the unpruned model on held-out ShapesVQA, at the input of every decoder laye
 Then, for each pruner in --pruners at --keep-tokens, the share of its kept visual tokens that
 cover an object (against the share of all tokens that do).
 
-    python benchmarks/atp_signals.py --base checkpoints/shapes_base/model --max-samples 200
+    python benchmarks/testbed/atp_signals.py --base checkpoints/shapes_base/model --max-samples 200
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ decoder layer and Spearman(kept tokens, objects) for each. If constant threshold
 high Spearman where the learned ones do not, the scores follow the object count and the
 learned thresholds are what undoes it.
 
-    python benchmarks/atp_fixed_thresholds.py --atp checkpoints/atp_llava_shapes/l13_seed1/export \\
+    python benchmarks/testbed/atp_fixed_thresholds.py --atp checkpoints/atp_llava_shapes/l13_seed1/export \\
         --setting "1:1.0,0.4 3:0.1,0.9" --setting "1:1.0,0.4 3:0.2,0.6"
 
 A setting names every module: "layer:theta_r,theta_s" separated by spaces (theta_r 1.0 turns

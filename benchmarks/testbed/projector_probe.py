@@ -6,7 +6,7 @@ the 576 projected image tokens of the frozen testbed tower and projector, and a 
 reads left/right from the pooled value. Prints held-out accuracy during training for the
 projector's HF initialisation and for `projector_init=standardised`.
 
-    python benchmarks/projector_probe.py --scenes 3000 --steps 500
+    python benchmarks/testbed/projector_probe.py --scenes 3000 --steps 500
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ for the colour, and a linear head reads left/right from the last hidden state. E
 but the standard deviation of the LLM's weights (`model.text_init_std`) is fixed. Prints
 held-out accuracy during training.
 
-    python benchmarks/llm_init_probe.py --stds 0.02 0.1 --steps 200
+    python benchmarks/testbed/llm_init_probe.py --stds 0.02 0.1 --steps 200
 """
 
 from __future__ import annotations

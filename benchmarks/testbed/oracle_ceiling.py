@@ -9,7 +9,7 @@ the background too), but when neither they nor the other selections keep the bas
 accuracy at a budget, the loss comes from removing tokens the frozen model was never trained
 without rather than from ranking them badly.
 
-    python benchmarks/oracle_ceiling.py --base checkpoints/shapes_base/init01/model --layers 1 2
+    python benchmarks/testbed/oracle_ceiling.py --base checkpoints/shapes_base/init01/model --layers 1 2
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import atp
 from atp.data.llava_format import prompt_loader
 from atp.evaluation import evaluate, markdown_table
 from atp.models.build import load_llava
-from atp.token.base import PruneContext, TokenPruner
+from atp.runtime.pruner import PruneContext, TokenPruner
 
 
 class GroundTruthPruner(TokenPruner):

@@ -1,0 +1,64 @@
+"""How many visual tokens a cut keeps and which: budget helpers shared by the token pruners."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_keep_ratio(name: str, keep_ratio: float) -> float:
+    if not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
+        raise ValueError(
+            f"{name}: keep_ratio must be in (0, 1] (the fraction of visual tokens kept), got {keep_ratio!r}."
+        )
+    return float(keep_ratio)
+
+
+class TokenBudget:
+    """How many visual tokens a cut keeps: `keep_tokens` (a count per sample) when given,
+    else `keep_ratio` (a fraction of the tokens present, rounded half up, at least 1)."""
+
+    def __init__(self, name: str, keep_ratio: float | None = None, keep_tokens: int | None = None) -> None:
+        self.name = name
+        if keep_tokens is not None:
+            if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or keep_tokens < 1:
+                raise ValueError(f"{name}: keep_tokens must be a positive integer, got {keep_tokens!r}.")
+            self.keep_tokens, self.keep_ratio = int(keep_tokens), None
+        elif keep_ratio is not None:
+            self.keep_tokens, self.keep_ratio = None, check_keep_ratio(name, keep_ratio)
+        else:
+            raise ValueError(f"{name}: give a budget, keep_ratio (a fraction) or keep_tokens (a count).")
+
+    def count(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """[B] tokens to keep for [B] tokens present; a clear error if keep_tokens exceeds them."""
+        if self.keep_tokens is None:
+            return kept_count(num_tokens, self.keep_ratio)
+        short = (num_tokens > 0) & (num_tokens < self.keep_tokens)
+        if bool(short.any()):
+            raise ValueError(
+                f"{self.name}: keep_tokens={self.keep_tokens} is more than the {int(num_tokens[short].min())} "
+                "visual tokens of a sample. Choose keep_tokens no larger than the visual tokens per image, "
+                "or give a keep_ratio."
+            )
+        return torch.where(num_tokens > 0, self.keep_tokens, 0).to(num_tokens)
+
+
+def kept_count(num_tokens: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """[B] tokens to keep: round(n * keep_ratio), at least 1 where n > 0 (round half up)."""
+    keep = torch.floor(num_tokens.double() * keep_ratio + 0.5).long()
+    return torch.where(num_tokens > 0, keep.clamp_min(1), keep).clamp_max(num_tokens)
+
+
+def top_k_per_sample(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the k[b] highest-scoring candidate slots of each row b.
+
+    score: [B, S] float; candidates: [B, S] bool; k: [B] long. Ties break towards the
+    earlier slot (stable), so the choice is deterministic.
+    """
+    masked = score.float().masked_fill(~candidates, -math.inf)
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (rank < k[:, None]) & candidates
