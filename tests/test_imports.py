@@ -34,6 +34,7 @@ PREFIXES = {  # longest matching prefix wins
     "atp.export": "api",
     "atp.evaluation": "api",
     "atp.budget": "api",
+    "atp.comparison": "api",
     "atp.token": "methods",
     "atp.structural": "methods",
     "atp.calibration": "methods",

@@ -66,7 +66,7 @@ MUTATIONS = [
     ),
     Mutation(
         "bankers_rounding",
-        "atp/token/base.py",
+        "atp/token/selection.py",
         "keep = torch.floor(num_tokens.double() * keep_ratio + 0.5).long()",
         "keep = torch.round(num_tokens.double() * keep_ratio).long()",
         "the budgeted pruners' count rounding (FastV's and others') half-up -> banker's",
