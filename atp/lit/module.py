@@ -48,9 +48,9 @@ class VLMTrainingModule(L.LightningModule):
     hard_finetune: the fraction of the training steps, at the end, in which the pruner is
     frozen and the trainable LLM parts (LoRA) train on the pruner's hard drops, in `eval_mode`
     as at inference [ours]. Soft masks train the LLM on tokens weighted between 0 and 1, which
-    inference then drops or keeps whole (README, "The budget on the hard counts"); this phase
+    inference then drops or keeps whole (docs/results.md, section 2); this phase
     adapts the LLM to the hard decisions its frozen thresholds make (on the testbed: +2.6, -1.8
-    and -1.6 points in three seeds, README "Soft masks at tau 40"). The learning-rate schedule
+    and -1.6 points in three seeds, docs/results.md, section 1). The learning-rate schedule
     restarts for it: warm-up and cosine over the soft phase as without it, then a cosine from
     the full rate over the hard phase. With DDP set `strategy.find_unused_parameters=true`: the
     frozen pruner gets no gradient in that phase.

@@ -8,7 +8,7 @@ calls. The defaults of `ATPPruner` turn every one off (or set it to the paper's 
     budget_gradients="all"        `BudgetCounts`: how the ATP and target losses reach the thresholds
     budget_count="mask"           `BudgetCounts`: which token counts those losses read
 
-The results of each on the testbed are in the README (sections named in the docstrings).
+The results of each on the testbed are in docs/results.md (sections named in the docstrings).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def content_features(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     (0 when every token is the same vector). All are invariant to the hidden states' scale;
     a row with no remaining token gets zeros. An image of near-identical tokens is redundant,
     one with many distinct objects is not; on the testbed these features changed neither
-    accuracy nor adaptivity (README).
+    accuracy nor adaptivity (docs/results.md, section 4).
     """
     hidden, weight = hidden.detach().float(), weight.detach().float()
     total = weight.sum(1).clamp_min(1e-12)  # [B]
@@ -111,22 +111,22 @@ class BudgetCounts:
     hypothesis: an instance's budget gradient is proportional to how many of its tokens score near
     its threshold, largest for busy images, so under "all" the budget pushes their thresholds up
     hardest. On the testbed the thresholds rose with the object count under "level" as well
-    (README, "Two more causes tested on b2"): the level still moves through the MLP's weights,
+    (docs/results.md, section 2): the level still moves through the MLP's weights,
     which shift each instance's logit by its own hidden features. "offset": every module gets a
     learned logit offset per threshold, shared by all instances (`ThresholdMLP.budget_offset`, in
     the pruner's parameters under that name, so a trainer can give it its own learning rate), and
     the budget losses train only it; the MLP learns from the LM loss alone, the offset from both.
     On the testbed the LM-learned redundancy threshold before layer 3 then fell with the object
-    count, but the spatial thresholds settled on SAP grid levels (README, "The budget on a
-    learned offset").
+    count, but the spatial thresholds settled on SAP grid levels (docs/results.md,
+    section 2).
 
     budget_count: "mask": the counts of the training mask (soft, or hard with `straight_through`).
     "hard": the hard keep decisions that inference makes, with the soft mask's gradient
     (straight-through for the counts only), so that soft-mask training still holds the budget
     that inference keeps: with soft masks alone, the soft counts met the budget in training and
-    the hard ones fell short of it (README, "The budget on a learned offset"). On the testbed the
+    the hard ones fell short of it (docs/results.md, section 2). On the testbed the
     hard counts held the budget at inference, but the spatial thresholds settled on SAP grid
-    levels again and the adaptivity was lost (README, "The budget on the hard counts").
+    levels again and the adaptivity was lost (docs/results.md, section 2).
     """
 
     def __init__(self, budget_gradients: str = "all", budget_count: str = "mask") -> None:
