@@ -4,12 +4,13 @@ CI's oldest leg installs exactly the ranges' lower bounds."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 HOOKED = ("transformers", "peft", "lightning")  # libraries whose internals atp touches
 
