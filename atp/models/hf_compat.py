@@ -20,7 +20,6 @@ from transformers.models.llama.modeling_llama import LlamaModel
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-
 def _cache_keyword() -> str:
     accepted = inspect.signature(LlamaModel.forward).parameters
     for name in CACHE_KEYWORDS:
