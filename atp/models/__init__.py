@@ -6,8 +6,9 @@ from torch import nn
 
 from atp.models.adapter import VisualGeometry, VLMAdapter
 from atp.models.llava import LlavaAdapter
+from atp.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter)
 
 
 def get_adapter(model: nn.Module) -> VLMAdapter:
@@ -24,4 +25,4 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     )
 
 
-__all__ = ["LlavaAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
+__all__ = ["LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
