@@ -53,12 +53,17 @@ def sap_scores(visual_index: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     """[B, S] spatial score of every visual slot (visual_index -1 elsewhere gives 0)."""
     rows, cols = grid
     within = visual_index.clamp_min(0) % (rows * cols)
-    row, col = within // cols, within % cols
-    score = torch.full(visual_index.shape, SAP_FLOOR, device=visual_index.device)
+    return sap_scores_at(within // cols, within % cols, visual_index >= 0)
+
+
+def sap_scores_at(row: torch.Tensor, col: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """[B, S] spatial score of every visual slot from its row and column in its own image's grid
+    (row, col [B, S] long; visual [B, S] bool; 0 elsewhere). Per-image grids: [ours]."""
+    score = torch.full(row.shape, SAP_FLOOR, device=row.device)
     for stride, value in reversed(SAP_LEVELS):
         on_grid = (row % stride == 0) & (col % stride == 0)
         score = torch.where(on_grid, torch.full_like(score, value), score)
-    return score.masked_fill(visual_index < 0, 0.0)
+    return score.masked_fill(~visual, 0.0)
 
 
 def sap_layers(sap: bool | list[int], layers: tuple[int, ...]) -> frozenset[int]:
@@ -290,7 +295,8 @@ class ATPPruner(TokenPruner):
         track = self.score_gradients and self.training and ctx.mode == "mask"
         with contextlib.nullcontext() if track else torch.no_grad():
             s_self, s_cross = redundancy_scores(ctx, ctx.layer - 1)
-            return s_self, s_cross, sap_scores(ctx.visual_index, ctx.grid)
+            geometry = ctx.geometry
+            return s_self, s_cross, sap_scores_at(geometry.row, geometry.col, ctx.visual_index >= 0)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         if ctx.layer == min(self.layers):
