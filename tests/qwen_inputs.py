@@ -1,4 +1,4 @@
-"""Inputs for tiny Qwen2(.5)-VL models, laid out as the model's processor lays them out.
+"""Inputs for tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, laid out as the model's processor lays them out.
 
 A sample is `[bos, prefix..., (<|vision_start|>, <|image_pad|> * h*w/4, <|vision_end|>) per image,
 suffix...]`, with `image_grid_thw` rows (1, h, w) in tower patches and `pixel_values`
@@ -15,7 +15,7 @@ from atp.models.tiny_qwen import tiny_qwen_vl
 VOCAB = 128
 IMAGE, VIDEO, VISION_START, VISION_END = VOCAB - 1, VOCAB - 2, VOCAB - 3, VOCAB - 4
 PATCH = 2
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def qwen_model(family: str, attn: str = "sdpa", **kwargs):

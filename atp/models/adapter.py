@@ -170,6 +170,13 @@ class VLMAdapter:
         tokens; rope: [B, S, R] the rotary ids the model gave the tokens (`split_position_ids`), or None."""
         raise NotImplementedError
 
+    def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Per-visual-token additions the language model makes to its hidden states after its first
+        layers (Qwen3-VL's deepstack), removed from the language model's call kwargs so that the
+        runtime adds them to the tokens each layer really holds. Returns (mask [B, S] bool of the
+        tokens the rows belong to, in flattened order; rows [N, d] added after layer i, per i)."""
+        return None, []
+
     # -- positions -----------------------------------------------------------------------
     def split_position_ids(self, position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(text [B, S] or None, rotary ids [B, S, R] or None) from the position ids the language

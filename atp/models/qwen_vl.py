@@ -1,4 +1,5 @@
-"""Adapter for HF `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`.
+"""Adapter for HF `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` and
+`Qwen3VLForConditionalGeneration`.
 
 What differs from LLaVA (transformers 5.24):
   * dynamic resolution: image i has its own grid `image_grid_thw[i] = (t, h, w)` of tower
@@ -8,7 +9,10 @@ What differs from LLaVA (transformers 5.24):
     (generate; row 0 the text position). An image token at (row, col) of an image starting
     at t0 gets (t0, t0 + row, t0 + col). Kept tokens keep these ids; decode steps use the ids
     the model computes itself from `rope_deltas`, exactly as stock HF;
-  * the vision tower has no [CLS] token.
+  * the vision tower has no [CLS] token;
+  * Qwen3-VL (deepstack) adds visual features from several tower depths to the visual tokens
+    after LM layers 0..k-1; the runtime adds each row to its token wherever the token sits
+    (`take_visual_additions`), so dropped tokens drop their deepstack rows.
 """
 
 from __future__ import annotations
@@ -17,15 +21,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 
 from atp.models.adapter import VisualGeometry, VLMAdapter, empty_geometry
 
 
 class QwenVLAdapter(VLMAdapter):
-    """Locates the parts of one Qwen2-VL or Qwen2.5-VL model instance."""
+    """Locates the parts of one Qwen2-VL, Qwen2.5-VL or Qwen3-VL model instance."""
 
-    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    model_classes = (
+        Qwen2VLForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
     rope_axes = 3
 
     # -- modules -------------------------------------------------------------------
@@ -93,6 +105,13 @@ class QwenVLAdapter(VLMAdapter):
         for name, value in fill.items():
             values[name].view(-1)[where] = value
         return VisualGeometry(**values)
+
+    def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Qwen3-VL's deepstack: `deepstack_visual_embeds[i]` ([N, d], one row per token of
+        `visual_pos_masks`) is added to the visual tokens after LM layer i."""
+        mask = kwargs.pop("visual_pos_masks", None)
+        rows = kwargs.pop("deepstack_visual_embeds", None)
+        return mask, list(rows) if rows is not None else []
 
     # -- positions -----------------------------------------------------------------------
     def split_position_ids(self, position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

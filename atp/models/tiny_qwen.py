@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models built from configs, for tests and benchmarks.
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models built from configs, for tests and benchmarks.
 
 No weights are downloaded: the model is randomly initialised (seeded) from an HF config.
 Token ids at the top of the vocabulary: image (vocab-1), video (vocab-2), vision start
@@ -13,11 +13,14 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 QWEN_FAMILIES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
 }
 
 
@@ -35,7 +38,7 @@ def tiny_qwen_vl_config(
     vision_hidden: int = 32,
     vision_layers: int = 2,
     attn_implementation: str = "sdpa",
-) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig:
     """A Qwen2(.5)-VL config with a small vision tower (2x2 merger) and a small language model.
 
     mrope_section splits the rotary frequencies of a head (head_dim / 2 = sum) between the
@@ -71,6 +74,15 @@ def tiny_qwen_vl_config(
     )
     if family == "qwen2_vl":
         vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
+    elif family == "qwen3_vl":  # deepstack: tower layers 0 and 1 feed LM layers 0 and 1
+        vision.update(
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=list(range(min(2, vision_layers))),
+        )
+        text.update(head_dim=head_dim)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
     else:
         vision.update(
             intermediate_size=2 * vision_hidden,

@@ -83,6 +83,8 @@ class _Prefill:
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.scoring_seconds = 0.0
         self.cache = None
+        self.additions: list[torch.Tensor] = []  # [N, d] rows added to visual tokens after layer i
+        self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
 class _Decode:
@@ -239,12 +241,16 @@ class PruningRuntime:
             )
         given = kwargs.get("position_ids")
         position_ids, rope = self.adapter.split_position_ids(given)
+        addition_mask, additions = self.adapter.take_visual_additions(kwargs)
         cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
+        if additions and cached > 0:
+            raise ValueError("image tokens in a continuation of a cached prefill are not supported.")
         if cached > 0:
             position = self._begin_decode(embeds, attention_mask, position_ids, rope, cache, image_mask)
         else:
             position = self._begin_prefill(embeds, attention_mask, position_ids, rope, image_mask, labels)
+            self._set_additions(addition_mask, additions)
         kwargs["position_ids"] = self.adapter.language_position_ids(given, position)
         return args, kwargs
 
@@ -280,6 +286,26 @@ class PruningRuntime:
             capture.clear()
             capture.armed = True
         return position
+
+    def _set_additions(self, mask: torch.Tensor | None, additions: list[torch.Tensor]) -> None:
+        """Keep the per-visual-token additions (deepstack) of this prefill, rows by original position."""
+        if not additions:
+            return
+        state = self._prefill
+        visual = state.visual_index >= 0
+        if mask is None or mask.shape != visual.shape or not torch.equal(mask.to(visual.device), visual):
+            raise ValueError(
+                "the model's per-visual-token additions (e.g. deepstack features) do not belong to exactly the "
+                "image tokens of this input; the runtime prunes image tokens only (no videos)."
+            )
+        if len(additions) >= self.num_layers:
+            raise ValueError(
+                f"the model adds visual features after {len(additions)} layers, as many as it has; "
+                "the runtime adds them before the next layer and needs one to follow."
+            )
+        number = visual.flatten().long().cumsum(0).view(visual.shape) - 1
+        state.addition_index = torch.where(visual, number, -1)
+        state.additions = additions
 
     def _begin_decode(self, embeds, attention_mask, position_ids, rope, cache, image_mask) -> torch.Tensor:
         record = self._last_prefill
@@ -347,6 +373,8 @@ class PruningRuntime:
                     "different number of tokens); use the default dynamic cache."
                 )
             state.cache = cache
+        if 0 < index <= len(state.additions):
+            hidden = self._add_visual(hidden, state.additions[index - 1])
         if index in self.pruner.layers:
             hidden = self._run_stage(index, hidden)
         previous = state.layer_inputs[index - 1] if index > 0 else None
@@ -358,6 +386,18 @@ class PruningRuntime:
             inputs = LayerInputs(state.layout, mask, rotary)
         state.layer_inputs[index] = inputs
         return hidden, inputs
+
+    def _add_visual(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, d] plus, on every slot holding an original visual token, its row of rows [N, d]
+        (as the model adds it after a layer; merged tokens get none)."""
+        state = self._prefill
+        layout = state.layout
+        number = torch.gather(state.addition_index, 1, layout.index)
+        present = (number >= 0) & layout.valid
+        if layout.merged is not None:
+            present = present & ~layout.merged
+        values = rows.to(hidden.device, hidden.dtype)[number.clamp_min(0)]  # [B, S, d]
+        return hidden + torch.where(present[..., None], values, torch.zeros_like(values))
 
     def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict) -> LayerInputs:
         state, record = self._decode, self._last_prefill
