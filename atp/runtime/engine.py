@@ -4,8 +4,11 @@ Nothing of transformers is forked or globally patched. On one model instance we 
 
   * pre-hooks on the top model and the multimodal model, to read `labels` and `input_ids`
     (where the image and the answer are);
-  * a pre-hook on the language model, which starts a prefill or a decode step and fixes
-    the original position ids;
+  * a pre-hook on the language model, which starts a prefill or a decode step, fixes the
+    original position ids (and, through the model adapter, each token's rotary ids, e.g.
+    M-RoPE, which the layout then carries with the token), and takes out per-visual-token
+    additions the model would make after its first layers (Qwen3-VL's deepstack), to add
+    them to the tokens each layer really holds;
   * a pre-hook on every decoder layer, which runs the pruner before the layers it names
     and hands the layer the hidden states, attention mask, position ids and rotary
     embeddings of the current layout (drop: gathered; mask: key bias);
