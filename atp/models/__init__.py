@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from atp.models.adapter import VisualGeometry, VLMAdapter
 from atp.models.llava import LlavaAdapter
+from atp.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS = (LlavaAdapter,)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter)
 
 
-def get_adapter(model: nn.Module) -> LlavaAdapter:
+def get_adapter(model: nn.Module) -> VLMAdapter:
     """Return the adapter for `model`, or raise a clear error for unsupported classes."""
     for adapter in ADAPTERS:
         if adapter.supports(model):
             return adapter(model)
-    supported = ", ".join(a.__name__.replace("Adapter", "ForConditionalGeneration") for a in ADAPTERS)
+    supported = ", ".join(model.__name__ for adapter in ADAPTERS for model in adapter.model_classes)
     raise TypeError(
         f"atp token pruning does not support {type(model).__name__}. Supported model classes: "
         f"{supported} (load with e.g. LlavaForConditionalGeneration.from_pretrained(path)). "
@@ -23,4 +25,4 @@ def get_adapter(model: nn.Module) -> LlavaAdapter:
     )
 
 
-__all__ = ["LlavaAdapter", "get_adapter"]
+__all__ = ["LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]

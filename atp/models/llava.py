@@ -1,54 +1,26 @@
 """Adapter for HF `LlavaForConditionalGeneration` (LLaVA-1.5 layout).
 
-Everything the runtime needs to know about where a model family keeps its parts lives
-in one adapter class, so that LLaVA-NeXT or Qwen2-VL become one new file each.
 The text backbone can be any decoder transformers builds for LLaVA with the standard
 Llama-style layer (Llama, Mistral, Qwen2): `layers[i].self_attn.{q,k,v,o}_proj`,
-`layers[i].input_layernorm`, `norm`, `rotary_emb`.
+`layers[i].input_layernorm`, `norm`, `rotary_emb`. Every image is one fixed grid of
+visual tokens (24x24 for LLaVA-1.5 at 336 px), after a [CLS] token in the tower.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from atp.models.adapter import VisualGeometry, VLMAdapter
 
-@dataclass(frozen=True)
-class LlavaAdapter:
+
+class LlavaAdapter(VLMAdapter):
     """Locates the parts of one LLaVA model instance."""
 
-    model: LlavaForConditionalGeneration
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, LlavaForConditionalGeneration)
+    model_classes = (LlavaForConditionalGeneration,)
 
     # -- modules -------------------------------------------------------------------
-    @property
-    def multimodal_model(self) -> nn.Module:
-        """The module that receives `input_ids` and scatters image features (LlavaModel)."""
-        return self.model.model
-
-    @property
-    def language_model(self) -> nn.Module:
-        """The decoder stack (e.g. LlamaModel): embed_tokens, layers, norm, rotary_emb."""
-        return self.model.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.language_model.norm
-
-    @property
-    def rotary_emb(self) -> nn.Module:
-        return self.language_model.rotary_emb
-
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
@@ -82,18 +54,6 @@ class LlavaAdapter:
 
     # -- facts ---------------------------------------------------------------------
     @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.text_config.num_hidden_layers)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def image_grid(self) -> tuple[int, int]:
         """(rows, cols) of visual tokens per image: 24x24 for LLaVA-1.5 at 336 px."""
         vision = self.model.config.vision_config
@@ -101,26 +61,23 @@ class LlavaAdapter:
         return side, side
 
     @property
-    def attn_implementation(self) -> str:
-        return str(self.text_config._attn_implementation)
+    def fixed_grid(self) -> tuple[int, int]:
+        return self.image_grid
 
-    def sliding_window(self) -> int | None:
-        """The smallest sliding window any layer uses, or None when all layers attend fully."""
-        config = self.text_config
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None and "sliding_attention" not in layer_types:
-            return None
-        if getattr(config, "use_sliding_window", True) is False:
-            return None
-        return int(window) if window else None
-
-    def image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        """[B, S] bool: which input positions are image placeholder tokens."""
-        if input_ids is not None:
-            return input_ids == self.image_token_id
-        if inputs_embeds is None:
-            raise ValueError("LLaVA forward needs input_ids or inputs_embeds.")
-        embedding = self.model.get_input_embeddings()
-        image_embed = embedding(torch.tensor(self.image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == image_embed).all(-1)
+    def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
+        """Each sample's visual tokens are its images' grids one after another, in raster order."""
+        rows, cols = self.image_grid
+        per_image = rows * cols
+        number = visual.long().cumsum(1) - 1  # [B, S] visual token number within its sample
+        images = visual.sum(1) // per_image  # [B] images per sample
+        images_before = torch.cumsum(images, 0) - images
+        token = number.clamp_min(0) % per_image
+        values = dict(
+            image=images_before[:, None] + number.clamp_min(0) // per_image,
+            crop=torch.zeros_like(number),
+            row=token // cols,
+            col=token % cols,
+            rows=torch.full_like(number, rows),
+            cols=torch.full_like(number, cols),
+        )
+        return VisualGeometry(**{name: torch.where(visual, value, -1) for name, value in values.items()})

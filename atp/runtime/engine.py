@@ -4,8 +4,11 @@ Nothing of transformers is forked or globally patched. On one model instance we 
 
   * pre-hooks on the top model and the multimodal model, to read `labels` and `input_ids`
     (where the image and the answer are);
-  * a pre-hook on the language model, which starts a prefill or a decode step and fixes
-    the original position ids;
+  * a pre-hook on the language model, which starts a prefill or a decode step, fixes the
+    original position ids (and, through the model adapter, each token's rotary ids, e.g.
+    M-RoPE, which the layout then carries with the token), and takes out per-visual-token
+    additions the model would make after its first layers (Qwen3-VL's deepstack), to add
+    them to the tokens each layer really holds;
   * a pre-hook on every decoder layer, which runs the pruner before the layers it names
     and hands the layer the hidden states, attention mask, position ids and rotary
     embeddings of the current layout (drop: gathered; mask: key bias);
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from atp.models import get_adapter
+from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
 from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
@@ -63,6 +67,7 @@ class _Prefill:
         layout: Layout,
         embeds: torch.Tensor,
         visual_index: torch.Tensor,
+        geometry: VisualGeometry,
         instruction: torch.Tensor,
         last_prompt: torch.Tensor,
         original_length: int,
@@ -72,6 +77,7 @@ class _Prefill:
         self.embeds = embeds  # [B, S, d] the LLM input embeddings
         self.input_tokens = layout.valid.sum(1)  # [B] real tokens before any pruning
         self.visual_index = visual_index  # [B, S] in original positions
+        self.geometry = geometry  # image, crop, row, col per original position
         self.instruction = instruction  # [B, S] in original positions
         self.last_prompt = last_prompt  # [B] original position
         self.original_length = original_length
@@ -80,15 +86,20 @@ class _Prefill:
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.scoring_seconds = 0.0
         self.cache = None
+        self.additions: list[torch.Tensor] = []  # [N, d] rows added to visual tokens after layer i
+        self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
 class _Decode:
     """Scratch state of one decode (continuation) forward."""
 
-    def __init__(self, new_valid: torch.Tensor, num_cached_new: int, position: torch.Tensor) -> None:
+    def __init__(
+        self, new_valid: torch.Tensor, num_cached_new: int, position: torch.Tensor, rope: torch.Tensor | None
+    ) -> None:
         self.new_valid = new_valid  # [B, T] validity of all tokens appended after the prefill
         self.num_cached_new = num_cached_new
         self.position = position  # [B, Q] original positions of this step's tokens
+        self.rope = rope  # [B, Q, R] their rotary ids as the model gave them, or None
         self.by_layout: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -108,6 +119,12 @@ class PruningRuntime:
         self.mode = mode
         self.num_layers = self.adapter.num_layers
         pruner.validate(self.num_layers)
+        if pruner.position_ids == "compact" and self.adapter.rope_axes > 1:
+            raise ValueError(
+                f"{pruner.name}: position_ids='compact' has no defined rule for the {self.adapter.rope_axes}-axis "
+                f"rotary ids (M-RoPE) of {type(model).__name__}; kept tokens keep their original ids there. "
+                f"Build the pruner with position_ids='original'."
+            )
         self._check_attention()
         self.captures = {layer: ProjectionCapture() for layer in sorted(pruner.probe_layers())}
         for layer in self.captures:
@@ -193,6 +210,7 @@ class PruningRuntime:
 
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.adapter.check_inputs(kwargs)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
         return None
 
@@ -224,19 +242,22 @@ class PruningRuntime:
                 f"atp runtime needs a 2D padding attention_mask [batch, seq]; got {attention_mask.ndim}D. "
                 "Custom 4D masks and compiled static caches are not supported with pruning."
             )
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None and position_ids.ndim != 2:
-            raise ValueError(f"atp runtime supports 2D position_ids [batch, seq], got {position_ids.ndim}D.")
+        given = kwargs.get("position_ids")
+        position_ids, rope = self.adapter.split_position_ids(given)
+        addition_mask, additions = self.adapter.take_visual_additions(kwargs)
         cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
+        if additions and cached > 0:
+            raise ValueError("image tokens in a continuation of a cached prefill are not supported.")
         if cached > 0:
-            position = self._begin_decode(embeds, attention_mask, position_ids, cache, image_mask)
+            position = self._begin_decode(embeds, attention_mask, position_ids, rope, cache, image_mask)
         else:
-            position = self._begin_prefill(embeds, attention_mask, position_ids, image_mask, labels)
-        kwargs["position_ids"] = position
+            position = self._begin_prefill(embeds, attention_mask, position_ids, rope, image_mask, labels)
+            self._set_additions(addition_mask, additions)
+        kwargs["position_ids"] = self.adapter.language_position_ids(given, position)
         return args, kwargs
 
-    def _begin_prefill(self, embeds, attention_mask, position_ids, image_mask, labels) -> torch.Tensor:
+    def _begin_prefill(self, embeds, attention_mask, position_ids, rope, image_mask, labels) -> torch.Tensor:
         batch, length = embeds.shape[:2]
         window = self.adapter.sliding_window()
         if window is not None and length > window:
@@ -255,10 +276,13 @@ class PruningRuntime:
         position = position_ids.expand(batch, length)
         parts = locate_prompt_parts(image_mask.to(device), valid, labels)
         visual_index = torch.where(parts.visual, parts.visual.long().cumsum(1) - 1, -1)
-        layout = Layout.initial(valid, position, parts.visual)
+        if rope is not None:
+            rope = rope.expand(batch, length, -1)
+        geometry = self.adapter.visual_geometry(parts.visual, rope)
+        layout = Layout.initial(valid, position, parts.visual, rope)
         self._check_probed_modules()
         self._prefill = _Prefill(
-            layout, embeds, visual_index, parts.instruction, parts.last_prompt, length, self.num_layers
+            layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
         self._decode = None
         for capture in self.captures.values():
@@ -266,7 +290,27 @@ class PruningRuntime:
             capture.armed = True
         return position
 
-    def _begin_decode(self, embeds, attention_mask, position_ids, cache, image_mask) -> torch.Tensor:
+    def _set_additions(self, mask: torch.Tensor | None, additions: list[torch.Tensor]) -> None:
+        """Keep the per-visual-token additions (deepstack) of this prefill, rows by original position."""
+        if not additions:
+            return
+        state = self._prefill
+        visual = state.visual_index >= 0
+        if mask is None or mask.shape != visual.shape or not torch.equal(mask.to(visual.device), visual):
+            raise ValueError(
+                "the model's per-visual-token additions (e.g. deepstack features) do not belong to exactly the "
+                "image tokens of this input; the runtime prunes image tokens only (no videos)."
+            )
+        if len(additions) >= self.num_layers:
+            raise ValueError(
+                f"the model adds visual features after {len(additions)} layers, as many as it has; "
+                "the runtime adds them before the next layer and needs one to follow."
+            )
+        number = visual.flatten().long().cumsum(0).view(visual.shape) - 1
+        state.addition_index = torch.where(visual, number, -1)
+        state.additions = additions
+
+    def _begin_decode(self, embeds, attention_mask, position_ids, rope, cache, image_mask) -> torch.Tensor:
         record = self._last_prefill
         if record is None or record.cache is not cache:
             raise RuntimeError(
@@ -294,8 +338,10 @@ class PruningRuntime:
             start = record.original_length + num_cached_new
             position_ids = torch.arange(start, start + queries, device=embeds.device)[None]
         position = position_ids.expand(batch, queries)
+        if rope is not None:
+            rope = rope.expand(batch, queries, -1)
         self._prefill = None
-        self._decode = _Decode(new_valid, num_cached_new, position)
+        self._decode = _Decode(new_valid, num_cached_new, position, rope)
         return position
 
     # -- hooks: decoder layers ------------------------------------------------------------
@@ -330,6 +376,8 @@ class PruningRuntime:
                     "different number of tokens); use the default dynamic cache."
                 )
             state.cache = cache
+        if 0 < index <= len(state.additions):
+            hidden = self._add_visual(hidden, state.additions[index - 1])
         if index in self.pruner.layers:
             hidden = self._run_stage(index, hidden)
         previous = state.layer_inputs[index - 1] if index > 0 else None
@@ -337,10 +385,22 @@ class PruningRuntime:
             inputs = previous
         else:
             mask = prefill_mask(state.layout, hidden.dtype)
-            rotary = self.adapter.rotary_emb(hidden, state.layout.position)
+            rotary = self._rotary(hidden, state.layout)
             inputs = LayerInputs(state.layout, mask, rotary)
         state.layer_inputs[index] = inputs
         return hidden, inputs
+
+    def _add_visual(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, d] plus, on every slot holding an original visual token, its row of rows [N, d]
+        (as the model adds it after a layer; merged tokens get none)."""
+        state = self._prefill
+        layout = state.layout
+        number = torch.gather(state.addition_index, 1, layout.index)
+        present = (number >= 0) & layout.valid
+        if layout.merged is not None:
+            present = present & ~layout.merged
+        values = rows.to(hidden.device, hidden.dtype)[number.clamp_min(0)]  # [B, S, d]
+        return hidden + torch.where(present[..., None], values, torch.zeros_like(values))
 
     def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict) -> LayerInputs:
         state, record = self._decode, self._last_prefill
@@ -355,13 +415,17 @@ class PruningRuntime:
         key = id(layout)
         if key not in state.by_layout:
             mask = decode_mask(layout, state.new_valid, state.num_cached_new, hidden.dtype)
-            rotary = self.adapter.rotary_emb(hidden, self._decode_positions(layout))
+            rotary = self.adapter.rotary(hidden, self._decode_positions(layout), state.rope)
             state.by_layout[key] = (mask, rotary)
         mask, rotary = state.by_layout[key]
         return LayerInputs(layout, mask, rotary)
 
     def _decode_positions(self, layout: Layout) -> torch.Tensor:
         return self._decode.position - layout.shift[:, None]
+
+    def _rotary(self, hidden: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, S, hd] of the tokens in `layout`'s slots, from their carried ids."""
+        return self.adapter.rotary(hidden, layout.position, layout.rope)
 
     # -- the pruning stage ---------------------------------------------------------------
     def _run_stage(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -407,7 +471,7 @@ class PruningRuntime:
             instruction=to_slots(state.instruction) & layout.valid,
             last_prompt=torch.gather(slot_of, 1, state.last_prompt[:, None])[:, 0].clamp_min(0),
             num_visual=(state.visual_index >= 0).sum(1),
-            grid=self.adapter.image_grid,
+            grid=self.adapter.fixed_grid,
             mode=self.mode,
             attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
             attention_received=lambda layer, weights, **options: self._attention_received(
@@ -421,20 +485,16 @@ class PruningRuntime:
             input_visual=state.visual_index >= 0,
             input_instruction=state.instruction,
             origin=layout.index,
+            geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
         )
 
     def _per_visual_slot(self, per_image: torch.Tensor, layout: Layout, offset: int) -> torch.Tensor:
         """[B, S, *rest]: for each visual slot, row `offset + token` of its image in
         per_image [I, T, *rest] (token = the slot's image-token number within its image); 0 elsewhere."""
-        visual_index = self._prefill.visual_index
-        rows, cols = self.adapter.image_grid
-        per_image_tokens = rows * cols
-        images = (visual_index >= 0).sum(1) // per_image_tokens  # [B] images per sample
-        images_before = torch.cumsum(images, 0) - images
-        slot_index = torch.gather(visual_index, 1, layout.index)
-        visual = (slot_index >= 0) & layout.valid
-        image = images_before[:, None] + slot_index.clamp_min(0) // per_image_tokens
-        token = slot_index.clamp_min(0) % per_image_tokens + offset
+        geometry = self._prefill.geometry.gather(layout.index, layout.valid)
+        visual = geometry.image >= 0
+        image = geometry.image.clamp_min(0)
+        token = geometry.token_in_crop().clamp_min(0) + offset
         values = per_image[image.clamp_max(per_image.shape[0] - 1), token]  # [B, S, *rest]
         shape = visual.shape + (1,) * (values.ndim - 2)
         return values.masked_fill(~visual.view(shape), 0.0)
@@ -469,8 +529,13 @@ class PruningRuntime:
         features = self.projector_input
         if features is None:
             raise RuntimeError("the projector input was not captured: this forward had no pixel_values.")
-        rows, cols = self.adapter.image_grid
-        return self._per_visual_slot(features, layout, features.shape[1] - rows * cols)
+        grid = self.adapter.fixed_grid
+        if grid is None:
+            raise ValueError(
+                f"{self.pruner.name}: vision features per visual token are only mapped for families with one "
+                f"fixed image grid; {type(self.model).__name__} has per-image grids."
+            )
+        return self._per_visual_slot(features, layout, features.shape[1] - grid[0] * grid[1])
 
     def _probe_inputs(self, stage: int, hidden: torch.Tensor, layer: int) -> tuple:
         """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`."""
@@ -478,7 +543,7 @@ class PruningRuntime:
         if layer == stage:
             query, key = project_qk(self.adapter.layers[layer], hidden)
             mask = prefill_mask(state.layout, hidden.dtype)
-            rotary = self.adapter.rotary_emb(hidden, state.layout.position)
+            rotary = self._rotary(hidden, state.layout)
         elif layer == stage - 1 and layer in self.captures:
             capture = self.captures[layer]
             if capture.query is None or capture.key is None:

@@ -30,6 +30,8 @@ class Layout:
                (decode steps) use position `original - shift`
     merged:    slot holds a merged token (token-merging methods) in place of the original
                token `index`; None when nothing was merged
+    rope:      [B, S_l, R] rotary ids of each slot's token on R axes (M-RoPE: temporal, height,
+               width), kept from the input; None when the rotary id is `position`
     """
 
     index: torch.Tensor
@@ -40,13 +42,16 @@ class Layout:
     visual: torch.Tensor
     shift: torch.Tensor
     merged: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
 
     @classmethod
-    def initial(cls, valid: torch.Tensor, position: torch.Tensor, visual: torch.Tensor) -> Layout:
+    def initial(
+        cls, valid: torch.Tensor, position: torch.Tensor, visual: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> Layout:
         batch, length = valid.shape
         index = torch.arange(length, device=valid.device).expand(batch, length)
         shift = torch.zeros(batch, dtype=torch.long, device=valid.device)
-        return cls(index, valid, torch.ones_like(valid), None, position, visual, shift)
+        return cls(index, valid, torch.ones_like(valid), None, position, visual, shift, rope=rope)
 
     @property
     def length(self) -> int:
@@ -72,6 +77,7 @@ class Layout:
             visual=take(self.visual) & filled,
             shift=self.shift,
             merged=take(self.merged),
+            rope=_take_rows(self.rope, slot),
         )
 
     def permute(self, source: torch.Tensor) -> Layout:
@@ -87,7 +93,15 @@ class Layout:
             visual=take(self.visual),
             shift=self.shift,
             merged=take(self.merged),
+            rope=self.rope,
         )
+
+
+def _take_rows(values: torch.Tensor | None, slot: torch.Tensor) -> torch.Tensor | None:
+    """values [B, S, R] gathered along the slots: [B, S', R] (None stays None)."""
+    if values is None:
+        return None
+    return torch.gather(values, 1, slot[..., None].expand(-1, -1, values.shape[-1]))
 
 
 def left_filled_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from atp.models.adapter import VisualGeometry
+
 POSITION_POLICIES = ("original", "compact")
 
 
@@ -48,7 +50,8 @@ class PruneContext:
     instruction:       [B, S] bool, prompt tokens after the image and before the answer
     last_prompt:       [B] long, slot of the last prompt token (the last token before the answer)
     num_visual:        [B] long, visual tokens each sample had at the LLM input
-    grid:              (rows, cols) of visual tokens per image
+    grid:              (rows, cols) of visual tokens per image when every image has the same grid
+                       (LLaVA-1.5), None when images have their own grids (see `geometry`)
     mode:              "drop" or "mask"
     attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
                        probabilities of decoder layer `layer` (this one or the previous one)
@@ -68,6 +71,8 @@ class PruneContext:
     input_visual:      [B, S0] bool image tokens, original positions
     input_instruction: [B, S0] bool instruction tokens, original positions
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
+    geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
+                       crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
     """
 
     layer: int
@@ -78,7 +83,7 @@ class PruneContext:
     instruction: torch.Tensor
     last_prompt: torch.Tensor
     num_visual: torch.Tensor
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     mode: str
     attention: Callable[[int, torch.Tensor], torch.Tensor]
     attention_received: Callable[..., torch.Tensor] | None = None
@@ -90,6 +95,7 @@ class PruneContext:
     input_visual: torch.Tensor | None = None
     input_instruction: torch.Tensor | None = None
     origin: torch.Tensor | None = None
+    geometry: VisualGeometry | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""

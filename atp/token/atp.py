@@ -64,6 +64,7 @@ __all__ = [
     "redundancy_scores",
     "sap_layers",
     "sap_scores",
+    "sap_scores_at",
     "score_statistics",
     "tokens_per_layer",
 ]
@@ -105,15 +106,21 @@ def _rescaled(score: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 
 
 def sap_scores(visual_index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, S] spatial score of every visual slot (visual_index -1 elsewhere gives 0)."""
+    """[B, S] spatial score of every visual slot (visual_index -1 elsewhere gives 0), for images
+    that all share one `grid` (rows, cols), visual tokens numbered in raster order."""
     rows, cols = grid
     within = visual_index.clamp_min(0) % (rows * cols)
-    row, col = within // cols, within % cols
-    score = torch.full(visual_index.shape, SAP_FLOOR, device=visual_index.device)
+    return sap_scores_at(within // cols, within % cols, visual_index >= 0)
+
+
+def sap_scores_at(row: torch.Tensor, col: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """[B, S] spatial score of every visual slot from its row and column in its own image's grid
+    (row, col [B, S] long; visual [B, S] bool; 0 elsewhere). Per-image grids: [ours]."""
+    score = torch.full(row.shape, SAP_FLOOR, device=row.device)
     for stride, value in reversed(SAP_LEVELS):
         on_grid = (row % stride == 0) & (col % stride == 0)
         score = torch.where(on_grid, torch.full_like(score, value), score)
-    return score.masked_fill(visual_index < 0, 0.0)
+    return score.masked_fill(~visual, 0.0)
 
 
 def score_statistics(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -241,7 +248,8 @@ class ATPPruner(TokenPruner):
         track = self.score_gradients and self.training and ctx.mode == "mask"
         with contextlib.nullcontext() if track else torch.no_grad():
             s_self, s_cross = redundancy_scores(ctx, ctx.layer - 1)
-            return s_self, s_cross, sap_scores(ctx.visual_index, ctx.grid)
+            geometry = ctx.geometry
+            return s_self, s_cross, sap_scores_at(geometry.row, geometry.col, ctx.visual_index >= 0)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         """[B, S] keep decision (drop mode, or not training), or soft keep weights (mask-mode training)."""

@@ -2,6 +2,8 @@
 
 The stride is the smallest s whose grid (every s-th row and column, starting at 0) holds
 no more than round(N_image * keep_ratio) (or `keep_tokens`) tokens. Kept tokens keep their original positions.
+Images with their own grids (Qwen2-VL's dynamic resolution) each get the stride of their own
+grid and budget [ours].
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ class SpatialPruner(TokenPruner):
         self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
-        rows, cols = ctx.grid
-        stride = grid_stride(rows, cols, int(self.budget.count(torch.tensor([rows * cols]))[0]))
-        within = ctx.visual_index.clamp_min(0) % (rows * cols)
-        on_grid = (within // cols % stride == 0) & (within % cols % stride == 0)
-        return on_grid & ctx.visual
+        geometry = ctx.geometry
+        keep = torch.zeros_like(ctx.visual)
+        sizes = torch.stack([geometry.rows[ctx.visual], geometry.cols[ctx.visual]], 1).unique(dim=0)
+        for rows, cols in sizes.tolist():  # one stride per grid size
+            stride = grid_stride(rows, cols, int(self.budget.count(torch.tensor([rows * cols]))[0]))
+            on_grid = (geometry.row % stride == 0) & (geometry.col % stride == 0)
+            keep |= on_grid & (geometry.rows == rows) & (geometry.cols == cols)
+        return keep & ctx.visual

@@ -1,0 +1,163 @@
+"""Adapter for HF `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` and
+`Qwen3VLForConditionalGeneration`.
+
+What differs from LLaVA (transformers 5.24):
+  * dynamic resolution: image i has its own grid `image_grid_thw[i] = (t, h, w)` of tower
+    patches; after the 2x2 merger it becomes t x (h/2) x (w/2) visual tokens in raster order,
+    between `<|vision_start|>` and `<|vision_end|>` (text tokens, never pruned);
+  * M-RoPE: the language model receives rotary ids [3, B, S] (forward) or [4, B, S]
+    (generate; row 0 the text position). An image token at (row, col) of an image starting
+    at t0 gets (t0, t0 + row, t0 + col). Kept tokens keep these ids; decode steps use the ids
+    the model computes itself from `rope_deltas`, exactly as stock HF;
+  * the vision tower has no [CLS] token;
+  * Qwen3-VL (deepstack) adds visual features from several tower depths to the visual tokens
+    after LM layers 0..k-1; the runtime adds each row to its token wherever the token sits
+    (`take_visual_additions`), so dropped tokens drop their deepstack rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
+
+from atp.models.adapter import VisualGeometry, VLMAdapter, empty_geometry
+
+
+class QwenVLAdapter(VLMAdapter):
+    """Locates the parts of one Qwen2-VL, Qwen2.5-VL or Qwen3-VL model instance."""
+
+    model_classes = (
+        Qwen2VLForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
+    rope_axes = 3
+
+    # -- modules -------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> nn.Module:
+        """The patch merger: 2x2 tower patches [4 * dv] -> one LLM embedding [d]."""
+        return self.model.model.visual.merger
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.model.model.visual.blocks
+
+    def vision_cls_offset(self) -> int:
+        raise ValueError(
+            f"this method scores tokens by the vision tower's [CLS] attention, but {type(self.model).__name__}'s "
+            "vision tower has no [CLS] token (its patches go straight to the 2x2 merger). Use a method that "
+            "does not need one (fastv, pdrop, sparsevlm, divprune, random, fitprune) with this model."
+        )
+
+    # -- images ------------------------------------------------------------------------
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def check_inputs(self, kwargs: dict[str, Any]) -> None:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if any(kwargs.get(name) is not None for name in ("pixel_values_videos", "video_grid_thw")) or (
+            encoded.get("video") is not None
+        ):
+            raise ValueError(
+                f"the atp runtime prunes image tokens; this {type(self.model).__name__} input holds a video. "
+                "Pass images only (e.g. a video's frames as images)."
+            )
+        input_ids, grid_thw = kwargs.get("input_ids"), kwargs.get("image_grid_thw")
+        if input_ids is not None and grid_thw is not None:
+            check_image_tokens(input_ids == self.image_token_id, grid_thw, self.merge_size)
+
+    def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
+        """Read from the M-RoPE ids the model computed from `image_grid_thw`: a contiguous run of
+        image tokens is one image (as in the model's own `get_rope_index`), its first token has ids
+        (t0, t0, t0) and the token at (row, col) has height id t0 + row and width id t0 + col."""
+        values = empty_geometry(tuple(visual.shape), visual.device)
+        if not bool(visual.any()):
+            return VisualGeometry(**values)
+        if rope is None:
+            raise ValueError(
+                f"{int(visual.sum())} image tokens but no M-RoPE position ids: call the model with "
+                "pixel_values, image_grid_thw and mm_token_type_ids (as its processor returns them)."
+            )
+        flat = visual.flatten()
+        where = flat.nonzero()[:, 0]
+        image = image_runs(visual)[where]
+        height, width = rope[..., 1].flatten()[where], rope[..., 2].flatten()[where]
+        first = torch.full((int(image.max()) + 1,), flat.numel(), device=where.device)
+        first = first.scatter_reduce(0, image, where, "amin")  # [I] first flat position of each image
+        row = height - rope[..., 1].flatten()[first][image]
+        col = width - rope[..., 2].flatten()[first][image]
+        rows = torch.zeros_like(first).scatter_reduce(0, image, row + 1, "amax")[image]
+        cols = torch.zeros_like(first).scatter_reduce(0, image, col + 1, "amax")[image]
+        fill = {"image": image, "crop": torch.zeros_like(image), "row": row, "col": col, "rows": rows, "cols": cols}
+        for name, value in fill.items():
+            values[name].view(-1)[where] = value
+        return VisualGeometry(**values)
+
+    def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Qwen3-VL's deepstack: `deepstack_visual_embeds[i]` ([N, d], one row per token of
+        `visual_pos_masks`) is added to the visual tokens after LM layer i."""
+        mask = kwargs.pop("visual_pos_masks", None)
+        rows = kwargs.pop("deepstack_visual_embeds", None)
+        return mask, list(rows) if rows is not None else []
+
+    # -- positions -----------------------------------------------------------------------
+    def split_position_ids(self, position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """[4, B, S] (generate: text row, then 3 rotary rows), [3, B, S] (forward: rotary rows only),
+        [B, S] (text position on every axis) or None (the model's default: the same)."""
+        if position_ids is None or position_ids.ndim == 2:
+            return position_ids, None
+        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+            return position_ids[0], position_ids[1:].permute(1, 2, 0)
+        if position_ids.ndim == 3 and position_ids.shape[0] == 3:
+            return None, position_ids.permute(1, 2, 0)
+        raise ValueError(
+            f"{type(self.model).__name__} position_ids must be [B, S], [3, B, S] or [4, B, S]; "
+            f"got shape {tuple(position_ids.shape)}."
+        )
+
+    def language_position_ids(self, given: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        return given if given is not None else text
+
+    def rotary(
+        self, hidden: torch.Tensor, position: torch.Tensor, rope: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = rope.permute(2, 0, 1) if rope is not None else position  # [3, B, S] (2D: every axis)
+        return self.rotary_emb(hidden, ids)
+
+
+def image_runs(visual: torch.Tensor) -> torch.Tensor:
+    """[B * S] long: for every position of visual [B, S] (flattened sample by sample) the number of
+    the run of consecutive image tokens it belongs to, counted over the batch (-1 before the first
+    run; meaningful on image tokens). A run never continues into the next sample."""
+    previous = torch.zeros_like(visual)
+    previous[:, 1:] = visual[:, :-1]
+    starts = visual & ~previous  # a run of image tokens starts here
+    return starts.flatten().long().cumsum(0) - 1
+
+
+def check_image_tokens(image_mask: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> None:
+    """Raise a clear error unless the runs of image tokens in image_mask [B, S] hold, in order,
+    exactly t * h * w / merge**2 tokens for each image of grid_thw [I, 3]."""
+    expected = (grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2] // merge**2).tolist()
+    runs = image_runs(image_mask)[image_mask.flatten()]
+    found = torch.bincount(runs).tolist() if runs.numel() else []
+    if found != expected:
+        raise ValueError(
+            f"the image tokens do not match image_grid_thw {grid_thw.tolist()}: it describes images of "
+            f"{expected} tokens (t * h * w / {merge**2} each), the input_ids hold runs of {found} image tokens. "
+            "Build input_ids and image_grid_thw together with the model's processor, one run of image tokens "
+            "(between <|vision_start|> and <|vision_end|>) per image."
+        )
