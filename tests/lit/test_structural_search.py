@@ -78,3 +78,26 @@ def test_search_logs_curves_follows_the_schedule_and_freezes_a_mask_within_the_b
     mask = module.current_mask()
     assert within_budget(module.config, mask, module.budget, 0.01)
     assert float(module.keep_ratio(mask)) == pytest.approx(0.6, rel=0.01)
+
+
+def test_lora_steps_during_the_search_use_fresh_samples_not_the_deterministic_mask():
+    torch.manual_seed(0)
+    module = StructuralPruningModule(tiny_decoder("llama"), prune_ratio=0.4, lora_rank=4, control_epochs=1)
+    module.generator.offset = 0.0  # soft masks near 0.5: every draw differs
+    with torch.no_grad():
+        deterministic = torch.cat(
+            [torch.cat([a, c]) for a, c in zip(*vars(module.generator(noise=False).hard).values())]
+        )
+    used, original = [], module.masker.set
+
+    def record(mask, mode="full"):
+        if mode == "frozen":
+            used.append(torch.cat([torch.cat([a, c]) for a, c in zip(mask.attention, mask.channels)]).float())
+        original(mask, mode)
+
+    module.masker.set = record
+    fit(module, max_steps=6)  # Lightning counts optimizer steps: a generator and a LoRA step per batch
+    assert len(used) == 3
+    assert all(not torch.equal(mask, deterministic.detach().round()) for mask in used)
+    assert not torch.equal(used[0], used[1]) and not torch.equal(used[1], used[2])
+    assert torch.equal(used[-1].bool(), module.sample_flat)  # the last LoRA step used the stored last sample
