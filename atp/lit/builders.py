@@ -90,14 +90,15 @@ def build_strategy(cfg: DictConfig):
     return instantiate(spec)
 
 
-def build_trainer(cfg: DictConfig, loggers: list) -> L.Trainer:
-    """A Lightning Trainer from cfg.trainer, cfg.strategy and cfg.callbacks, logging to `loggers`."""
+def build_trainer(cfg: DictConfig, loggers: list, strategy=None) -> L.Trainer:
+    """A Lightning Trainer from cfg.trainer, cfg.strategy (or `strategy`, built by the caller) and
+    cfg.callbacks, logging to `loggers`."""
     callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     if not loggers:  # nothing to log learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=build_strategy(cfg),
+        strategy=strategy if strategy is not None else build_strategy(cfg),
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=cfg.output_dir,

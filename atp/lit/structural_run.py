@@ -43,6 +43,50 @@ def build_causal_model(cfg: DictConfig):
     )
 
 
+DEEPSPEED_TARGET = "lightning.pytorch.strategies.DeepSpeedStrategy"
+
+
+def structural_deepspeed_config(cfg: DictConfig) -> dict:
+    """The DeepSpeed config for StructuralPruningModule under cfg.strategy (a DeepSpeedStrategy).
+
+    The module optimises manually with one optimizer (generator and LoRA parameter groups) and
+    one scheduler, which is what DeepSpeed accepts. DeepSpeed clips gradients inside
+    `engine.step()`, so `gradient_clipping` is the module's generator clip and applies to the
+    LoRA steps too [ours] (`self.clip_gradients` is a no-op under DeepSpeed). The optimizer is
+    torch's AdamW (`zero_allow_untested_optimizer`). Not run on a GPU in this project's tests:
+    under ZeRO the optimizer also steps the parameters without a gradient in a step (zero
+    gradients), so Adam's momentum keeps moving the generator during LoRA steps; prefer
+    strategy=ddp for the structural job until that is checked on GPUs."""
+    spec = cfg.get("strategy")
+    if spec is None or spec.get("_target_") != DEEPSPEED_TARGET:
+        raise ValueError(
+            f"cfg.strategy is not a DeepSpeed strategy (_target_ {None if spec is None else spec.get('_target_')!r}); "
+            "choose strategy=deepspeed_stage_2 or strategy=deepspeed_stage_3."
+        )
+    zero: dict = {"stage": int(spec.stage)}
+    if spec.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if spec.get("offload_parameters"):
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "zero_optimization": zero,
+        "gradient_clipping": float(cfg.module.gradient_clip),
+        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": str(cfg.trainer.get("precision", "32")).startswith("bf16")},
+    }
+
+
+def build_structural_strategy(cfg: DictConfig):
+    """cfg.strategy, with the structural DeepSpeed config when it is a DeepSpeed strategy."""
+    spec = cfg.get("strategy")
+    if spec is not None and spec.get("_target_") == DEEPSPEED_TARGET:
+        from hydra.utils import get_class
+
+        return get_class(DEEPSPEED_TARGET)(config=structural_deepspeed_config(cfg))
+    return None
+
+
 def run_structural(cfg: DictConfig) -> dict:
     """Fit StructuralPruningModule; export the pruned model. Returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -58,7 +102,7 @@ def run_structural(cfg: DictConfig) -> dict:
         seed=cfg.seed,
     )
     module = StructuralPruningModule(model, seed=cfg.seed, **OmegaConf.to_container(cfg.module, resolve=True))
-    trainer = build_trainer(cfg, build_loggers(cfg))
+    trainer = build_trainer(cfg, build_loggers(cfg), strategy=build_structural_strategy(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.export and trainer.is_global_zero and not trainer.fast_dev_run:

@@ -66,20 +66,37 @@ def full_mask(config) -> StructureMask:
     )
 
 
-def mask_parameters(config, mask: StructureMask) -> torch.Tensor:
-    """Decoder-layer parameters (attention, MLP, the two norms) a mask keeps, as a float
-    tensor: differentiable in the mask values, so straight-through masks pass gradients."""
+@dataclass(frozen=True)
+class LayerCosts:
+    """Decoder parameters of one layer: per attention group, per MLP channel, and fixed (norms, biases)."""
+
+    per_group: int
+    per_channel: int
+    fixed: int
+
+
+def layer_costs(config) -> list[LayerCosts]:
+    """Per decoder layer, the parameters one attention group and one MLP channel bring, and the fixed rest."""
     hidden = int(config.hidden_size)
     qkv_bias = family(config) == "qwen2" or bool(getattr(config, "attention_bias", False))
     o_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
-    total = torch.zeros((), dtype=torch.float64)
-    for groups, heads, channels in zip(layer_groups(config), mask.attention, mask.channels):
+    costs = []
+    for groups in layer_groups(config):
         q_width = groups.queries_per_group * groups.head_dim  # per attention group
         per_group = hidden * (2 * q_width + 2 * groups.head_dim) + (q_width + 2 * groups.head_dim) * qkv_bias
         per_channel = 3 * hidden + 2 * mlp_bias
         fixed = 2 * hidden + hidden * o_bias + hidden * mlp_bias  # norms, o_proj and down_proj biases
-        total = total + heads.double().sum() * per_group + channels.double().sum() * per_channel + fixed
+        costs.append(LayerCosts(per_group, per_channel, fixed))
+    return costs
+
+
+def mask_parameters(config, mask: StructureMask) -> torch.Tensor:
+    """Decoder-layer parameters (attention, MLP, the two norms) a mask keeps, as a float
+    tensor: differentiable in the mask values, so straight-through masks pass gradients."""
+    total = torch.zeros((), dtype=torch.float64)
+    for cost, heads, channels in zip(layer_costs(config), mask.attention, mask.channels):
+        total = total + heads.double().sum() * cost.per_group + channels.double().sum() * cost.per_channel + cost.fixed
     return total
 
 
