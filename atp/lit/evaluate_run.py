@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import atp
 from atp.data.llava_format import prompt_loader
-from atp.evaluation import EvaluationResult, evaluate, markdown_table
+from atp.evaluation import EvaluationResult, evaluate, latency_warnings, markdown_table
 from atp.export import load_pruned
 from atp.lit.data import prepare_configured_data
 from atp.lit.run import build_pruner
@@ -67,7 +67,9 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         model.to(device)
         pruner.to(device)  # the runtime holds the pruner outside the model's modules
     else:
-        model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        model, processor = load_llava(
+            cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, setting="model_path"
+        )
         model.to(device)  # before a budgeted fit and atp.apply, which moves the pruner to the model
         pruner_cfg = cfg.pruner
         if cfg.budget_tokens is not None:
@@ -91,7 +93,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**result.as_dict(), "budget_tokens": cfg.budget_tokens}, indent=1))
-    table = markdown_table([result])
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    text = "\n".join([markdown_table([result]), *latency_warnings([result])])
+    (out / "results.md").write_text(text + "\n")
+    print(text)
     return result
