@@ -29,6 +29,7 @@ import atp  # noqa: F401  (registers the exported model classes)
 from atp.data.text import TextDataModule, token_chunks
 from atp.lit.structural import StructuralPruningModule
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path
+from atp.progress import progress
 from atp.structural import decoder_parameters
 from atp.structural.baselines import baseline_mask
 
@@ -36,7 +37,7 @@ from atp.structural.baselines import baseline_mask
 @torch.no_grad()
 def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
     losses = []
-    for start in range(0, len(chunks), batch_size):
+    for start in progress(range(0, len(chunks), batch_size), "perplexity", unit="batch"):
         ids = chunks[start : start + batch_size]
         losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
     return math.exp(sum(losses) / len(chunks))
@@ -131,25 +132,25 @@ def main() -> None:
     dense_params = decoder_parameters(dense.config)
     rows = [("dense", "-", perplexity(dense, domain, 8), perplexity(dense, general, 8), dense_params, 1.0, 1.0, 0.0)]
     with tempfile.TemporaryDirectory() as scratch:
-        for ratio in args.ratios:
-            for method in args.methods:
-                model, keep, minutes = run_method(
-                    args, method, ratio, datamodule, tokenizer, Path(scratch, f"{method}_{ratio}")
+        runs = [(ratio, method) for ratio in args.ratios for method in args.methods]
+        for ratio, method in progress(runs, "structural runs", unit="run"):
+            model, keep, minutes = run_method(
+                args, method, ratio, datamodule, tokenizer, Path(scratch, f"{method}_{ratio}")
+            )
+            params = sum(p.numel() for p in model.model.layers.parameters())
+            rows.append(
+                (
+                    method,
+                    f"{ratio:.0%}",
+                    perplexity(model, domain, 8),
+                    perplexity(model, general, 8),
+                    params,
+                    params / dense_params,
+                    latency_ratio(model, dense, timing_ids, args.repeats),
+                    minutes,
                 )
-                params = sum(p.numel() for p in model.model.layers.parameters())
-                rows.append(
-                    (
-                        method,
-                        f"{ratio:.0%}",
-                        perplexity(model, domain, 8),
-                        perplexity(model, general, 8),
-                        params,
-                        params / dense_params,
-                        latency_ratio(model, dense, timing_ids, args.repeats),
-                        minutes,
-                    )
-                )
-                print(rows[-1], flush=True)
+            )
+            print(rows[-1], flush=True)
     print(
         f"\nSettings: {args.model}, {args.steps} LoRA steps of {args.batch_size} x {args.seq_len} tokens (rank "
         f"{args.lora_rank}), Wanda-sp calibrated on {args.calibration_chunks} training chunks, eval on {len(domain)} "
