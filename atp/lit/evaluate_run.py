@@ -57,7 +57,6 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
-    prepare_configured_data(cfg.data)
     device = resolve_device(cfg.device)
     if cfg.export_path:
         model, processor = load_pruned(
@@ -66,11 +65,13 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         pruner = atp.runtime_of(model).pruner
         model.to(device)
         pruner.to(device)  # the runtime holds the pruner outside the model's modules
+        prepare_configured_data(cfg.data)  # after the model loads: a wrong path fails at once
     else:
         model, processor = load_llava(
             cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, setting="model_path"
         )
         model.to(device)  # before a budgeted fit and atp.apply, which moves the pruner to the model
+        prepare_configured_data(cfg.data)
         pruner_cfg = cfg.pruner
         if cfg.budget_tokens is not None:
             pruner_cfg = budgeted_pruner_config(cfg, model, processor)
