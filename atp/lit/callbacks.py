@@ -6,12 +6,24 @@ import importlib.util
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
 
 from atp.token.atp import ATPPruner
 
 
 class TokenBudgetLogger(L.Callback):
-    """Per ATP module: mean (soft) visual tokens kept and the mean thresholds; and the budget."""
+    """Per ATP module: mean (soft) visual tokens kept and the mean thresholds; and the budget.
+
+    Every value goes to all loggers as a scalar. On W&B, the kept-token scalars are also
+    drawn as one chart, a line per ATP module plus the target (`KEPT_CHART`), at every
+    validation and at the end of training; `history` holds what the chart draws:
+    {series name: [(global step, value)]}.
+    """
+
+    KEPT_CHART = "atp/kept_tokens_per_module"
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[tuple[int, float]]] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         pruner = getattr(module, "pruner", None)
@@ -26,6 +38,34 @@ class TokenBudgetLogger(L.Callback):
             metrics[f"atp/theta_s_layer{layer}"] = thresholds[:, 1].mean()
         metrics["atp/target_tokens"] = float(module.scheduled_target())
         module.log_dict(metrics, batch_size=size)
+        for name, value in metrics.items():
+            if name.startswith("atp/kept_tokens_layer") or name == "atp/target_tokens":
+                self.history.setdefault(name.removeprefix("atp/"), []).append((trainer.global_step, float(value)))
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.log_chart(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.log_chart(trainer)
+
+    def log_chart(self, trainer: L.Trainer) -> None:
+        """Draw `history` on every W&B run of the trainer (nothing without W&B or history)."""
+        runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not runs or not self.history or not trainer.is_global_zero:
+            return
+        import wandb
+
+        names = sorted(self.history)
+        chart = wandb.plot.line_series(
+            xs=[[step for step, _ in self.history[name]] for name in names],
+            ys=[[value for _, value in self.history[name]] for name in names],
+            keys=names,
+            title="visual tokens kept per ATP module (batch mean) and the target",
+            xname="step",
+        )
+        for run in runs:
+            run.log({self.KEPT_CHART: chart})
 
 
 class SaveTrainablesPerRank(L.Callback):
