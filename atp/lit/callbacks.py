@@ -42,6 +42,13 @@ class TokenBudgetLogger(L.Callback):
             if name.startswith("atp/kept_tokens_layer") or name == "atp/target_tokens":
                 self.history.setdefault(name.removeprefix("atp/"), []).append((trainer.global_step, float(value)))
 
+    def state_dict(self) -> dict:
+        """Saved in Lightning checkpoints, so a resumed run's chart starts at step 0."""
+        return {"history": {name: [list(point) for point in points] for name, points in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {name: [tuple(point) for point in points] for name, points in state_dict["history"].items()}
+
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.log_chart(trainer)

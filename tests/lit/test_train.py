@@ -292,6 +292,12 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         "| random (cut before layer 1",
     ):
         assert row in result.stdout
+    assert "prefill latency: median of 5 interleaved rounds" in result.stdout
+    for picture in ("tokens_per_layer.png", "tokens_vs_objects.png"):
+        assert (tmp_path / "cmp" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    timed = [r for r in rows if r["method"].startswith(("atp", "fastv", "random"))]
+    assert len(timed) == 3 and all(r["latency_low"] <= r["latency_ratio"] <= r["latency_high"] for r in timed)
 
     # constant thresholds: keep everything, or only the stride-8 SAP grid after the first module
     num_visual = round(json.loads((tmp_path / "cmp" / "results.json").read_text())[0]["avg_visual_tokens"])
