@@ -23,7 +23,7 @@ quickstart:  ## the testbed end to end on CPU (~15 min): base model (if missing)
 	WANDB_MODE=disabled $(BIN)/python train.py experiment=atp_llava_shapes run_name=quickstart trainer.max_steps=$(QUICK_ATP_STEPS) trainer.val_check_interval=$(QUICK_ATP_STEPS)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp checkpoints/atp_llava_shapes/quickstart/export --max-samples 200
 
-compare:  ## the comparison table for an existing ATP export (ATP=path)
+compare:  ## the comparison table and its pictures (kept tokens per layer, versus objects) for an existing ATP export (ATP=path)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
 
 BUDGET_SAMPLES ?= 200
