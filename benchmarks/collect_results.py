@@ -1,9 +1,11 @@
 """Merge the results.json files of an evaluate.py multirun into one markdown table.
 
-    python benchmarks/collect_results.py checkpoints/eval/budgets --out checkpoints/eval/budgets/table.md
+    python benchmarks/collect_results.py checkpoints/eval/budgets --out checkpoints/eval/budgets/table.md \
+        --plot checkpoints/eval/budgets/pareto.png
 
 Rows are grouped by `budget_tokens` (largest first), the unpruned row first; retention is
-accuracy / unpruned accuracy.
+accuracy / unpruned accuracy. --plot draws the same rows as a Pareto plot (`atp.plots.plot_pareto`):
+accuracy versus average visual tokens per layer and versus prefill FLOPs, one line per method.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from atp.evaluation import EvaluationResult, markdown_table
+from atp.evaluation import EvaluationResult, latency_warnings, markdown_table
 
 
 def load(path: Path) -> tuple[int | None, EvaluationResult]:
@@ -26,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a multirun directory (its subfolders hold results.json)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="write the Pareto plot (PNG) here")
+    parser.add_argument("--title", default="", help="the plot's title")
     args = parser.parse_args()
     found = [load(p) for p in sorted(args.sweep.rglob("results.json"))]
     if not found:
@@ -34,7 +38,7 @@ def main() -> None:
     results = [r for _, r in found]
     unpruned = next((r for b, r in found if b is None and r.method == "unpruned"), None)
     table = markdown_table(results)
-    lines = [table]
+    lines = [table, *latency_warnings(results)]
     if unpruned is not None:
         lines.append("")
         lines += [f"- {r.method}: retention {100 * r.accuracy / max(unpruned.accuracy, 1e-9):.1f} %" for r in results]
@@ -42,6 +46,11 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.plot:
+        from atp.plots import plot_pareto
+
+        plot_pareto(results, args.plot, title=args.title)
+        print(f"Pareto plot written to {args.plot}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import atp
 from atp.metrics import cost_report
+from atp.progress import progress
 from atp.token.atp import ATPPruner
 
 IMAGE_TOKEN = 31999
@@ -105,7 +106,7 @@ def main() -> None:
     scoring = {name: [] for name in pruners}
     reports = {}
     with torch.inference_mode():
-        for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
+        for repeat in progress(range(args.repeats + 1), "timing rounds"):  # the first warms up, discarded
             for name, pruner in pruners.items():
                 if pruner is None:
                     atp.remove(model)

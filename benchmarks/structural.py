@@ -34,6 +34,7 @@ import atp  # noqa: F401  (registers the exported model classes)
 from atp.data.text import TextDataModule, token_chunks, topic_splits, train_tokenizer
 from atp.lit.structural import StructuralPruningModule
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
+from atp.progress import progress
 from atp.structural import decoder_parameters
 from atp.structural.baselines import METHODS, baseline_mask
 
@@ -43,7 +44,7 @@ ALL_METHODS = ("atp", *METHODS)
 @torch.no_grad()
 def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
     losses = []
-    for start in range(0, len(chunks), batch_size):
+    for start in progress(range(0, len(chunks), batch_size), "perplexity", unit="batch"):
         ids = chunks[start : start + batch_size]
         losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
     return math.exp(sum(losses) / len(chunks))
@@ -193,24 +194,23 @@ def main() -> None:
     print(f"dense: domain {dense_row[0]:.2f}, general {dense_row[1]:.2f} (evaluation {eval_seconds:.1f} s)", flush=True)
     runs: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for ratio in args.ratios:
-            for method in args.methods:
-                for seed in args.seeds:
-                    run = run_method(args, method, ratio, seed, datamodule, Path(scratch, f"{method}_{ratio}_{seed}"))
-                    model = run.pop("model")
-                    params = sum(p.numel() for p in model.model.layers.parameters())
-                    run.update(
-                        domain=perplexity(model, domain, 8),
-                        general=perplexity(model, general, 8),
-                        params=params,
-                        kept=params / dense_params,
-                        latency=latency_ratio(model, dense, timing_ids, args.repeats),
-                    )
-                    runs.setdefault((method, ratio), []).append(run)
-                    print(
-                        f"{method} {ratio:.0%} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items()),
-                        flush=True,
-                    )
+        grid = [(ratio, method, seed) for ratio in args.ratios for method in args.methods for seed in args.seeds]
+        for ratio, method, seed in progress(grid, "structural runs", unit="run"):
+            run = run_method(args, method, ratio, seed, datamodule, Path(scratch, f"{method}_{ratio}_{seed}"))
+            model = run.pop("model")
+            params = sum(p.numel() for p in model.model.layers.parameters())
+            run.update(
+                domain=perplexity(model, domain, 8),
+                general=perplexity(model, general, 8),
+                params=params,
+                kept=params / dense_params,
+                latency=latency_ratio(model, dense, timing_ids, args.repeats),
+            )
+            runs.setdefault((method, ratio), []).append(run)
+            print(
+                f"{method} {ratio:.0%} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items()),
+                flush=True,
+            )
     print(
         f"\nSettings: {'tiny Llama (smoke)' if args.tiny else args.model}, {args.steps} LoRA steps of "
         f"{args.batch_size} x {args.seq_len} tokens over {args.epochs} epochs (ATP searches {args.control_epochs}), "

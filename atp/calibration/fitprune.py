@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atp.metrics.accounting import prefill_flops
+from atp.progress import progress
 from atp.runtime import attach
 from atp.runtime.pruner import PruneContext, TokenPruner
 from atp.token.fitprune import attention_masses
@@ -110,7 +111,7 @@ class FitPruneFitter:
         self.walk = _MassWalk(self.num_layers)
         self.totals: list[torch.Tensor] = []
         text, visual = [], []
-        for batch, masses, stats in self._passes(alpha=None):
+        for batch, masses, stats in self._passes(alpha=None, description="fitprune: statistics"):
             self.totals.append(torch.stack([masses[layer] for layer in range(self.num_layers - 1)], 1))
             text.append(stats.input_tokens - stats.num_visual)
             visual.append(stats.num_visual)
@@ -121,11 +122,11 @@ class FitPruneFitter:
             )
 
     @torch.inference_mode()
-    def _passes(self, alpha: float | None):
+    def _passes(self, alpha: float | None, description: str):
         self.walk.alpha = alpha
         attach.apply(self.model, self.walk, mode="drop")
         try:
-            for index, batch in enumerate(self.batches):
+            for index, batch in enumerate(progress(self.batches, description, unit="batch")):
                 self.walk.masses, self.walk.deleted = {}, {}
                 self.walk.totals = self.totals[index] if alpha is not None else None
                 keys = ("input_ids", "attention_mask", "pixel_values")
@@ -162,7 +163,7 @@ class FitPruneFitter:
         return Trial(alpha, False, {k: v for k, v in full.items() if v > 0}, ratio, mean_deleted)
 
     def _deleted_in_pass(self, alpha: float):
-        for _batch, _masses, _stats in self._passes(alpha):
+        for _batch, _masses, _stats in self._passes(alpha, description=f"fitprune: alpha = {alpha:.2f}"):
             yield [self.walk.deleted[layer] for layer in range(self.num_layers - 1)]
 
     def fit(self) -> tuple[Trial, list[Trial]]:

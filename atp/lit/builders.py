@@ -13,11 +13,13 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 import atp
 from atp.data.processor import build_processor
 from atp.data.shapes import vocabulary
+from atp.lit.callbacks import default_progress_bar
 from atp.models.build import build_testbed_llava, load_llava
 from atp.runtime.pruner import pruner_class
 
@@ -96,6 +98,8 @@ def build_trainer(cfg: DictConfig, loggers: list, strategy=None) -> L.Trainer:
     callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     if not loggers:  # nothing to log learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(default_progress_bar())  # "Epoch 0, step 37/140", not "Epoch 0/-2"
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         strategy=strategy if strategy is not None else build_strategy(cfg),

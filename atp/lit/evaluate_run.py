@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import atp
 from atp.data.llava_format import prompt_loader
-from atp.evaluation import EvaluationResult, evaluate, markdown_table
+from atp.evaluation import EvaluationResult, evaluate, latency_warnings, markdown_table
 from atp.export import load_pruned
 from atp.lit.builders import build_pruner
 from atp.lit.data import prepare_configured_data
@@ -57,7 +57,6 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:
-    prepare_configured_data(cfg.data)
     device = resolve_device(cfg.device)
     if cfg.export_path:
         model, processor = load_pruned(
@@ -66,9 +65,13 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         pruner = atp.runtime_of(model).pruner
         model.to(device)
         pruner.to(device)  # the runtime holds the pruner outside the model's modules
+        prepare_configured_data(cfg.data)  # after the model loads: a wrong path fails at once
     else:
-        model, processor = load_llava(cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        model, processor = load_llava(
+            cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, setting="model_path"
+        )
         model.to(device)  # before a budgeted fit and atp.apply, which moves the pruner to the model
+        prepare_configured_data(cfg.data)
         pruner_cfg = cfg.pruner
         if cfg.budget_tokens is not None:
             pruner_cfg = budgeted_pruner_config(cfg, model, processor)
@@ -91,7 +94,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**result.as_dict(), "budget_tokens": cfg.budget_tokens}, indent=1))
-    table = markdown_table([result])
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    text = "\n".join([markdown_table([result]), *latency_warnings([result])])
+    (out / "results.md").write_text(text + "\n")
+    print(text)
     return result

@@ -155,12 +155,16 @@ def standardise_projector(model: LlavaForConditionalGeneration, pixel_values: to
     last.bias.sub_(mean.to(last.bias.dtype)).div_(std.to(last.bias.dtype))
 
 
-def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """(model, processor) from a local directory written by `save_pretrained` (offline)."""
+def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", setting: str = "model.path"):
+    """(model, processor) from a local directory written by `save_pretrained` (offline).
+
+    setting: the option that names `path` where the caller reads it (train.py's model.path,
+    evaluate.py's model_path, a benchmark's --base), quoted in the error when it is missing.
+    """
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
-            f"no HF model at {path!r} (config.json missing). Set model.path to a local LLaVA checkpoint "
+            f"no HF model at {path!r} (config.json missing). Set {setting} to a local LLaVA checkpoint "
             "directory (e.g. a llava-hf/llava-1.5-7b-hf download) or train the testbed model first."
         )
     if dtype not in DTYPES:

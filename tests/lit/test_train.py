@@ -308,6 +308,12 @@ def test_comparison_benchmark_runs_on_a_tiny_export(base_model, tmp_path):
         assert row in result.stdout
     assert "VERDICT: " in result.stdout  # the plain verdict line (atp.comparison), also in verdict.txt
     assert (tmp_path / "cmp" / "verdict.txt").read_text().splitlines()[-1].startswith("VERDICT: ")
+    assert "prefill latency: median of 5 interleaved rounds" in result.stdout
+    for picture in ("tokens_per_layer.png", "tokens_vs_objects.png"):
+        assert (tmp_path / "cmp" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    timed = [r for r in rows if r["method"].startswith(("atp", "fastv", "random"))]
+    assert len(timed) == 3 and all(r["latency_low"] <= r["latency_ratio"] <= r["latency_high"] for r in timed)
 
     # constant thresholds: keep everything, or only the stride-8 SAP grid after the first module
     num_visual = round(json.loads((tmp_path / "cmp" / "results.json").read_text())[0]["avg_visual_tokens"])
@@ -505,3 +511,39 @@ def test_soft_recipe_is_the_measured_command():
     recipe = compose_train(["experiment=atp_llava_shapes_soft"])
     assert recipe == compose_train(measured)
     assert recipe.pruner.tau == 40 and recipe.pruner.layers == [1, 3] and recipe.trainer.max_steps == 150
+
+
+def test_kept_token_curves_reach_wandb_as_one_chart(base_model, tmp_path, monkeypatch):
+    """W&B offline: the chart logged at the end holds, per ATP module, the (step, kept tokens)
+    values the CSV logger recorded for atp/kept_tokens_layer<l>, and the target."""
+    import csv
+
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    charts, real_log = [], wandb.sdk.wandb_run.Run.log
+
+    def recording_log(self, data, *args, **kwargs):
+        charts.extend(value for key, value in data.items() if key == "atp/kept_tokens_per_module")
+        return real_log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", recording_log)
+    overrides = atp_overrides(base_model, tmp_path / "run", tmp_path / "data", steps=3)
+    run_training(compose_train([*overrides, "logger=csv_wandb", "export=false", "trainer.log_every_n_steps=1"]))
+    assert charts, "no kept-token chart was logged to W&B"
+    table = charts[-1].table
+    assert table.columns == ["step", "lineKey", "lineVal"]
+    drawn: dict[str, list[float]] = {}
+    for _step, key, value in table.data:
+        drawn.setdefault(key, []).append(value)
+    (metrics_file,) = (tmp_path / "run").rglob("metrics.csv")
+    recorded: dict[str, list[float]] = {}
+    for row in csv.DictReader(metrics_file.open()):
+        for column, value in row.items():
+            if value and (column.startswith("atp/kept_tokens_layer") or column == "atp/target_tokens"):
+                recorded.setdefault(column.removeprefix("atp/"), []).append(float(value))
+    assert sorted(drawn) == sorted(recorded) == ["kept_tokens_layer1", "kept_tokens_layer3", "target_tokens"]
+    for key, values in recorded.items():
+        assert len(values) == 3 and drawn[key] == pytest.approx(values, rel=1e-6)
