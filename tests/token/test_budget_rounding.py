@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import atp
+from atp.models.adapter import VisualGeometry
 from atp.token.spatial import grid_stride
 from atp.token.visionzip import split_budget
 from tests.conftest import NUM_VISUAL, make_batch
@@ -82,6 +83,14 @@ def test_spatial_budget_tie_rounds_half_up():
         grid=(rows, cols),
         mode="drop",
         attention=None,
+        geometry=VisualGeometry(  # one 8 x 8 image in raster order
+            image=torch.zeros(1, slots, dtype=torch.long),
+            crop=torch.zeros(1, slots, dtype=torch.long),
+            row=torch.arange(slots)[None] // cols,
+            col=torch.arange(slots)[None] % cols,
+            rows=torch.full((1, slots), rows),
+            cols=torch.full((1, slots), cols),
+        ),
     )
     keep = atp.build_pruner("spatial", layer=0, keep_ratio=ratio).prune(ctx)
     assert keep[0].nonzero()[:, 0].tolist() == expected
