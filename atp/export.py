@@ -1,9 +1,13 @@
 """Export a pruned VLM and load it back ready to prune in drop mode.
 
-    <dir>/atp_config.json      {"format": 1, "pruner": name, "kwargs": {...}, "base_model": ...}
+    <dir>/atp_config.json      {"format": 1, "pruner": name, "kwargs": {...}, "base_model": ...,
+                                "processor": whether the export holds a processor}
     <dir>/pruner.safetensors   the pruner's weights (absent for training-free pruners)
     <dir>/base/                the base model and its processor (`save_pretrained`), unless
                                `base_model` points at an existing directory instead
+
+Any family with an adapter round-trips (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the base model's
+class is read back from its config.json.
 
 The directory is written next to its final place and renamed into it, so a crash never
 leaves a half-written export.
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from atp.models.build import load_llava
+from atp.models.build import load_vlm
 from atp.runtime import attach
 from atp.runtime.pruner import TokenPruner, build_pruner
 
@@ -57,24 +61,34 @@ def save_model(directory: str | Path, model, processor) -> Path:
 def save_pruned(
     directory: str | Path, model, processor, pruner: TokenPruner, base_reference: str | None = None
 ) -> Path:
-    """Write an export; `base_reference` (a model directory) avoids copying the base weights."""
+    """Write an export; `base_reference` (a model directory) avoids copying the base weights.
+    processor may be None (a model without one, e.g. a tiny test model): `load_pruned` then
+    returns None for it."""
     with atomic_directory(directory) as staging:
         if base_reference is None:
             model.save_pretrained(staging / "base")  # hooks are not weights: the stock model is saved
-            processor.save_pretrained(staging / "base")
+            if processor is not None:
+                processor.save_pretrained(staging / "base")
             base = "base"
         else:
             base = str(Path(base_reference).resolve())
         state = {k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
         if state:
             save_file(state, staging / WEIGHTS_NAME)
-        config = {"format": FORMAT_VERSION, "pruner": pruner.name, "kwargs": pruner.build_kwargs(), "base_model": base}
+        config = {
+            "format": FORMAT_VERSION,
+            "pruner": pruner.name,
+            "kwargs": pruner.build_kwargs(),
+            "base_model": base,
+            "processor": processor is not None,
+        }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return Path(directory)
 
 
 def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """(model, processor) with the exported pruner attached in `mode` (drop by default)."""
+    """(model, processor) with the exported pruner attached in `mode` (drop by default); processor
+    is None when the export was saved without one."""
     directory = Path(path)
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
@@ -89,7 +103,8 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads format {FORMAT_VERSION}.")
     base_path = directory / base if not Path(base).is_absolute() else Path(base)
-    model, processor = load_llava(str(base_path), dtype=dtype, attn_implementation=attn_implementation)
+    with_processor = bool(config.get("processor", True))  # exports before the field always held one
+    model, processor = load_vlm(str(base_path), dtype, attn_implementation, with_processor)
     pruner = build_pruner(name, **kwargs)
     weights = directory / WEIGHTS_NAME
     expected = pruner.state_dict()

@@ -8,7 +8,9 @@ key/value heads, SwiGLU MLP width m):
   + 3*n*d*m                   gate, up, down
 
 FLOPs = 2 x MACs. KV cache bytes = sum_l 2 * n_l * h_kv * hd * bytes_per_element.
-Norms, RoPE, softmax and activations are not counted (they are not matmuls). The vision
+Norms, RoPE, softmax and activations are not counted (they are not matmuls), nor are the
+projection biases (Qwen2's q/k/v) or the LM head. Every family reads its own text config
+(`DecoderShape.from_config`): LLaVA's Llama/Vicuna, Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The vision
 encoder and the pruner's own scoring are reported separately, never folded in.
 """
 
@@ -33,7 +35,12 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
-        """From a text config (LlamaConfig, MistralConfig, Qwen2Config, ...)."""
+        """From the language model's config: a text config (LlamaConfig, Qwen2_5_VLTextConfig, ...)
+        or a multimodal config holding one (its `get_text_config()`). GQA from `num_key_value_heads`,
+        the MLP width from `intermediate_size`, the head dim from `head_dim` where the family sets it
+        (Qwen3-VL), else hidden / heads."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
             hidden=int(config.hidden_size),

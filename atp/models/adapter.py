@@ -70,6 +70,9 @@ class VLMAdapter:
     model_classes: tuple[type[nn.Module], ...] = ()
     #: rotary id axes per token: 1 (plain RoPE) or 3 (M-RoPE: temporal, height, width)
     rope_axes: int = 1
+    #: whether compacting positions has a defined rule (renumber the 1-D position of the kept
+    #: tokens); False where tokens carry multi-axis rotary ids (M-RoPE), which keep their ids
+    compact_positions: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

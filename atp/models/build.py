@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from atp.models.tiny import tiny_llava_config
 
@@ -173,6 +173,24 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
         path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
     )
     processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def load_vlm(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", with_processor: bool = True):
+    """(model, processor or None) of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+    from a local `save_pretrained` directory (offline); the class comes from its config.json."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no HF model at {path!r} (config.json missing): give a save_pretrained directory.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
+    from atp.models import get_adapter
+
+    get_adapter(model)  # a clear error for a family atp has no adapter for
+    processor = AutoProcessor.from_pretrained(path) if with_processor else None
     return model, processor
 
 

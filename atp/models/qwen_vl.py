@@ -39,6 +39,7 @@ class QwenVLAdapter(VLMAdapter):
         Qwen3VLForConditionalGeneration,
     )
     rope_axes = 3
+    compact_positions = False  # no defined rule for renumbering (t, h, w) ids [ours]
 
     # -- modules -------------------------------------------------------------------
     @property

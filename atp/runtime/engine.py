@@ -119,12 +119,7 @@ class PruningRuntime:
         self.mode = mode
         self.num_layers = self.adapter.num_layers
         pruner.validate(self.num_layers)
-        if pruner.position_ids == "compact" and self.adapter.rope_axes > 1:
-            raise ValueError(
-                f"{pruner.name}: position_ids='compact' has no defined rule for the {self.adapter.rope_axes}-axis "
-                f"rotary ids (M-RoPE) of {type(model).__name__}; kept tokens keep their original ids there. "
-                f"Build the pruner with position_ids='original'."
-            )
+        self.position_policy = pruner.position_policy(self.adapter.compact_positions, type(model).__name__)
         self._check_attention()
         self.captures = {layer: ProjectionCapture() for layer in sorted(pruner.probe_layers())}
         for layer in self.captures:
@@ -441,7 +436,7 @@ class PruningRuntime:
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
-        compact = self.pruner.position_ids == "compact"
+        compact = self.position_policy == "compact"
         if self.mode == "drop":
             layout, hidden = apply_drop(layout, hidden, decision, compact)
         else:

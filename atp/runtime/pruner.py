@@ -17,7 +17,11 @@ from torch import nn
 
 from atp.models.adapter import VisualGeometry
 
-POSITION_POLICIES = ("original", "compact")
+POSITION_POLICIES = ("reference", "original", "compact")
+"""How kept tokens are numbered after pruning: "original" (each token keeps its position and rotary
+ids), "compact" (the remaining tokens are renumbered contiguously), or "reference" (the method's
+own reference policy, `TokenPruner.reference_position_ids`, resolved against the model family by
+`resolve_position_policy`)."""
 
 
 @dataclass
@@ -112,6 +116,8 @@ class TokenPruner(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    #: the position policy of the method's reference code (on LLaVA): "original" or "compact"
+    reference_position_ids: ClassVar[str] = "original"
     needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
 
     def __new__(cls, *args, **kwargs):
@@ -139,6 +145,25 @@ class TokenPruner(nn.Module):
             raise ValueError(f"{self.name}: position_ids must be one of {POSITION_POLICIES}, got {position_ids!r}.")
         self.layers = tuple(layer_list)
         self.position_ids = position_ids
+
+    def position_policy(self, compact_defined: bool, model_name: str = "this model") -> str:
+        """The policy the runtime applies: "original" or "compact".
+
+        compact_defined: whether the model family has a defined rule for compacting positions
+        (`VLMAdapter.compact_positions`; False for M-RoPE). `position_ids="reference"` takes the
+        method's reference policy, falling back to "original" where compaction has no defined
+        rule [ours]; an explicit "compact" there is refused with a clear error.
+        """
+        if self.position_ids == "reference":
+            policy = self.reference_position_ids
+            return "original" if policy == "compact" and not compact_defined else policy
+        if self.position_ids == "compact" and not compact_defined:
+            raise ValueError(
+                f"{self.name}: position_ids='compact' has no defined rule for the rotary ids of {model_name} "
+                f"(M-RoPE: kept tokens keep their original ids there). Build the pruner with "
+                f"position_ids='original' or 'reference' (the default, which keeps original ids on this family)."
+            )
+        return self.position_ids
 
     def probe_layers(self) -> set[int]:
         """Decoder layers whose q/k projections the runtime must capture for `ctx.attention`."""

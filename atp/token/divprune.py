@@ -4,6 +4,7 @@ Distance D = 1 - cosine similarity between the projected visual tokens of a samp
 first token is the one farthest from its nearest neighbour; then repeatedly add the
 token whose minimum distance to the chosen set is largest (max-min diversity). Acts
 before the LLM (layer 0); positions are compacted, as in the reference code.
+On M-RoPE families (Qwen-VL) the default (`position_ids="reference"`) keeps original ids [ours].
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
 @register
 class DivPrune(TokenPruner):
     name = "divprune"
+    reference_position_ids = "compact"  # [paper] the reference code compacts positions
 
     def __init__(
-        self, keep_ratio: float = 0.098, keep_tokens: int | None = None, position_ids: str = "compact"
+        self, keep_ratio: float = 0.098, keep_tokens: int | None = None, position_ids: str = "reference"
     ) -> None:
         super().__init__([0], position_ids)
         self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)

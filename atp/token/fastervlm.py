@@ -5,6 +5,7 @@ Score: the [CLS] row of vision layer -2's attention (`[:, :, 0, 1:]`), averaged 
 keep the top round(N * keep_ratio) (or `keep_tokens`) visual tokens in their original order, before the LLM.
 Positions are compacted (the tokens are removed before the LLM). The attention row is
 recomputed from the layer's captured q/k, so the vision tower keeps running under SDPA.
+On M-RoPE families the default (`position_ids="reference"`) keeps original ids [ours].
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from atp.token.selection import TokenBudget, top_k_per_sample
 @register
 class FasterVLM(TokenPruner):
     name = "fastervlm"
+    reference_position_ids = "compact"  # [paper] the reference code compacts positions
 
     def __init__(
         self,
         keep_ratio: float = 0.25,
         keep_tokens: int | None = None,
         vision_layer: int = -2,
-        position_ids: str = "compact",
+        position_ids: str = "reference",
     ) -> None:
         super().__init__([0], position_ids)
         self.budget = TokenBudget(self.name, keep_ratio, keep_tokens)

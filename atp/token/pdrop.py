@@ -6,6 +6,7 @@ the sequence, average over heads, and keep the top-k of the remaining visual tok
 `keep_ratios` are cumulative fractions of the N visual tokens at the LLM input (or
 `keep_tokens`, cumulative counts, which take precedence).
 Positions are compacted after each stage, as in the reference code.
+On M-RoPE families (Qwen-VL) the default (`position_ids="reference"`) keeps original ids [ours].
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from atp.token.selection import TokenBudget, check_keep_ratio, top_k_per_sample
 @register
 class PyramidDrop(TokenPruner):
     name = "pdrop"
+    reference_position_ids = "compact"  # [paper] the reference code compacts positions
 
     def __init__(
         self,
         layers: list[int] = (8, 16, 24),
         keep_ratios: list[float] = (0.5, 0.25, 0.125),
         keep_tokens: list[int] | None = None,
-        position_ids: str = "compact",
+        position_ids: str = "reference",
     ) -> None:
         super().__init__(list(layers), position_ids)
         budgets = (

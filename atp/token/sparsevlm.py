@@ -12,6 +12,7 @@ attention through its probe.
 Recycling (v1.5): of the deleted tokens, the top int(0.3 D) + 1 by score are clustered
 with DPC-kNN into int(m / 10) + 1 tokens (each the mean of its cluster's hidden states
 leaving layer l), placed after the kept visual tokens. Positions are compacted.
+On M-RoPE families (Qwen-VL) the default (`position_ids="reference"`) keeps original ids [ours].
 
 Deviations from the reference code, both deterministic choices where it is random or
 undefined: DPC-kNN's densities get no random jitter (exact ties keep the maximal parent
@@ -77,6 +78,7 @@ def dpc_knn_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, to
 @register
 class SparseVLM(TokenPruner):
     name = "sparsevlm"
+    reference_position_ids = "compact"  # [paper] the reference code compacts positions
 
     def __init__(
         self,
@@ -84,7 +86,7 @@ class SparseVLM(TokenPruner):
         schedule: str | int | None = "192",
         keep_tokens: list[int] | None = None,
         recycle: bool = True,
-        position_ids: str = "compact",
+        position_ids: str = "reference",
     ) -> None:
         score_layers = [int(layer) for layer in layers]
         super().__init__([layer + 1 for layer in score_layers], position_ids)

@@ -16,6 +16,7 @@ released code: `contextual_tokens = target_hidden + aggregated_hidden`; a target
 joined stays itself). `merge="mean"`: the mean of the group, target included (the
 paper's wording). The LLM sees the dominant tokens first, then the contextual tokens in
 target order, with compact positions, as in the reference.
+On M-RoPE families (Qwen-VL) the default (`position_ids="reference"`) keeps original ids [ours].
 
 Budgets: `keep_tokens` (or `keep_ratio` of the visual tokens) split as the paper's
 54 + 10 = 64, 108 + 20 = 128 and 162 + 30 = 192, i.e. dominant = round(t * 54 / 64).
@@ -63,6 +64,7 @@ def contextual_tokens(features: torch.Tensor, keys: torch.Tensor, contextual: in
 @register
 class VisionZip(TokenPruner):
     name = "visionzip"
+    reference_position_ids = "compact"  # [paper] the reference code compacts positions
     needs_vision_features = True
 
     def __init__(
@@ -71,7 +73,7 @@ class VisionZip(TokenPruner):
         keep_ratio: float | None = None,
         vision_layer: int = -2,
         merge: str = "reference",
-        position_ids: str = "compact",
+        position_ids: str = "reference",
     ) -> None:
         super().__init__([0], position_ids)
         self.budget = TokenBudget(self.name, keep_ratio=keep_ratio, keep_tokens=keep_tokens)

@@ -75,8 +75,26 @@ def test_cls_methods_refuse_a_tower_without_cls(name):
 def test_compact_positions_refused_on_mrope():
     model = qwen_model("qwen2_vl")
     with pytest.raises(ValueError, match="position_ids='compact' has no defined rule"):
-        atp.apply(model, atp.build_pruner("pdrop", layers=[1, 2], keep_ratios=[0.5, 0.5]))
+        atp.apply(model, atp.build_pruner("pdrop", layers=[1, 2], keep_ratios=[0.5, 0.5], position_ids="compact"))
     atp.apply(model, atp.build_pruner("pdrop", layers=[1, 2], keep_ratios=[0.5, 0.5], position_ids="original"))
+
+
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm", "divprune", "fastervlm", "visionzip"])
+def test_reference_policy_resolves_per_family(name, model_factory):
+    """Methods whose reference compacts positions: compact on LLaVA (RoPE), original on Qwen (M-RoPE)."""
+    small = {"pdrop": dict(layers=[1, 2], keep_ratios=[0.5, 0.25]), "sparsevlm": dict(layers=[1], keep_tokens=[4])}
+    pruner = atp.build_pruner(name, **small.get(name, {}))
+    assert pruner.position_ids == "reference" and pruner.reference_position_ids == "compact"
+    assert pruner.position_policy(compact_defined=True) == "compact"
+    assert pruner.position_policy(compact_defined=False) == "original"
+    llava = model_factory()
+    atp.apply(llava, pruner)
+    assert atp.runtime_of(llava).position_policy == "compact"
+
+
+def test_reference_policy_of_non_compacting_methods_is_original():
+    for name in ("fastv", "random", "spatial"):
+        assert atp.build_pruner(name).position_policy(compact_defined=True) == "original"
 
 
 def test_image_tokens_not_matching_image_grid_thw():

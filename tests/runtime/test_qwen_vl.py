@@ -159,3 +159,48 @@ def test_fastv_keeps_what_eager_attentions_say(family, specs):
             for b, expected in enumerate(reference):
                 assert torch.equal(atp.stats(model).kept[2][b], expected), (attn, mode, b)
             atp.remove(model)
+
+
+COMPACTING = {
+    "pdrop": dict(layers=[1, 2], keep_ratios=[0.5, 0.25]),
+    "divprune": dict(keep_ratio=0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPACTING))
+def test_compacting_methods_keep_original_mrope_ids_by_default(name):
+    """pdrop and divprune (compacting positions on LLaVA) run with their default position policy
+    on Qwen2.5-VL, keeping each token's original M-RoPE ids [ours]: in mask mode every layer after
+    pruning gets the rotary embeddings of the stock [3, B, S] ids; drop = mask at every kept position,
+    and greedy generation is identical across modes."""
+    model = qwen_model("qwen2_5_vl")
+    batch = qwen_batch(RAGGED)
+    logits, stats, generated = {}, {}, {}
+    for mode in ("drop", "mask"):
+        atp.apply(model, atp.build_pruner(name, **COMPACTING[name]), mode=mode)
+        assert atp.runtime_of(model).position_policy == "original"
+        seen, given = [], []
+        last = atp.runtime_of(model).adapter.layers[-1]
+        handles = [
+            last.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_embeddings"][0]), with_kwargs=True),
+            model.model.language_model.register_forward_pre_hook(
+                lambda m, a, k: given.append(k["position_ids"]), with_kwargs=True
+            ),
+        ]
+        with torch.no_grad():
+            logits[mode] = model(**batch).logits
+        for handle in handles:
+            handle.remove()
+        stats[mode] = atp.stats(model)
+        if mode == "mask":  # all slots present: the rotary embeddings are the stock ones of the M-RoPE ids
+            stock_cos, _ = model.model.language_model.rotary_emb(seen[0], given[0])
+            assert torch.equal(seen[0], stock_cos)
+        generated[mode] = greedy(model, batch)
+    assert stats["drop"].visual_tokens.tolist() == stats["mask"].visual_tokens.tolist()
+    assert stats["drop"].visual_tokens[:, -1].sum() < 16  # really pruned: the batch has 10 + 0 + 6 image tokens
+    for layer, kept in stats["drop"].kept.items():
+        for b in range(len(RAGGED)):
+            assert torch.equal(kept[b], stats["mask"].kept[layer][b])
+    keep = kept_positions(batch, stats["drop"])
+    assert_close(logits["drop"][keep], logits["mask"][keep], rtol=1e-4, atol=1e-5)
+    assert torch.equal(generated["drop"], generated["mask"])
