@@ -52,13 +52,14 @@ compare:  ## the comparison table and its pictures (kept tokens per layer, versu
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
 
 BUDGET_SAMPLES ?= 200
+BUDGET_PRUNERS ?= fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune
 BUDGET_DIR ?= checkpoints/eval/budgets
 budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on ShapesVQA test, one table and its Pareto plot (ATP row if ATP=path)
 	rm -rf $(BUDGET_DIR)
 	WANDB_MODE=disabled $(BIN)/python evaluate.py hydra.run.dir=$(BUDGET_DIR)/unpruned max_samples=$(BUDGET_SAMPLES)
 	test -z "$(ATP)" || WANDB_MODE=disabled $(BIN)/python evaluate.py export_path=$(ATP) hydra.run.dir=$(BUDGET_DIR)/atp max_samples=$(BUDGET_SAMPLES)
 	WANDB_MODE=disabled $(BIN)/python evaluate.py -m hydra.sweep.dir=$(BUDGET_DIR)/sweep max_samples=$(BUDGET_SAMPLES) \
-		pruner=fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune budget_tokens=192,128,64
+		pruner=$(BUDGET_PRUNERS) budget_tokens=192,128,64
 	$(BIN)/python benchmarks/collect_results.py $(BUDGET_DIR) --out $(BUDGET_DIR)/table.md --plot $(BUDGET_DIR)/pareto.png \
 		--title "ShapesVQA test, $(BUDGET_SAMPLES) questions"
 
