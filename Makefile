@@ -14,7 +14,7 @@ setup-newest:  ## VENV upgraded to the newest versions pyproject.toml's ranges a
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --upgrade-strategy eager -c constraints-newest.txt -e ".[dev]"
 
-OLDEST ?= transformers==5.23.0 peft==0.18.0 lightning==2.4.0
+OLDEST ?= transformers==5.23.0 peft==0.18.0 lightning==2.6.0
 setup-oldest:  ## VENV (new, or the newest leg's) moved to the ranges' lower bounds for the libraries atp hooks into
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints-newest.txt -e ".[dev]" $(OLDEST)
