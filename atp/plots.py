@@ -91,6 +91,11 @@ def plot_kept_tokens_per_layer(results: list[EvaluationResult], path: str | Path
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("visual tokens processed (mean over samples)")
     axes.set_ylim(bottom=0)
+    return _finish(figure, axes, path, title)
+
+
+def _finish(figure, axes, path: str | Path, title: str) -> Series:
+    """Grid, legend and title on a one-panel figure; save it and return the series it drew."""
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     if title:
@@ -120,10 +125,4 @@ def plot_tokens_vs_objects(results: list[EvaluationResult], path: str | Path, ti
         axes.plot(*zip(*points), marker="o", label=f"{r.method} (Spearman {rho})")
     axes.set_xlabel("objects in the image")
     axes.set_ylabel("average visual tokens per layer (mean)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    if title:
-        axes.set_title(title)
-    series = _read_back(axes)
-    _save(figure, path)
-    return series
+    return _finish(figure, axes, path, title)
