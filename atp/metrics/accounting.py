@@ -8,6 +8,7 @@ key/value heads, SwiGLU MLP width m):
   + 3*n*d*m                   gate, up, down
 
 FLOPs = 2 x MACs. KV cache bytes = sum_l 2 * n_l * h_kv * hd * bytes_per_element.
+A structurally pruned language model (atp_pruned_* config) has its own widths per layer.
 Norms, RoPE, softmax and activations are not counted (they are not matmuls), nor are the
 projection biases (Qwen2's q/k/v) or the LM head. Every family reads its own text config
 (`DecoderShape.from_config`): LLaVA's Llama/Vicuna, Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The vision
@@ -16,7 +17,7 @@ encoder and the pruner's own scoring are reported separately, never folded in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,14 +61,28 @@ def decoder_layer_macs(tokens: torch.Tensor | int, shape: DecoderShape) -> torch
     return projections + attention + mlp
 
 
-def _layer_shapes(config, num_layers: int) -> list[DecoderShape]:
-    return [DecoderShape.from_config(config)] * num_layers
+def layer_shapes(config, num_layers: int) -> list[DecoderShape]:
+    """The shape of each of the `num_layers` decoder layers: all alike, or per layer where the
+    language model was structurally pruned (an `atp_pruned_*` config's `kv_heads_per_layer`,
+    each key/value head with its query heads, and `intermediate_size_per_layer`)."""
+    dense = DecoderShape.from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(text, "kv_heads_per_layer", None) or [dense.kv_heads] * num_layers
+    widths = getattr(text, "intermediate_size_per_layer", None) or [dense.mlp] * num_layers
+    if len(kv_heads) != num_layers or len(widths) != num_layers:
+        raise ValueError(
+            f"the config gives widths for {len(kv_heads)} / {len(widths)} layers, the statistics count {num_layers}."
+        )
+    queries_per_group = dense.heads // dense.kv_heads
+    return [
+        replace(dense, heads=int(g) * queries_per_group, kv_heads=int(g), mlp=int(m)) for g, m in zip(kv_heads, widths)
+    ]
 
 
 def prefill_flops(config, tokens_per_layer: torch.Tensor) -> torch.Tensor:
     """[B] prefill FLOPs of the decoder stack; tokens_per_layer: [B, L] tokens each layer processed."""
     tokens = torch.as_tensor(tokens_per_layer)
-    shapes = _layer_shapes(config, tokens.shape[-1])
+    shapes = layer_shapes(config, tokens.shape[-1])
     macs = sum(decoder_layer_macs(tokens[..., layer], shape) for layer, shape in enumerate(shapes))
     return 2 * macs
 
@@ -75,7 +90,7 @@ def prefill_flops(config, tokens_per_layer: torch.Tensor) -> torch.Tensor:
 def kv_cache_bytes(config, tokens_per_layer: torch.Tensor, bytes_per_element: int = 2) -> torch.Tensor:
     """[B] bytes of K and V cached after prefill; tokens_per_layer: [B, L]."""
     tokens = torch.as_tensor(tokens_per_layer, dtype=torch.float64)
-    shapes = _layer_shapes(config, tokens.shape[-1])
+    shapes = layer_shapes(config, tokens.shape[-1])
     per_token = torch.tensor([2 * s.kv_heads * s.head_dim * bytes_per_element for s in shapes], dtype=torch.float64)
     return (tokens * per_token).sum(-1)
 

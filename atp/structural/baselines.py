@@ -52,6 +52,12 @@ GLOBAL = ("flap", "wanda_sp_global")
 
 
 # -- calibration statistics ----------------------------------------------------------------
+def model_inputs(batch: dict) -> dict:
+    """The model's forward inputs of a calibration batch: input_ids [B, T], attention_mask, and
+    for a VLM its image inputs (pixel_values, ...); labels are the loss's business."""
+    return {name: value for name, value in batch.items() if name != "labels"}
+
+
 @torch.no_grad()
 def input_statistics(model: nn.Module, batches: list[dict]) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Per layer, for the inputs of o_proj ("o") and down_proj ("down"): token count "n",
@@ -73,7 +79,7 @@ def input_statistics(model: nn.Module, batches: list[dict]) -> list[dict[str, di
             handles.append(module.register_forward_pre_hook(record))
     try:
         for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            model(**model_inputs(batch))
     finally:
         for handle in handles:
             handle.remove()
@@ -141,7 +147,7 @@ def wanda_sp_scores(model: nn.Module, batches: list[dict], standardised: bool = 
 
 def taylor_scores(model: nn.Module, batches: list[dict]) -> StructureMask:
     """LLM-Pruner's first-order Taylor group importance: sum over the group's coupled weights of
-    |w * g|, g the gradient of the calibration loss summed over `batches` (labels = input_ids)."""
+    |w * g|, g the gradient of the calibration loss summed over `batches` (labels: the batch's, else input_ids)."""
     layers = decoder_layers(model)
     weights = [
         (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
@@ -158,8 +164,8 @@ def taylor_scores(model: nn.Module, batches: list[dict]) -> StructureMask:
             p.grad = None
         with torch.enable_grad():
             for batch in batches:
-                ids = batch["input_ids"]
-                model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=ids).loss.backward()
+                labels = batch.get("labels", batch["input_ids"])
+                model(**model_inputs(batch), labels=labels).loss.backward()
         attention, channels = [], []
         for (q, k, v, o, gate, up, down), groups in zip(weights, layer_groups(model.config)):
             named = {"q": q, "k": k, "v": v, "o": o, "gate": gate, "up": up, "down": down}
@@ -243,7 +249,7 @@ def baseline_scores(
     if method not in METHODS:
         raise ValueError(f"baseline method must be one of {METHODS}, got {method!r}.")
     if method in CALIBRATED and not calibration:
-        raise ValueError(f"{method} needs calibration batches (a list of {{'input_ids': [B, T]}} dicts), got none.")
+        raise ValueError(f"{method} needs calibration batches (a list of {{'input_ids': [B, T], ...}} dicts; a VLM's with its image inputs), got none.")
     if method == "flap":
         return flap_scores(model, calibration)
     if method == "llm_pruner":

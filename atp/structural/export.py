@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from atp.structural.groups import StructureMask, family, layer_groups
-from atp.structural.masking import StructureMasker
+from atp.structural.groups import StructureMask, decoder_config, family, layer_groups
+from atp.structural.masking import StructureMasker, decoder_layers, decoder_stack
 from atp.structural.pruned_model import PRUNED
 
 
@@ -74,16 +74,20 @@ def _shrink_layer(layer: nn.Module, groups, heads: torch.Tensor, channels: torch
 
 def remove_structures(model: nn.Module, mask: StructureMask) -> nn.Module:
     """Physically remove the masked groups, in place; returns the model with an
-    `atp_pruned_<family>` config (per-layer `kv_heads_per_layer`, `intermediate_size_per_layer`)."""
+    `atp_pruned_<family>` decoder config (per-layer `kv_heads_per_layer`,
+    `intermediate_size_per_layer`). `model` is a causal LM, or a VLM whose language model is
+    pruned (LLaVA: the VLM's `text_config` becomes the pruned config, and the VLM loads back
+    with `from_pretrained` after `import atp`)."""
     _check_mask(model, mask)
     for index, heads in enumerate(mask.attention):
         if not bool(heads.any()) or not bool(mask.channels[index].any()):
             raise ValueError(f"layer {index} would lose all its attention groups or MLP channels; keep at least one.")
     for layer, groups, heads, channels in zip(
-        model.model.layers, layer_groups(model.config), mask.attention, mask.channels
+        decoder_layers(model), layer_groups(model.config), mask.attention, mask.channels
     ):
         _shrink_layer(layer, groups, heads, channels)
-    settings = model.config.to_dict()
+    text_config = decoder_config(model.config)
+    settings = text_config.to_dict()
     for key in (
         "model_type",
         "architectures",
@@ -92,18 +96,25 @@ def remove_structures(model: nn.Module, mask: StructureMask) -> nn.Module:
         "intermediate_size_per_layer",
     ):
         settings.pop(key, None)
-    config_class, model_class = PRUNED[family(model.config)]
-    model.config = config_class(
+    pruned = PRUNED[family(text_config)]
+    config = pruned.config(
         kv_heads_per_layer=[int(h.sum()) for h in mask.attention],
         intermediate_size_per_layer=[int(c.sum()) for c in mask.channels],
         **settings,
     )
-    model.__class__ = model_class
+    if text_config is model.config:  # a causal LM
+        model.config = config
+        model.__class__ = pruned.causal_lm
+    else:  # a VLM: its language model is a base decoder built from the text config
+        decoder = decoder_stack(model)
+        model.config.text_config = decoder.config = config
+        decoder.__class__ = pruned.decoder
     return model
 
 
-for _config, _model in PRUNED.values():
-    AutoConfig.register(_config.model_type, _config)
-    AutoModelForCausalLM.register(_config, _model)
-    _config.register_for_auto_class()  # save_pretrained ships pruned_model.py: trust_remote_code works too
-    _model.register_for_auto_class("AutoModelForCausalLM")
+for _pruned in PRUNED.values():
+    AutoConfig.register(_pruned.config.model_type, _pruned.config)
+    AutoModelForCausalLM.register(_pruned.config, _pruned.causal_lm)
+    AutoModel.register(_pruned.config, _pruned.decoder)  # a VLM builds its language model through AutoModel
+    _pruned.config.register_for_auto_class()  # save_pretrained ships pruned_model.py: trust_remote_code works too
+    _pruned.causal_lm.register_for_auto_class("AutoModelForCausalLM")

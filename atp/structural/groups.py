@@ -35,8 +35,16 @@ class StructureMask:
     channels: list[torch.Tensor]
 
 
+def decoder_config(config):
+    """The config of the decoder layers: the config itself for a causal LM, the text config of a
+    VLM's config (LLaVA's `text_config`), so that a VLM's language model is pruned like an LLM."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def family(config) -> str:
-    """The decoder family of a config ("llama", "mistral", "qwen2"); exported models count as theirs."""
+    """The decoder family of a config ("llama", "mistral", "qwen2"); exported models count as theirs.
+    A VLM's config counts as its language model's."""
+    config = decoder_config(config)
     model_type = str(getattr(config, "model_type", "")).removeprefix("atp_pruned_")
     if model_type not in FAMILIES:
         raise ValueError(
@@ -49,6 +57,7 @@ def family(config) -> str:
 def layer_groups(config) -> list[LayerGroups]:
     """Per decoder layer, its group sizes (per-layer widths of an exported model included)."""
     family(config)
+    config = decoder_config(config)
     layers = int(config.num_hidden_layers)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     per_group = int(config.num_attention_heads) // int(config.num_key_value_heads)
@@ -77,6 +86,7 @@ class LayerCosts:
 
 def layer_costs(config) -> list[LayerCosts]:
     """Per decoder layer, the parameters one attention group and one MLP channel bring, and the fixed rest."""
+    config = decoder_config(config)
     hidden = int(config.hidden_size)
     qkv_bias = family(config) == "qwen2" or bool(getattr(config, "attention_bias", False))
     o_bias = bool(getattr(config, "attention_bias", False))

@@ -22,10 +22,17 @@ from atp.structural.groups import StructureMask, layer_groups
 MODES = ("full", "frozen")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM, under a peft wrapper or not."""
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder (embed_tokens, layers, norm) of a causal LM, under a peft wrapper or not, or
+    of a VLM, whose language model sits at `model.language_model` (LLaVA, Qwen-VL)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+    language_model = getattr(base.model, "language_model", None)
+    return base.model if language_model is None else language_model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM or of a VLM's language model (see `decoder_stack`)."""
+    return decoder_stack(model).layers
 
 
 class StructureMasker:

@@ -9,27 +9,35 @@ heads kept, each with all of its query heads) and `intermediate_size_per_layer`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaModel,
     MistralConfig,
     MistralForCausalLM,
+    MistralModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2Model,
 )
 
 
 class _BuiltNarrow:
     """Builds the stock model, then gives every layer fresh projections of the config's
-    per-layer widths (from_pretrained then loads the weights into them, meta device included)."""
+    per-layer widths (from_pretrained then loads the weights into them, meta device included).
+    Mixed into causal LMs (layers at `model.layers`) and base decoders (layers at `layers`, the
+    language model a VLM builds)."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        layers = self.model.layers if hasattr(self, "model") else self.layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per_group = config.num_attention_heads // config.num_key_value_heads
         widths = zip(config.kv_heads_per_layer, config.intermediate_size_per_layer)
-        for layer, (kv_heads, channels) in zip(self.model.layers, widths):
+        for layer, (kv_heads, channels) in zip(layers, widths):
             attn, mlp = layer.self_attn, layer.mlp
             q_width, kv_width = kv_heads * per_group * head_dim, kv_heads * head_dim
             attn.q_proj = _resized(attn.q_proj, out_features=q_width)
@@ -83,8 +91,29 @@ class PrunedQwen2ForCausalLM(_BuiltNarrow, Qwen2ForCausalLM):
     config_class = PrunedQwen2Config
 
 
+class PrunedLlamaModel(_BuiltNarrow, LlamaModel):
+    config_class = PrunedLlamaConfig
+
+
+class PrunedMistralModel(_BuiltNarrow, MistralModel):
+    config_class = PrunedMistralConfig
+
+
+class PrunedQwen2Model(_BuiltNarrow, Qwen2Model):
+    config_class = PrunedQwen2Config
+
+
+class PrunedClasses(NamedTuple):
+    """The classes of one pruned family: its config, its causal LM, and its base decoder (the
+    language model of a VLM whose LLM was pruned)."""
+
+    config: type
+    causal_lm: type
+    decoder: type
+
+
 PRUNED = {
-    "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
-    "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
-    "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+    "llama": PrunedClasses(PrunedLlamaConfig, PrunedLlamaForCausalLM, PrunedLlamaModel),
+    "mistral": PrunedClasses(PrunedMistralConfig, PrunedMistralForCausalLM, PrunedMistralModel),
+    "qwen2": PrunedClasses(PrunedQwen2Config, PrunedQwen2ForCausalLM, PrunedQwen2Model),
 }
