@@ -249,7 +249,10 @@ def baseline_scores(
     if method not in METHODS:
         raise ValueError(f"baseline method must be one of {METHODS}, got {method!r}.")
     if method in CALIBRATED and not calibration:
-        raise ValueError(f"{method} needs calibration batches (a list of {{'input_ids': [B, T], ...}} dicts; a VLM's with its image inputs), got none.")
+        raise ValueError(
+            f"{method} needs calibration batches (a list of {{'input_ids': [B, T], ...}} dicts; a VLM's with its "
+            "image inputs), got none."
+        )
     if method == "flap":
         return flap_scores(model, calibration)
     if method == "llm_pruner":

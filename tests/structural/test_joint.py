@@ -28,7 +28,8 @@ def uneven_mask(config, seed: int = 0) -> StructureMask:
     attention, channels = [], []
     for index, groups in enumerate(layer_groups(config)):
         heads = torch.zeros(groups.attention_groups, dtype=torch.bool)
-        heads[torch.randperm(groups.attention_groups, generator=generator)[: 1 + index % groups.attention_groups]] = True
+        count = 1 + index % groups.attention_groups
+        heads[torch.randperm(groups.attention_groups, generator=generator)[:count]] = True
         width = groups.mlp_channels * (index + 1) // (len(layer_groups(config)) + 1)
         kept = torch.zeros(groups.mlp_channels, dtype=torch.bool)
         kept[torch.randperm(groups.mlp_channels, generator=generator)[:width]] = True
