@@ -1,0 +1,90 @@
+"""The InternVL adapter: tiles as crops, 2x2 patches per visual token, [CLS] offset, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.models import InternVLAdapter, get_adapter
+from tests.internvl_inputs import IMAGE, PER_TILE, SIDE, internvl_batch, internvl_model, token_places
+
+SPECS = [(2, [3, 1], 3), (3, [], 6), (1, [2], 2)]  # images of 3 and 1 tiles, none, 2 tiles
+
+
+def test_geometry_is_tiles_of_a_raster_grid():
+    model = internvl_model()
+    adapter = get_adapter(model)
+    assert isinstance(adapter, InternVLAdapter) and adapter.fixed_grid is None and adapter.rope_axes == 1
+    batch = internvl_batch(SPECS)
+    visual = (batch["input_ids"] == IMAGE) & batch["attention_mask"].bool()
+    geometry = adapter.visual_geometry(visual, None)
+    tile_of = adapter.tile_of(geometry)
+    first_tile = {}
+    for b, places in enumerate(token_places(batch, SPECS)):
+        positions = visual[b].nonzero()[:, 0].tolist()
+        assert len(positions) == len(places)
+        for position, (image, tile, row, col) in zip(positions, places):
+            first_tile.setdefault(image, tile)
+            got = [int(getattr(geometry, name)[b, position]) for name in ("image", "crop", "row", "col", "rows", "cols")]
+            assert got == [image, tile - first_tile[image], row, col, SIDE // 2, SIDE // 2]
+            assert int(tile_of[b, position]) == tile
+        assert bool((geometry.image[b][~visual[b]] == -1).all()) and bool((tile_of[b][~visual[b]] == -1).all())
+
+
+def test_tower_rows_are_the_2x2_patches_after_the_cls_token():
+    """Visual token (row, col) holds tower patches (2 row + i, 2 col + j), i, j in {0, 1}: tower tokens
+    1 + patch raster index (the [CLS] token is token 0), as the pixel shuffle concatenates them."""
+    model = internvl_model()
+    adapter = get_adapter(model)
+    batch = internvl_batch(SPECS)
+    visual = batch["input_ids"] == IMAGE
+    geometry = adapter.visual_geometry(visual, None)
+    tile, tokens = adapter.tower_rows(geometry)
+    assert tokens.shape[-1] == 4
+    for b, s in visual.nonzero().tolist():
+        row, col = int(geometry.row[b, s]), int(geometry.col[b, s])
+        expected = [1 + (2 * row + i) * SIDE + 2 * col + j for i in (0, 1) for j in (0, 1)]
+        assert tokens[b, s].tolist() == expected
+    projector_tile, number = adapter.projector_rows(geometry, PER_TILE)
+    assert torch.equal(projector_tile, tile)
+    assert torch.equal(number[visual], geometry.token_in_crop()[visual])  # raster order = the model's order
+
+
+def test_pixel_shuffle_features_are_the_patches_tower_rows_name():
+    """The projector input row of a visual token is the concatenation of the tower outputs of the
+    patches `tower_rows` names (checked on the real features, not index tensors)."""
+    model = internvl_model()
+    adapter = get_adapter(model)
+    batch = internvl_batch([(1, [2], 1)])
+    captured = []
+    model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        tower = model.model.vision_tower(batch["pixel_values"]).last_hidden_state  # [tiles, 1 + 64, dv]
+        model(**batch)
+    visual = batch["input_ids"] == IMAGE
+    geometry = adapter.visual_geometry(visual, None)
+    tile, tokens = adapter.tower_rows(geometry)
+    _, number = adapter.projector_rows(geometry, PER_TILE)
+    for b, s in visual.nonzero().tolist():
+        expected = torch.cat([tower[tile[b, s], t] for t in tokens[b, s].tolist()])
+        torch.testing.assert_close(captured[0][tile[b, s], number[b, s]], expected)
+
+
+def test_inputs_that_do_not_match_the_tiles_are_refused():
+    model = internvl_model()
+    batch = internvl_batch([(2, [2], 3)])
+    atp.apply(model, atp.build_pruner("none"))
+    with pytest.raises(ValueError, match="tiles x tokens per tile"):
+        bad = batch["input_ids"].clone()
+        bad[0, (bad[0] == IMAGE).nonzero()[0, 0]] = 5  # one image token fewer
+        model(input_ids=bad, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="pixel_values holds 1 tiles"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
+
+
+def test_full_select_strategy_refused_for_cls_methods():
+    model = internvl_model()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        atp.apply(model, atp.build_pruner("fastervlm"))
