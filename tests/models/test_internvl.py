@@ -26,7 +26,8 @@ def test_geometry_is_tiles_of_a_raster_grid():
         assert len(positions) == len(places)
         for position, (image, tile, row, col) in zip(positions, places):
             first_tile.setdefault(image, tile)
-            got = [int(getattr(geometry, name)[b, position]) for name in ("image", "crop", "row", "col", "rows", "cols")]
+            names = ("image", "crop", "row", "col", "rows", "cols")
+            got = [int(getattr(geometry, name)[b, position]) for name in names]
             assert got == [image, tile - first_tile[image], row, col, SIDE // 2, SIDE // 2]
             assert int(tile_of[b, position]) == tile
         assert bool((geometry.image[b][~visual[b]] == -1).all()) and bool((tile_of[b][~visual[b]] == -1).all())
