@@ -40,6 +40,16 @@ class InternVLAdapter(VLMAdapter):
 
     model_classes = (InternVLForConditionalGeneration,)
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        attention = self.layers[0].self_attn
+        if getattr(attention, "sinks", None) is not None:
+            raise ValueError(
+                f"InternVL's language model ({type(self.language_model).__name__}) uses attention sinks, which the "
+                "atp runtime's attention probes do not model (their rows would not sum as the model's do). "
+                "Supported InternVL text backbones: Qwen2 (InternVL3), Qwen3 (InternVL3.5) and Llama-style decoders."
+            )
+
     # -- modules -------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:

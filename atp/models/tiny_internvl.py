@@ -79,6 +79,10 @@ def tiny_internvl(text: str = "qwen2", seed: int = 0, **kwargs) -> InternVLForCo
     config = tiny_internvl_config(text, **kwargs)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # HF initialises the [CLS] token to zeros; a random one makes its attention informative
-        model.model.vision_tower.embeddings.cls_token.normal_()
+    with torch.no_grad():  # HF initialises these to zeros; random ones make them matter in tests
+        model.model.vision_tower.embeddings.cls_token.normal_()  # an informative [CLS] attention
+        for layer in model.model.language_model.layers:  # Qwen2's q/k biases
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                if projection.bias is not None:
+                    projection.bias.normal_(std=0.1)
     return model

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
 import atp
 from atp.models import InternVLAdapter, get_adapter
+from atp.models.tiny_internvl import tiny_internvl_config
 from tests.internvl_inputs import IMAGE, PER_TILE, SIDE, internvl_batch, internvl_model, token_places
 
 SPECS = [(2, [3, 1], 3), (3, [], 6), (1, [2], 2)]  # images of 3 and 1 tiles, none, 2 tiles
@@ -89,3 +92,17 @@ def test_full_select_strategy_refused_for_cls_methods():
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         atp.apply(model, atp.build_pruner("fastervlm"))
+
+
+def test_a_text_backbone_with_attention_sinks_is_refused():
+    config = tiny_internvl_config()
+    text = {**config.text_config.to_dict(), "model_type": "gpt_oss", "num_local_experts": 2, "num_experts_per_tok": 1}
+    config = InternVLConfig(text_config=text, vision_config=config.vision_config.to_dict(), image_token_id=127)
+    with pytest.raises(ValueError, match="attention sinks"):
+        get_adapter(InternVLForConditionalGeneration(config))
+
+
+def test_qwen2_text_biases_are_random_in_the_tiny_model():
+    """So that the probes' parity tests exercise Qwen2's q/k biases (HF initialises them to zero)."""
+    attention = internvl_model("qwen2").model.language_model.layers[0].self_attn
+    assert attention.q_proj.bias.abs().sum() > 0 and attention.k_proj.bias.abs().sum() > 0
