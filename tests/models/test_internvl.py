@@ -105,3 +105,29 @@ def test_qwen2_text_biases_are_random_in_the_tiny_model():
     """So that the probes' parity tests exercise Qwen2's q/k biases (HF initialises them to zero)."""
     attention = internvl_model("qwen2").model.language_model.layers[0].self_attn
     assert attention.q_proj.bias.abs().sum() > 0 and attention.k_proj.bias.abs().sum() > 0
+
+
+def test_internvl3_geometry_on_the_real_config():
+    """InternVL3's own config (448 px tiles, patch 14, downsample 0.5) on a weightless (meta) model:
+    256 visual tokens per tile on a 16 x 16 grid, token (row, col) holding patches (2 row + i, 2 col + j)."""
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(InternVLConfig())
+    adapter = get_adapter(model)
+    row, col, rows, cols = adapter.tile_grid
+    assert adapter.tokens_per_tile == 256 == model.config.image_seq_length and (rows, cols) == (16, 16)
+    for t in (0, 1, 17, 255):
+        r, c = int(row[t]), int(col[t])
+        assert (r, c) == (t // 16, t % 16)
+        assert adapter.tile_patches[t].tolist() == [(2 * r + i) * 32 + 2 * c + j for i in (0, 1) for j in (0, 1)]
+
+
+def test_a_qwen2_sliding_window_shorter_than_the_prompt_is_refused():
+    config = tiny_internvl_config()
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 16
+    config.text_config.layer_types = ["sliding_attention"] * config.text_config.num_hidden_layers
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    atp.apply(model, atp.build_pruner("none"))
+    with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
+        with torch.no_grad():
+            model(**internvl_batch([(2, [1], 3)]))
