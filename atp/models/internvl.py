@@ -115,6 +115,15 @@ class InternVLAdapter(VLMAdapter):
             raise RuntimeError("InternVL's pixel shuffle did not map patch blocks one-to-one onto visual tokens.")
         return row, col, rows, cols
 
+    @cached_property
+    def number_at(self) -> torch.Tensor:
+        """[T] long: the number (in the model's order) of the visual token at each raster index
+        row * cols + col of the tile's grid."""
+        row, col, _, cols = self.tile_grid
+        number = torch.empty_like(row)
+        number[row * cols + col] = torch.arange(len(row))
+        return number
+
     @property
     def tokens_per_tile(self) -> int:
         return int(self.tile_patches.shape[0])
@@ -155,13 +164,13 @@ class InternVLAdapter(VLMAdapter):
         first = first.scatter_reduce(0, image, where, "amin")  # [I] first flat position of each image
         within = where - first[image]  # a run is contiguous: the token's number within its image
         per_tile = self.tokens_per_tile
-        row, col, rows, cols = (part.to(visual.device) if torch.is_tensor(part) else part for part in self.tile_grid)
-        token = within % per_tile
+        row, col, rows, cols = self.tile_grid
+        token = (within % per_tile).cpu()
         fill = {
             "image": image,
             "crop": within // per_tile,
-            "row": row[token],
-            "col": col[token],
+            "row": row[token].to(visual.device),
+            "col": col[token].to(visual.device),
             "rows": torch.full_like(image, rows),
             "cols": torch.full_like(image, cols),
         }
@@ -188,11 +197,8 @@ class InternVLAdapter(VLMAdapter):
         """(tile [B, S], tokens [B, S, 4]): each visual token's tower input and the tower tokens
         ([CLS] at 0, so patch p is token p + 1) of the 2x2 patches it holds; -1 / 0 elsewhere."""
         tile = self.tile_of(geometry)
-        token = geometry.token_in_crop()  # raster index in the tile's grid of visual tokens
-        row, col, _, cols = self.tile_grid
-        order = torch.empty_like(row)  # raster index in the grid -> number in the model's order
-        order[row * cols + col] = torch.arange(len(row))
-        patches = self.tile_patches.to(token.device)[order.to(token.device)[token.clamp_min(0)]]
+        number = self.number_at.to(tile.device)[geometry.token_in_crop().clamp_min(0)]
+        patches = self.tile_patches.to(tile.device)[number]  # [B, S, 4]
         return tile, (patches + self.vision_cls_offset()).masked_fill(tile[..., None] < 0, 0)
 
     def projector_rows(self, geometry: VisualGeometry, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +207,5 @@ class InternVLAdapter(VLMAdapter):
         if length != self.tokens_per_tile:
             raise ValueError(f"InternVL projector input has {length} rows per tile, expected {self.tokens_per_tile}.")
         tile = self.tile_of(geometry)
-        row, col, _, cols = self.tile_grid
-        order = torch.empty_like(row)
-        order[row * cols + col] = torch.arange(len(row))
-        number = order.to(tile.device)[geometry.token_in_crop().clamp_min(0)]
+        number = self.number_at.to(tile.device)[geometry.token_in_crop().clamp_min(0)]
         return tile, number.masked_fill(tile < 0, 0)
