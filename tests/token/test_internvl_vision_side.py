@@ -127,3 +127,24 @@ def test_visionzip_refuses_several_images_in_a_prompt():
     with pytest.raises(ValueError, match="prompts with several images are not supported"):
         with torch.no_grad():
             model(**internvl_batch(RAGGED))
+
+
+def test_visionzip_generate_continues_the_merged_prefix():
+    """generate (KV cache, compact positions after the reorder) equals greedy decoding of the stock
+    LLM on the brute-force merged input, sample by sample."""
+    model = internvl_model()
+    batch = internvl_batch(ONE_IMAGE_EACH)
+    references = [embeds for _, embeds in brute_force_visionzip(model, batch, ONE_IMAGE_EACH, 12)]
+    atp.apply(model, atp.build_pruner("visionzip", keep_tokens=12))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)[:, -4:]
+    atp.remove(model)
+    lm = model.model.language_model
+    for b, embeds in enumerate(references):
+        tokens = []
+        with torch.no_grad():
+            for _ in range(4):
+                token = model.lm_head(lm(inputs_embeds=embeds).last_hidden_state)[0, -1].argmax()
+                tokens.append(int(token))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(token)[None, None]], 1)
+        assert generated[b].tolist() == tokens, b
