@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from atp.models.adapter import VisualGeometry, VLMAdapter
+from atp.models.internvl import InternVLAdapter
 from atp.models.llava import LlavaAdapter
 from atp.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter, InternVLAdapter)
 
 
 def get_adapter(model: nn.Module) -> VLMAdapter:
@@ -25,4 +26,4 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     )
 
 
-__all__ = ["LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
+__all__ = ["InternVLAdapter", "LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]

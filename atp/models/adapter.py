@@ -121,6 +121,35 @@ class VLMAdapter:
         the tower has no [CLS] token (methods that score by [CLS] attention cannot run)."""
         raise NotImplementedError
 
+    def vision_attention(self, index: int) -> nn.Module:
+        """The attention module of vision layer `index` (has q_proj, k_proj, head_dim, scale)."""
+        return self.vision_layers[index].self_attn
+
+    def vision_query_key(self, index: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) [I, T, H * hd] as vision layer `index` attends with them, from its q_proj / k_proj
+        outputs (towers that normalise q/k before splitting heads apply that here)."""
+        return query, key
+
+    def tower_rows(self, geometry: VisualGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item [B, S], tokens [B, S, P]) long: for each visual token the tower input (row of the
+        tower's batch) it came from and the P tower tokens ([CLS] counted) it covers; item -1 on
+        other tokens. geometry: the prefill's geometry at original positions. Default: one tower
+        input per image, visual token = tower token `token_in_crop + vision_cls_offset()`."""
+        token = geometry.token_in_crop().clamp_min(0) + self.vision_cls_offset()
+        return geometry.image, token[..., None]
+
+    def projector_rows(self, geometry: VisualGeometry, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item [B, S], row [B, S]) long: for each visual token its row in the projector input
+        [items, length, dv]; item -1 on other tokens. Default: families with one fixed grid, whose
+        projector input ends with the grid's tokens."""
+        if self.fixed_grid is None:
+            raise ValueError(
+                f"vision features per visual token are not mapped for {type(self.model).__name__} "
+                "(per-image grids); use a method that does not read the projector input."
+            )
+        rows, cols = self.fixed_grid
+        return geometry.image, geometry.token_in_crop().clamp_min(0) + length - rows * cols
+
     # -- facts ---------------------------------------------------------------------
     @property
     def text_config(self):

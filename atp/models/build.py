@@ -177,7 +177,7 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
 
 
 def load_vlm(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", with_processor: bool = True):
-    """(model, processor or None) of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+    """(model, processor or None) of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL)
     from a local `save_pretrained` directory (offline); the class comes from its config.json."""
     directory = Path(path)
     if not (directory / "config.json").is_file():

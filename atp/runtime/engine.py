@@ -153,7 +153,7 @@ class PruningRuntime:
         if self.pruner.needs_vision_features:
             self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
         for index, capture in self.vision_captures.items():
-            attn = adapter.vision_layers[index].self_attn
+            attn = adapter.vision_attention(index)
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
             self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
         for index, capture in self.captures.items():
@@ -165,7 +165,7 @@ class PruningRuntime:
     def _vision_captures(self, layers: set[int]) -> dict[int, ProjectionCapture]:
         if not layers:
             return {}
-        self._cls_offset = self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
+        self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
         depth = len(self.adapter.vision_layers)
         for layer in layers:
             if not -depth <= layer < depth:
@@ -483,39 +483,51 @@ class PruningRuntime:
             geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
         )
 
-    def _per_visual_slot(self, per_image: torch.Tensor, layout: Layout, offset: int) -> torch.Tensor:
-        """[B, S, *rest]: for each visual slot, row `offset + token` of its image in
-        per_image [I, T, *rest] (token = the slot's image-token number within its image); 0 elsewhere."""
-        geometry = self._prefill.geometry.gather(layout.index, layout.valid)
-        visual = geometry.image >= 0
-        image = geometry.image.clamp_min(0)
-        token = geometry.token_in_crop().clamp_min(0) + offset
-        values = per_image[image.clamp_max(per_image.shape[0] - 1), token]  # [B, S, *rest]
+    def _per_visual_slot(
+        self, per_item: torch.Tensor, layout: Layout, rows: tuple[torch.Tensor, torch.Tensor], reduce: str = "mean"
+    ) -> torch.Tensor:
+        """[B, S, *rest]: for each visual slot, the rows of per_item [I, T, *rest] (a tower or projector
+        input's tokens) it covers, reduced ("mean" or "sum") over them; 0 elsewhere. rows: (item [B, S0],
+        tokens [B, S0] or [B, S0, P]) at original positions, from the adapter (`tower_rows`, `projector_rows`)."""
+        item, tokens = rows
+        tokens = tokens if tokens.ndim == 3 else tokens[..., None]
+        index = torch.where(layout.valid, layout.index, 0)
+        item = torch.where(layout.valid, torch.gather(item, 1, index), -1)  # [B, S]
+        tokens = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[2]))  # [B, S, P]
+        visual = item >= 0
+        values = per_item[item.clamp(0, per_item.shape[0] - 1)[..., None], tokens.clamp(0, per_item.shape[1] - 1)]
+        values = values.sum(2) if reduce == "sum" else values.mean(2)  # [B, S, *rest]
         shape = visual.shape + (1,) * (values.ndim - 2)
         return values.masked_fill(~visual.view(shape), 0.0)
 
-    def _vision_capture(self, layer: int) -> tuple[ProjectionCapture, nn.Module]:
+    def _vision_capture(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+        """(q, k) [I, T, H * hd] of vision layer `layer` as it attends with them, and its attention module."""
         depth = len(self.adapter.vision_layers)
         if layer % depth not in self.vision_captures:
             raise ValueError(f"{self.pruner.name}: vision layer {layer} is not in vision_probe_layers().")
         capture = self.vision_captures[layer % depth]
         if capture.query is None or capture.key is None:
             raise RuntimeError(f"vision layer {layer}'s q/k were not captured: this forward had no pixel_values.")
-        return capture, self.adapter.vision_layers[layer % depth].self_attn
+        query, key = self.adapter.vision_query_key(layer % depth, capture.query, capture.key)
+        return query, key, self.adapter.vision_attention(layer % depth)
 
     def _vision_cls_attention(self, layer: int, layout: Layout) -> torch.Tensor:
-        """[B, H, S]: attention from each visual slot's image [CLS] token to it, vision layer `layer`."""
-        capture, attn = self._vision_capture(layer)
-        query = capture.query[:, :1].unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, 1, hd]
-        key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        """[B, H, S]: attention from each visual slot's tower input's [CLS] token to it, vision layer
+        `layer`; a visual token covering several tower patches gets the sum over them."""
+        query, key, attn = self._vision_capture(layer)
+        query = query[:, :1].unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, 1, hd]
+        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
         cls_rows = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)[:, :, 0]
-        return self._per_visual_slot(cls_rows.transpose(1, 2), layout, self._cls_offset).permute(0, 2, 1)
+        rows = self.adapter.tower_rows(self._prefill.geometry)
+        return self._per_visual_slot(cls_rows.transpose(1, 2), layout, rows, "sum").permute(0, 2, 1)
 
     def _vision_keys(self, layer: int, layout: Layout) -> torch.Tensor:
-        """[B, H, S, hd]: each visual slot's key (k_proj output split into heads), vision layer `layer`."""
-        capture, attn = self._vision_capture(layer)
-        key = capture.key.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
-        return self._per_visual_slot(key, layout, self._cls_offset).permute(0, 2, 1, 3)
+        """[B, H, S, hd]: each visual slot's key (split into heads), vision layer `layer`; a visual token
+        covering several tower patches gets the mean of their keys."""
+        _, key, attn = self._vision_capture(layer)
+        key = key.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
+        rows = self.adapter.tower_rows(self._prefill.geometry)
+        return self._per_visual_slot(key, layout, rows).permute(0, 2, 1, 3)
 
     def _vision_features(self, layout: Layout) -> torch.Tensor:
         """[B, S, dv]: each visual slot's image feature as the projector received it."""
@@ -524,13 +536,11 @@ class PruningRuntime:
         features = self.projector_input
         if features is None:
             raise RuntimeError("the projector input was not captured: this forward had no pixel_values.")
-        grid = self.adapter.fixed_grid
-        if grid is None:
-            raise ValueError(
-                f"{self.pruner.name}: vision features per visual token are only mapped for families with one "
-                f"fixed image grid; {type(self.model).__name__} has per-image grids."
-            )
-        return self._per_visual_slot(features, layout, features.shape[1] - grid[0] * grid[1])
+        try:
+            rows = self.adapter.projector_rows(self._prefill.geometry, features.shape[1])
+        except ValueError as error:
+            raise ValueError(f"{self.pruner.name}: {error}") from None
+        return self._per_visual_slot(features, layout, rows)
 
     def _probe_inputs(self, stage: int, hidden: torch.Tensor, layer: int) -> tuple:
         """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`."""

@@ -17,6 +17,9 @@ joined stays itself). `merge="mean"`: the mean of the group, target included (th
 paper's wording). The LLM sees the dominant tokens first, then the contextual tokens in
 target order, with compact positions, as in the reference.
 On M-RoPE families (Qwen-VL) the default (`position_ids="reference"`) keeps original ids [ours].
+Multi-tile images (InternVL): one selection and one merge over all the image's tiles together,
+each token scored by its own tile's [CLS] (summed over the 2x2 patches it holds) and described by
+the mean key of those patches [ours]; the released code runs per tower input.
 
 Budgets: `keep_tokens` (or `keep_ratio` of the visual tokens) split as the paper's
 54 + 10 = 64, 108 + 20 = 128 and 162 + 30 = 192, i.e. dominant = round(t * 54 / 64).
@@ -86,8 +89,8 @@ class VisionZip(TokenPruner):
         return {self.vision_layer}
 
     def prune(self, ctx: PruneContext) -> MergeDecision:
-        rows, cols = ctx.grid
-        if bool((ctx.num_visual > rows * cols).any()):
+        image = ctx.geometry.image
+        if any(image[b][ctx.visual[b]].unique().numel() > 1 for b in range(image.shape[0])):
             raise ValueError("visionzip selects and merges per image; prompts with several images are not supported.")
         counts = self.budget.count(ctx.visual_counts())
         score = ctx.vision_cls_attention(self.vision_layer).sum(1)  # [B, S]
