@@ -33,7 +33,7 @@ from atp.models import get_adapter
 from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
-from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
+from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk, rotated_keys
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
 from atp.runtime.stage import (
@@ -481,6 +481,9 @@ class PruningRuntime:
             input_instruction=state.instruction,
             origin=layout.index,
             geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
+            keys=lambda layer: self._keys(index, hidden, layer),
+            final_norm=self.adapter.final_norm.forward,  # .forward: not the output hook `_after_norm`
+            real=layout.valid,
         )
 
     def _per_visual_slot(self, per_image: torch.Tensor, layout: Layout, offset: int) -> torch.Tensor:
@@ -556,6 +559,11 @@ class PruningRuntime:
     def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
         return attention_rows(*self._probe_inputs(stage, hidden, layer), queries)
+
+    def _keys(self, stage: int, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, H, S, hd] keys of layer `layer` as its attention uses them, for a pruner before layer `stage`."""
+        attn, query, key, rotary, _ = self._probe_inputs(stage, hidden, layer)
+        return rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
 
     def _attention_received(
         self, stage: int, hidden: torch.Tensor, layer: int, weights: torch.Tensor, **options

@@ -68,11 +68,11 @@ def attention_rows(
     queries: [B, Q] long slots whose rows are wanted
     returns  [B, H, Q, S] float32
     """
-    keys = _rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
+    keys = rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
     return _rows(attn, query, keys, rotary, mask, queries)
 
 
-def _rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: int) -> torch.Tensor:
+def rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: int) -> torch.Tensor:
     """[B, H, S, hd] float32 keys as the layer's attention uses them (k norm, RoPE, GQA repeat)."""
     k = _split_heads(key, attn.head_dim)
     if getattr(attn, "k_norm", None) is not None:
@@ -83,7 +83,7 @@ def _rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: 
 
 
 def _rows(attn: nn.Module, query: torch.Tensor, keys: torch.Tensor, rotary: tuple, mask, queries) -> torch.Tensor:
-    """`attention_rows` given the keys from `_rotated_keys`: [B, H, Q, S] float32."""
+    """`attention_rows` given the keys from `rotated_keys`: [B, H, Q, S] float32."""
     rows = torch.gather(query, 1, queries[..., None].expand(-1, -1, query.shape[-1]))
     q = _split_heads(rows, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
@@ -127,7 +127,7 @@ def attention_received(
     rows = weights.ne(0).any(1).any(0).nonzero()[:, 0]  # [R] query slots with a weight somewhere
     num_heads = query.shape[-1] // attn.head_dim
     step = max(1, (chunk_elements or QUERY_CHUNK_ELEMENTS) // (batch * num_heads * length))
-    keys = _rotated_keys(attn, key, rotary, num_heads)  # once for all chunks
+    keys = rotated_keys(attn, key, rotary, num_heads)  # once for all chunks
     received = weights.new_zeros(weights.shape)
     diagonal = weights.new_zeros(batch, length)  # A[b, j, j] on computed rows
     for start in range(0, rows.numel(), step):

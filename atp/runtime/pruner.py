@@ -77,6 +77,12 @@ class PruneContext:
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
+    keys:              keys(layer) -> [B, H, S, hd] float32 keys of decoder layer `layer` (this one or
+                       the previous one, as `attention`) as its attention uses them: k norm, RoPE
+                       and the GQA repeat to the query heads applied
+    final_norm:        final_norm(hidden [..., d]) -> [..., d]: the language model's final norm
+                       (without the runtime's output hook)
+    real:              [B, S] bool, slots holding a real token (not padding, not a fill slot)
     """
 
     layer: int
@@ -100,6 +106,9 @@ class PruneContext:
     input_instruction: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     geometry: VisualGeometry | None = None
+    keys: Callable[[int], torch.Tensor] | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    real: torch.Tensor | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
