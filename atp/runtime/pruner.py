@@ -83,6 +83,10 @@ class PruneContext:
     final_norm:        final_norm(hidden [..., d]) -> [..., d]: the language model's final norm
                        (without the runtime's output hook)
     real:              [B, S] bool, slots holding a real token (not padding, not a fill slot)
+    sublayer:          sublayer(layer) -> [B, 2, S] float32: the statistic `observe_sublayer` gave
+                       the attention block (index 0) and the MLP block (1) of an earlier decoder
+                       layer listed in `sublayer_layers`, per token in the current slots (0 for a
+                       token that layer did not see)
     """
 
     layer: int
@@ -109,6 +113,7 @@ class PruneContext:
     keys: Callable[[int], torch.Tensor] | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     real: torch.Tensor | None = None
+    sublayer: Callable[[int], torch.Tensor] | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -181,6 +186,18 @@ class TokenPruner(nn.Module):
     def vision_probe_layers(self) -> set[int]:
         """Vision-tower layers (negative counts from the end) whose q/k the runtime must capture."""
         return set()
+
+    def sublayer_layers(self) -> set[int]:
+        """Decoder layers whose attention and MLP blocks the runtime shows `observe_sublayer`."""
+        return set()
+
+    def observe_sublayer(self, before: torch.Tensor, after: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """A per-token statistic of one block (attention or MLP) of a layer in `sublayer_layers`,
+        during a prefill: before [B, S, d] the block's input (the normed hidden states), after
+        [B, S, d] its output (before the residual), present [B, S] bool the tokens that layer
+        really holds (not padding, fill slots or masked-out tokens). Returns [B, S]; the runtime
+        keeps it by token and hands it back through `ctx.sublayer(layer)`."""
+        raise NotImplementedError(f"{self.name}: lists sublayer_layers() but does not define observe_sublayer.")
 
     def validate(self, num_layers: int) -> None:
         """Raise a clear error if the pruner cannot run on a model with `num_layers` layers."""

@@ -15,6 +15,7 @@ from atp.token import (  # noqa: F401
     random_tokens,
     sparsevlm,
     spatial,
+    transprune,
     visionzip,
 )
 
