@@ -52,9 +52,11 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return sparsevlm_schedule(tokens, num_visual, num_layers)
     if name == "transprune":
         return transprune_schedule(tokens, num_visual, num_layers)
+    if name == "aim":
+        return aim_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'dart', 'sparsevlm', 'transprune'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'dart', 'sparsevlm', 'transprune', 'aim'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 
@@ -98,6 +100,23 @@ def transprune_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
         "keep_ratios": list(RATIOS),
         "keep_tokens": tokens,
     }
+
+
+def aim_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """AIM at T tokens: the merge keeps T (steps that each remove at most half, as the reference's
+    (288, 36) for 252 and (288, 144, 72) for 72), and the in-LLM schedule of LLaVA-1.5 (start 13,
+    step 0.125 of 32 layers) scaled to the depth [ours]."""
+    from atp.token.aim import START_LAYER, STEP
+
+    removals, left = [], num_visual
+    while left > tokens:
+        removals.append(min(left // 2, left - tokens))
+        left -= removals[-1]
+    start = int(START_LAYER * num_layers / 32 + 0.5)
+    step = min(1.0, STEP * 32 / num_layers)
+    if start + round(1 / step) >= num_layers:
+        raise ValueError(f"aim's in-LLM schedule does not fit a model with {num_layers} decoder layers.")
+    return {"merge_removals": removals, "start_layer": start, "step": step}
 
 
 def budget_flops_ratio(tokens: int, num_visual: int, text_tokens: float, config, cut: int = 2) -> float:

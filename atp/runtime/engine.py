@@ -470,7 +470,7 @@ class PruningRuntime:
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
-        compact = self.position_policy == "compact"
+        compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
         if self.mode == "drop":
             layout, hidden = apply_drop(layout, hidden, decision, compact)
         else:
@@ -502,7 +502,7 @@ class PruningRuntime:
             num_visual=(state.visual_index >= 0).sum(1),
             grid=self.adapter.fixed_grid,
             mode=self.mode,
-            attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
+            attention=lambda layer, queries, **options: self._attention(index, hidden, layer, queries, **options),
             attention_received=lambda layer, weights, **options: self._attention_received(
                 index, hidden, layer, weights, **options
             ),
@@ -591,9 +591,11 @@ class PruningRuntime:
             )
         return self.adapter.layers[layer].self_attn, query, key, rotary, mask
 
-    def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
-        return attention_rows(*self._probe_inputs(stage, hidden, layer), queries)
+        return attention_rows(*self._probe_inputs(stage, hidden, layer), queries, temperature)
 
     def _sublayer(self, stage: int, layer: int, layout: Layout) -> torch.Tensor:
         """[B, 2, S]: the statistics `pruner.observe_sublayer` gave layer `layer`'s attention and MLP

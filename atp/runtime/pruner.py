@@ -57,8 +57,9 @@ class PruneContext:
     grid:              (rows, cols) of visual tokens per image when every image has the same grid
                        (LLaVA-1.5), None when images have their own grids (see `geometry`)
     mode:              "drop" or "mask"
-    attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
-                       probabilities of decoder layer `layer` (this one or the previous one)
+    attention:         attention(layer, queries [B, Q], temperature=1.0) -> [B, H, Q, S] post-softmax
+                       probabilities of decoder layer `layer` (this one or the previous one);
+                       softmax(logits / temperature) with another temperature
     attention_received: attention_received(layer, weights [B, n, S], heads="mean"|"max",
                        exclude_self=False) -> [B, n, S]: sum_i weights[b, n, i] * A[b, i, j], the
                        attention each slot j receives from weighted queries, without holding
@@ -99,7 +100,7 @@ class PruneContext:
     num_visual: torch.Tensor
     grid: tuple[int, int] | None
     mode: str
-    attention: Callable[[int, torch.Tensor], torch.Tensor]
+    attention: Callable[..., torch.Tensor]
     attention_received: Callable[..., torch.Tensor] | None = None
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
@@ -178,6 +179,11 @@ class TokenPruner(nn.Module):
                 f"position_ids='original' or 'reference' (the default, which keeps original ids on this family)."
             )
         return self.position_ids
+
+    def stage_position_policy(self, layer: int, policy: str) -> str:
+        """The policy ("original" or "compact") of the stage before `layer`, given the resolved
+        `policy`; a method whose reference numbers positions differently per stage overrides it."""
+        return policy
 
     def probe_layers(self) -> set[int]:
         """Decoder layers whose q/k projections the runtime must capture for `ctx.attention`."""
