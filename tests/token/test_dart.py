@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import atp
-from atp.runtime.pruner import PruneContext, TokenPruner
 from tests.conftest import IMAGE, make_batch, single
 from tests.qwen_inputs import IMAGE as QWEN_IMAGE
 from tests.qwen_inputs import qwen_batch, qwen_model
+from tests.token.fixed_keep import FixedKeep
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]  # suffixes of 3, 1 and 7 text tokens: fewer text pivots than 4 in two
 
@@ -64,22 +64,6 @@ def brute_force_dart(model, batch, image_token: int, layer: int, keep_tokens: in
             free = [q for q in free if q not in picks]
         kept.append(torch.tensor(sorted(visual.index(p) for p in chosen)))
     return kept
-
-
-class FixedKeep(TokenPruner):
-    """Keeps given image-token numbers before one layer, on every forward (a prompt re-run from scratch)."""
-
-    name = "fixed_keep_test"
-
-    def __init__(self, layer: int, kept: list) -> None:
-        super().__init__([layer])
-        self.kept = kept
-
-    def prune(self, ctx: PruneContext) -> torch.Tensor:
-        keep = torch.zeros_like(ctx.visual)
-        for b, numbers in enumerate(self.kept):
-            keep[b] = ctx.visual[b] & torch.isin(ctx.visual_index[b], numbers)
-        return keep
 
 
 def run(model, batch, pruner, mode="drop", attn="sdpa"):
@@ -154,7 +138,7 @@ def test_greedy_generate_with_cache_equals_recomputing_every_step(model_factory,
         atp.apply(model, atp.build_pruner("dart", keep_tokens=8), mode=mode)
         generated[mode] = model.generate(**batch, **settings, use_cache=True)
         kept[mode] = atp.stats(model).kept[2]  # the prefill's decision
-    atp.apply(model, FixedKeep(2, kept["drop"]), mode="drop")
+    atp.apply(model, FixedKeep({2: kept["drop"]}), mode="drop")
     from_scratch = model.generate(**batch, **settings, use_cache=False)
     atp.remove(model)
     assert torch.equal(generated["drop"], generated["mask"])

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 import atp
 from atp.token.transprune import transition
 from tests.conftest import IMAGE, make_batch, single
+from tests.token.fixed_keep import FixedKeep
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 SETTINGS = dict(layers=[1, 2, 3], transition_layers=[0, 1, 2], keep_ratios=[0.75, 0.5, 0.25])
@@ -131,21 +132,28 @@ def test_transition_is_the_documented_formula():
             assert float(got[b, i]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_drop_equals_mask_and_generate_is_consistent(model_factory, attn):
+def test_drop_equals_mask_and_generate_with_cache_equals_recomputing_every_step(model_factory, attn):
+    """Drop and mask give the same logits and the same greedy generate; generate through the KV cache
+    (TransPrune decides once, at the prefill; compact positions continue after the dropped tokens)
+    equals generate without a cache where every step re-runs the prompt with the prefill's decisions."""
     model = model_factory(attn_implementation=attn)
     batch = make_batch(RAGGED, seed=2)
-    dropped, stats = run(model, batch, atp.build_pruner("transprune", **SETTINGS), "drop", attn)
+    dropped, _ = run(model, batch, atp.build_pruner("transprune", **SETTINGS), "drop", attn)
     masked, _ = run(model, batch, atp.build_pruner("transprune", **SETTINGS), "mask", attn)
     assert_close(dropped[:, -1], masked[:, -1], rtol=1e-4, atol=1e-5)
     settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    generated = {}
+    generated, kept = {}, {}
     for mode in ("drop", "mask"):
         atp.apply(model, atp.build_pruner("transprune", **SETTINGS), mode=mode)
-        generated[mode] = model.generate(**batch, **settings)
-        first = model(**batch).logits[:, -1].argmax(-1)
-        assert torch.equal(generated[mode][:, batch["input_ids"].shape[1]], first)
+        generated[mode] = model.generate(**batch, **settings, use_cache=True)
+        kept[mode] = atp.stats(model).kept  # the prefill's decisions
         atp.remove(model)
     assert torch.equal(generated["drop"], generated["mask"])
+    atp.apply(model, FixedKeep(kept["drop"], position_ids="compact"), mode="drop")
+    from_scratch = model.generate(**batch, **settings, use_cache=False)
+    atp.remove(model)
+    assert torch.equal(generated["drop"], from_scratch)
+    assert not torch.equal(generated["drop"], model.generate(**batch, **settings))  # pruning changed the answer
 
 
 def test_default_is_the_reference_schedule_and_bad_settings_are_refused(model_factory):
