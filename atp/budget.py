@@ -46,13 +46,17 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return {"keep_ratio": tokens / num_visual}
     if name == "pdrop":
         return pdrop_schedule(tokens, num_visual, num_layers)
-    if name == "visionzip":
+    if name in ("visionzip", "dart"):  # dart: the reference's arithmetic keeps 4 + 8 x (T // 8), 132 for 128
         return {"keep_tokens": tokens}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
+    if name == "transprune":
+        return transprune_schedule(tokens, num_visual, num_layers)
+    if name == "aim":
+        return aim_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'sparsevlm'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'dart', 'sparsevlm', 'transprune', 'aim'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 
@@ -69,6 +73,50 @@ def sparsevlm_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
         raise ValueError(f"sparsevlm needs at least 5 decoder layers for its three stages, the model has {num_layers}.")
     counts = [max(1, int(count * num_visual / 576 + 0.5)) for count in SCHEDULES[str(tokens)]]
     return {"layers": layers, "keep_tokens": counts}
+
+
+def transprune_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """TransPrune at T tokens: its stages [7, 9, 12] of 32 layers scaled to the depth (`int(l x L / 32
+    + 0.5)`, each at least one past the previous [ours]), transitions from the layer before the first
+    stage up to the last stage, the reference's 0.875 and 0.625 of N before the first two stages and
+    T tokens from the last one on."""
+    from atp.token.transprune import RATIOS, STAGES
+
+    layers: list[int] = []
+    for layer in STAGES:
+        layers.append(max(int(layer * num_layers / 32 + 0.5), layers[-1] + 1 if layers else 1))
+    if layers[-1] >= num_layers:
+        raise ValueError(
+            f"transprune needs at least 4 decoder layers for its three stages, the model has {num_layers}."
+        )
+    if tokens > int(num_visual * RATIOS[1]):
+        raise ValueError(
+            f"transprune keeps int({num_visual} x {RATIOS[1]}) tokens before its last stage; a budget of {tokens} "
+            "is more than that."
+        )
+    return {
+        "layers": layers,
+        "transition_layers": list(range(layers[0] - 1, layers[-1])),
+        "keep_ratios": list(RATIOS),
+        "keep_tokens": tokens,
+    }
+
+
+def aim_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """AIM at T tokens: the merge keeps T (steps that each remove at most half, as the reference's
+    (288, 36) for 252 and (288, 144, 72) for 72), and the in-LLM schedule of LLaVA-1.5 (start 13,
+    step 0.125 of 32 layers) scaled to the depth [ours]."""
+    from atp.token.aim import START_LAYER, STEP
+
+    removals, left = [], num_visual
+    while left > tokens:
+        removals.append(min(left // 2, left - tokens))
+        left -= removals[-1]
+    start = int(START_LAYER * num_layers / 32 + 0.5)
+    step = min(1.0, STEP * 32 / num_layers)
+    if start + round(1 / step) >= num_layers:
+        raise ValueError(f"aim's in-LLM schedule does not fit a model with {num_layers} decoder layers.")
+    return {"merge_removals": removals, "start_layer": start, "step": step}
 
 
 def budget_flops_ratio(tokens: int, num_visual: int, text_tokens: float, config, cut: int = 2) -> float:

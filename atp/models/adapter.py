@@ -1,7 +1,8 @@
 """The adapter contract: what the family-agnostic runtime needs to know about one VLM family.
 
 Every supported family keeps a decoder stack with Llama-style layers
-(`layers[i].self_attn.{q,k,v,o}_proj`, `layers[i].input_layernorm`, `norm`, `rotary_emb`);
+(`layers[i].self_attn.{q,k,v,o}_proj`, `layers[i].input_layernorm`, `layers[i].mlp`, `norm`,
+`rotary_emb`);
 what differs is how images become tokens and how positions work. An adapter answers:
 
   * where the parts are (multimodal model, language model, layers, vision tower, projector);

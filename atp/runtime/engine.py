@@ -33,7 +33,7 @@ from atp.models import get_adapter
 from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
-from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk
+from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk, rotated_keys
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
 from atp.runtime.stage import (
@@ -87,6 +87,7 @@ class _Prefill:
         self.scoring_seconds = 0.0
         self.cache = None
         self.additions: list[torch.Tensor] = []  # [N, d] rows added to visual tokens after layer i
+        self.sublayer: dict[int, dict[str, torch.Tensor]] = {}  # layer -> part -> [B, S] by original position
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -126,6 +127,10 @@ class PruningRuntime:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"{pruner.name}: probe layer {layer} is outside 0..{self.num_layers - 1}.")
         self.vision_captures = self._vision_captures(pruner.vision_probe_layers())
+        self.sublayer_layers = sorted(pruner.sublayer_layers())
+        for layer in self.sublayer_layers:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"{pruner.name}: sub-layer layer {layer} is outside 0..{self.num_layers - 1}.")
         self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
@@ -156,11 +161,40 @@ class PruningRuntime:
             attn = adapter.vision_attention(index)
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
             self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
+        for index in self.sublayer_layers:
+            layer = adapter.layers[index]
+            self._handles.append(
+                layer.self_attn.register_forward_hook(self._sublayer_hook(index, "attention"), with_kwargs=True)
+            )
+            self._handles.append(layer.mlp.register_forward_hook(self._sublayer_hook(index, "mlp"), with_kwargs=True))
         for index, capture in self.captures.items():
             attn = adapter.layers[index].self_attn
             self._probed_modules[index] = (attn.q_proj, attn.k_proj)
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
             self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
+
+    def _sublayer_hook(self, index: int, part: str):
+        """Forward hook on layer `index`'s attention or MLP block: during a prefill, hand the block's
+        input (the normed hidden states) and output to `pruner.observe_sublayer` and keep the
+        [B, S] statistic by original position (0 where the token is absent)."""
+
+        def observe(_module, args, kwargs, output):
+            state = self._prefill
+            if state is None:
+                return None
+            before = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            after = output[0] if isinstance(output, tuple) else output
+            layout = state.layer_inputs[index].layout
+            present = layout.visible()
+            with torch.no_grad():
+                statistic = self.pruner.observe_sublayer(before.detach(), after.detach(), present)
+            statistic = torch.where(present, statistic.float(), 0.0)
+            target = torch.where(layout.valid, layout.index, state.original_length)
+            full = statistic.new_zeros(statistic.shape[0], state.original_length + 1).scatter(1, target, statistic)
+            state.sublayer.setdefault(index, {})[part] = full[:, : state.original_length]
+            return None
+
+        return observe
 
     def _vision_captures(self, layers: set[int]) -> dict[int, ProjectionCapture]:
         if not layers:
@@ -436,7 +470,7 @@ class PruningRuntime:
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
-        compact = self.position_policy == "compact"
+        compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
         if self.mode == "drop":
             layout, hidden = apply_drop(layout, hidden, decision, compact)
         else:
@@ -468,7 +502,7 @@ class PruningRuntime:
             num_visual=(state.visual_index >= 0).sum(1),
             grid=self.adapter.fixed_grid,
             mode=self.mode,
-            attention=lambda layer, queries: self._attention(index, hidden, layer, queries),
+            attention=lambda layer, queries, **options: self._attention(index, hidden, layer, queries, **options),
             attention_received=lambda layer, weights, **options: self._attention_received(
                 index, hidden, layer, weights, **options
             ),
@@ -481,6 +515,10 @@ class PruningRuntime:
             input_instruction=state.instruction,
             origin=layout.index,
             geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
+            keys=lambda layer: self._keys(index, hidden, layer),
+            sublayer=lambda layer: self._sublayer(index, layer, layout),
+            final_norm=self.adapter.final_norm.forward,  # .forward: not the output hook `_after_norm`
+            real=layout.valid,
         )
 
     def _per_visual_slot(
@@ -563,9 +601,28 @@ class PruningRuntime:
             )
         return self.adapter.layers[layer].self_attn, query, key, rotary, mask
 
-    def _attention(self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
-        return attention_rows(*self._probe_inputs(stage, hidden, layer), queries)
+        return attention_rows(*self._probe_inputs(stage, hidden, layer), queries, temperature)
+
+    def _sublayer(self, stage: int, layer: int, layout: Layout) -> torch.Tensor:
+        """[B, 2, S]: the statistics `pruner.observe_sublayer` gave layer `layer`'s attention and MLP
+        blocks, in the current slots (0 for tokens that layer did not see)."""
+        observed = self._prefill.sublayer.get(layer)
+        if layer not in self.sublayer_layers or layer >= stage or observed is None:
+            raise ValueError(
+                f"{self.pruner.name}: before layer {stage} the statistics of an earlier layer listed in "
+                f"sublayer_layers() ({self.sublayer_layers}) can be read; asked for layer {layer}."
+            )
+        both = torch.stack([observed["attention"], observed["mlp"]], 1)  # [B, 2, S0]
+        return torch.gather(both, 2, layout.index[:, None].expand(-1, 2, -1)).masked_fill(~layout.valid[:, None], 0.0)
+
+    def _keys(self, stage: int, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, H, S, hd] keys of layer `layer` as its attention uses them, for a pruner before layer `stage`."""
+        attn, query, key, rotary, _ = self._probe_inputs(stage, hidden, layer)
+        return rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
 
     def _attention_received(
         self, stage: int, hidden: torch.Tensor, layer: int, weights: torch.Tensor, **options
@@ -596,6 +653,7 @@ class PruningRuntime:
             capture.clear()
         self.projector_input = None
         state.embeds = None
+        state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]
         state.layouts, state.layer_inputs = layouts, []  # release masks; decode needs layouts only
         self.last_stats = PruningStats(

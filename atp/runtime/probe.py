@@ -58,8 +58,10 @@ def attention_rows(
     rotary: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
     queries: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Post-softmax attention probabilities of the slots `queries` over all keys.
+    """Post-softmax attention probabilities of the slots `queries` over all keys,
+    softmax((q k^T x scale + mask) / temperature) (temperature 1: the layer's own attention).
 
     attn:    the layer's attention module (gives head_dim, scaling, optional q/k norms)
     query:   [B, S, H * hd] q_proj output (before RoPE); key: [B, S, H_kv * hd]
@@ -68,11 +70,11 @@ def attention_rows(
     queries: [B, Q] long slots whose rows are wanted
     returns  [B, H, Q, S] float32
     """
-    keys = _rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
-    return _rows(attn, query, keys, rotary, mask, queries)
+    keys = rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
+    return _rows(attn, query, keys, rotary, mask, queries, temperature)
 
 
-def _rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: int) -> torch.Tensor:
+def rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: int) -> torch.Tensor:
     """[B, H, S, hd] float32 keys as the layer's attention uses them (k norm, RoPE, GQA repeat)."""
     k = _split_heads(key, attn.head_dim)
     if getattr(attn, "k_norm", None) is not None:
@@ -82,8 +84,10 @@ def _rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: 
     return repeat_kv(k, num_heads // k.shape[1]).float()
 
 
-def _rows(attn: nn.Module, query: torch.Tensor, keys: torch.Tensor, rotary: tuple, mask, queries) -> torch.Tensor:
-    """`attention_rows` given the keys from `_rotated_keys`: [B, H, Q, S] float32."""
+def _rows(
+    attn: nn.Module, query: torch.Tensor, keys: torch.Tensor, rotary: tuple, mask, queries, temperature: float = 1.0
+) -> torch.Tensor:
+    """`attention_rows` given the keys from `rotated_keys`: [B, H, Q, S] float32."""
     rows = torch.gather(query, 1, queries[..., None].expand(-1, -1, query.shape[-1]))
     q = _split_heads(rows, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
@@ -93,7 +97,8 @@ def _rows(attn: nn.Module, query: torch.Tensor, keys: torch.Tensor, rotary: tupl
     q, _ = apply_rotary_pos_emb(q, q, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
     scores = torch.matmul(q.float(), keys.transpose(2, 3)) * attn.scaling
     row_mask = torch.gather(mask, 2, queries[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
-    return torch.softmax(scores + row_mask.float(), dim=-1)
+    logits = scores + row_mask.float()
+    return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 QUERY_CHUNK_ELEMENTS = 2**21  # attention probabilities held at once by `attention_received`
@@ -127,7 +132,7 @@ def attention_received(
     rows = weights.ne(0).any(1).any(0).nonzero()[:, 0]  # [R] query slots with a weight somewhere
     num_heads = query.shape[-1] // attn.head_dim
     step = max(1, (chunk_elements or QUERY_CHUNK_ELEMENTS) // (batch * num_heads * length))
-    keys = _rotated_keys(attn, key, rotary, num_heads)  # once for all chunks
+    keys = rotated_keys(attn, key, rotary, num_heads)  # once for all chunks
     received = weights.new_zeros(weights.shape)
     diagonal = weights.new_zeros(batch, length)  # A[b, j, j] on computed rows
     for start in range(0, rows.numel(), step):

@@ -57,8 +57,9 @@ class PruneContext:
     grid:              (rows, cols) of visual tokens per image when every image has the same grid
                        (LLaVA-1.5), None when images have their own grids (see `geometry`)
     mode:              "drop" or "mask"
-    attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
-                       probabilities of decoder layer `layer` (this one or the previous one)
+    attention:         attention(layer, queries [B, Q], temperature=1.0) -> [B, H, Q, S] post-softmax
+                       probabilities of decoder layer `layer` (this one or the previous one);
+                       softmax(logits / temperature) with another temperature
     attention_received: attention_received(layer, weights [B, n, S], heads="mean"|"max",
                        exclude_self=False) -> [B, n, S]: sum_i weights[b, n, i] * A[b, i, j], the
                        attention each slot j receives from weighted queries, without holding
@@ -77,6 +78,16 @@ class PruneContext:
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
+    keys:              keys(layer) -> [B, H, S, hd] float32 keys of decoder layer `layer` (this one or
+                       the previous one, as `attention`) as its attention uses them: k norm, RoPE
+                       and the GQA repeat to the query heads applied
+    final_norm:        final_norm(hidden [..., d]) -> [..., d]: the language model's final norm
+                       (without the runtime's output hook)
+    real:              [B, S] bool, slots holding a real token (not padding, not a fill slot)
+    sublayer:          sublayer(layer) -> [B, 2, S] float32: the statistic `observe_sublayer` gave
+                       the attention block (index 0) and the MLP block (1) of an earlier decoder
+                       layer listed in `sublayer_layers`, per token in the current slots (0 for a
+                       token that layer did not see)
     """
 
     layer: int
@@ -89,7 +100,7 @@ class PruneContext:
     num_visual: torch.Tensor
     grid: tuple[int, int] | None
     mode: str
-    attention: Callable[[int, torch.Tensor], torch.Tensor]
+    attention: Callable[..., torch.Tensor]
     attention_received: Callable[..., torch.Tensor] | None = None
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
@@ -100,6 +111,10 @@ class PruneContext:
     input_instruction: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     geometry: VisualGeometry | None = None
+    keys: Callable[[int], torch.Tensor] | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    real: torch.Tensor | None = None
+    sublayer: Callable[[int], torch.Tensor] | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -165,6 +180,11 @@ class TokenPruner(nn.Module):
             )
         return self.position_ids
 
+    def stage_position_policy(self, layer: int, policy: str) -> str:
+        """The policy ("original" or "compact") of the stage before `layer`, given the resolved
+        `policy`; a method whose reference numbers positions differently per stage overrides it."""
+        return policy
+
     def probe_layers(self) -> set[int]:
         """Decoder layers whose q/k projections the runtime must capture for `ctx.attention`."""
         return set()
@@ -172,6 +192,18 @@ class TokenPruner(nn.Module):
     def vision_probe_layers(self) -> set[int]:
         """Vision-tower layers (negative counts from the end) whose q/k the runtime must capture."""
         return set()
+
+    def sublayer_layers(self) -> set[int]:
+        """Decoder layers whose attention and MLP blocks the runtime shows `observe_sublayer`."""
+        return set()
+
+    def observe_sublayer(self, before: torch.Tensor, after: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """A per-token statistic of one block (attention or MLP) of a layer in `sublayer_layers`,
+        during a prefill: before [B, S, d] the block's input (the normed hidden states), after
+        [B, S, d] its output (before the residual), present [B, S] bool the tokens that layer
+        really holds (not padding, fill slots or masked-out tokens). Returns [B, S]; the runtime
+        keeps it by token and hands it back through `ctx.sublayer(layer)`."""
+        raise NotImplementedError(f"{self.name}: lists sublayer_layers() but does not define observe_sublayer.")
 
     def validate(self, num_layers: int) -> None:
         """Raise a clear error if the pruner cannot run on a model with `num_layers` layers."""

@@ -4,7 +4,9 @@ package registers every method by name."""
 
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, available_pruners, build_pruner, register
 from atp.token import (  # noqa: F401
+    aim,
     atp,
+    dart,
     divprune,
     fastervlm,
     fastv,
@@ -14,6 +16,7 @@ from atp.token import (  # noqa: F401
     random_tokens,
     sparsevlm,
     spatial,
+    transprune,
     visionzip,
 )
 
