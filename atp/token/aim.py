@@ -154,7 +154,11 @@ class AIM(TokenPruner):
     def _merge(self, ctx: PruneContext) -> MergeDecision:
         rows, cols = ctx.grid if ctx.grid is not None else (0, 0)
         if bool((ctx.num_visual > rows * cols).any()):
-            raise ValueError("aim merges the tokens of one image; prompts with several images are not supported.")
+            raise ValueError(
+                "aim merges the tokens of one image on one fixed grid (LLaVA-1.5's reference); this prompt has "
+                "several images, or the model gives each image its own grid or several crops (Qwen-VL, InternVL "
+                "tiles), which aim does not support. Use a method without a merge (dart, fastv, pdrop, ...)."
+            )
         keys = ctx.vision_keys(self.vision_layer)  # [B, H, S, hd]
         metric = keys.transpose(1, 2).flatten(2)  # [B, S, H * hd]: the k projection's output
         features = ctx.vision_features()  # [B, S, dv]

@@ -27,7 +27,11 @@ PRUNERS = {
     "atp": dict(num_layers=4, layers=[1, 3]),
     "fastervlm": dict(keep_ratio=0.25),
     "visionzip": dict(keep_tokens=12),
+    "dart": dict(layer=2, keep_tokens=12),
+    "transprune": dict(layers=[1, 2, 3], transition_layers=[0, 1, 2], keep_ratios=[0.875, 0.625, 0.25]),
+    "aim": dict(merge_removals=[8, 4], start_layer=1, step=0.5),
 }
+REFUSED = {"aim": "one fixed grid"}  # what the error names
 
 
 def test_the_table_covers_every_registered_pruner():
@@ -40,6 +44,11 @@ def test_every_pruner_runs_and_drop_equals_mask(name):
     specs = [spec for spec in ONE_IMAGE_EACH if spec[1] or name != "fitprune"]  # a recipe's counts need images
     batch = internvl_batch(specs)
     pruner = atp.build_pruner(name, **PRUNERS[name]).eval()  # ATP: hard decisions in both modes
+    if name in REFUSED:
+        atp.apply(model, pruner, mode="drop")
+        with pytest.raises(ValueError, match=REFUSED[name]), torch.no_grad():
+            model(**batch)
+        return
     logits, stats = {}, {}
     for mode in ("drop", "mask"):
         atp.apply(model, pruner, mode=mode)
