@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import atp
+from atp.models import get_adapter
 from atp.models.adapter import MODEL_INPUTS
 from atp.token.atp import ATPPruner, atp_losses
 
@@ -103,11 +104,14 @@ class VLMTrainingModule(L.LightningModule):
             )
         if train_parts == "lora":
             self._inject_lora(lora_rank, lora_alpha)
+        adapter = get_adapter(self.model)
+        projector = {id(p) for p in adapter.projector.parameters()}
+        vision = {id(p) for p in adapter.vision_tower.parameters()} - projector  # Qwen: the merger sits in the tower
         for name, param in self.model.named_parameters():
             param.requires_grad_(
                 train_parts == "all"
-                or (train_parts == "language_model" and ("language_model" in name or "lm_head" in name))
-                or (train_parts == "projector_and_language_model" and "vision_tower" not in name)
+                or (train_parts == "language_model" and id(param) not in vision | projector)
+                or (train_parts == "projector_and_language_model" and id(param) not in vision)
                 or (train_parts == "lora" and "lora_" in name)
             )
         self.strict_loading = train_parts in FULL_CHECKPOINT_PARTS  # frozen-model runs save trainables only
@@ -119,7 +123,14 @@ class VLMTrainingModule(L.LightningModule):
             return
         if not isinstance(self.pruner, ATPPruner):
             return
-        visual = self.model.config.image_seq_length
+        visual = getattr(self.model.config, "image_seq_length", None)  # None: each image has its own count
+        if visual is None:
+            if not 0 < target <= 1:
+                raise ValueError(
+                    f"target_tokens={target}: {type(self.model).__name__} gives each image its own number of "
+                    "visual tokens, so give the target as a fraction of them in (0, 1] (e.g. 0.25)."
+                )
+            return
         if not 0 < target <= visual:
             raise ValueError(
                 f"target_tokens={target} is outside (0, {visual}]: give a fraction of the {visual} visual tokens "
