@@ -49,15 +49,16 @@ def test_labels_cover_the_answers_and_their_turn_ends(shapes_dir, processor):
         assert processor.tokenizer.convert_ids_to_tokens(supervised) == [w for a in answers for w in (a, "<|im_end|>")]
 
 
-def test_a_collated_batch_runs_a_qwen_model(shapes_dir, processor, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_collated_batch_runs_a_qwen_model(shapes_dir, processor, tmp_path, family):
     dataset = LlavaConversationDataset(shapes_dir / "test.json", shapes_dir / "images", processor, prompt_only=True)
     batch = collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (2 * 576, 3 * 2 * 14 * 14) and batch["image_grid_thw"].shape == (2, 3)
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == processor.image_token_id).long())
-    model = build_testbed_qwen(processor, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2).eval()
+    model = build_testbed_qwen(processor, family, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model.eval()(**inputs).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
     processor.save_pretrained(tmp_path)  # the processor round-trips through disk
     assert load_processor(tmp_path).tokenizer.get_vocab() == processor.tokenizer.get_vocab()

@@ -154,3 +154,40 @@ def test_an_absolute_atp_target_on_qwen_is_refused(qwen_base):
     model, _ = load_vlm(str(qwen_base), with_processor=False)
     with pytest.raises(ValueError, match="give the target as a fraction"):
         VLMTrainingModule(model, ATPPruner(num_layers=8, hidden=8), train_parts="pruner", target_tokens=36)
+
+
+def test_fitprune_job_on_qwen_writes_a_recipe_that_evaluate_runs(qwen_base, tmp_path):
+    """train.py experiment=fitprune_shapes on the Qwen base -> recipe.json -> evaluate.py pruner=fitprune."""
+    from atp.lit.run import run_job
+
+    data = tmp_path / "data"
+    content = run_job(
+        compose_train(
+            [
+                "experiment=fitprune_shapes",
+                f"model.path={qwen_base}",
+                f"output_dir={tmp_path}/fit",
+                "fit.calibration_samples=4",
+                "fit.batch_size=4",
+                "fit.flops_budget=0.8",
+                "logger=none",
+                *tiny_data(data),
+            ]
+        )
+    )
+    assert content["calibration_samples"] == 4 and content["flops_ratio"] <= 0.8 and content["recipe"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={qwen_base}",
+                "pruner=fitprune",
+                f"pruner.recipe={tmp_path}/fit/recipe.json",
+                f"output_dir={tmp_path}/eval",
+                "latency_batches=0",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    result = run_evaluation(cfg)
+    deleted = sum(int(count) for count in content["recipe"].values())
+    assert result.visual_tokens_per_layer[-1] == 144 - deleted  # every test image: 144 tokens, the recipe's deletions
