@@ -106,6 +106,12 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
         generator = torch.Generator().manual_seed(len(batch["id"]))
         inputs["pixel_values"] = torch.randn(pixels.shape, generator=generator).to(device, pixels.dtype)
     elif blind == "blank":
+        if pixels.ndim != 4:
+            raise ValueError(
+                f"blind='blank' rebuilds images of one fixed size from pixel_values [N, 3, H, W], but this model takes "
+                f"pixel_values of shape {tuple(pixels.shape)} (patches of images with their own sizes, e.g. Qwen-VL); "
+                "use blind='noise'."
+            )
         black = Image.new("RGB", (pixels.shape[-1], pixels.shape[-2]))
         blank = processor.image_processor(black, return_tensors="pt")["pixel_values"]
         inputs["pixel_values"] = blank.expand_as(pixels).to(device, pixels.dtype).clone()

@@ -191,3 +191,12 @@ def test_fitprune_job_on_qwen_writes_a_recipe_that_evaluate_runs(qwen_base, tmp_
     result = run_evaluation(cfg)
     deleted = sum(int(count) for count in content["recipe"].values())
     assert result.visual_tokens_per_layer[-1] == 144 - deleted  # every test image: 144 tokens, the recipe's deletions
+
+
+def test_the_blank_image_control_refuses_patch_pixel_values():
+    from atp.evaluation import _model_inputs
+
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(16, 1176), "id": ["a"]}
+    with pytest.raises(ValueError, match=r"pixel_values of shape \(16, 1176\).*use blind='noise'"):
+        _model_inputs(batch, "cpu", None, blind="blank")
+    assert _model_inputs(batch, "cpu", None, blind="noise")["pixel_values"].shape == (16, 1176)
