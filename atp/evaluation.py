@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 import atp
 from atp.latency import Contender, LatencyRatio, interleaved_prefill_times, latency_ratios
 from atp.metrics import cost_report
+from atp.models.adapter import MODEL_INPUTS
 from atp.progress import progress
 
 
@@ -97,7 +98,7 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
     """The model's inputs for `batch`; with `blind`, every image replaced (same prompts):
     "noise": Gaussian noise in pixel-value space (out of distribution); "blank": an all-black
     image of the processor's size, the testbed's background without objects."""
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     if blind is None or "pixel_values" not in inputs:
         return inputs
     pixels = inputs["pixel_values"]
@@ -105,6 +106,12 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
         generator = torch.Generator().manual_seed(len(batch["id"]))
         inputs["pixel_values"] = torch.randn(pixels.shape, generator=generator).to(device, pixels.dtype)
     elif blind == "blank":
+        if pixels.ndim != 4:
+            raise ValueError(
+                f"blind='blank' rebuilds images of one fixed size from pixel_values [N, 3, H, W], but this model takes "
+                f"pixel_values of shape {tuple(pixels.shape)} (patches of images with their own sizes, e.g. Qwen-VL); "
+                "use blind='noise'."
+            )
         black = Image.new("RGB", (pixels.shape[-1], pixels.shape[-2]))
         blank = processor.image_processor(black, return_tensors="pt")["pixel_values"]
         inputs["pixel_values"] = blank.expand_as(pixels).to(device, pixels.dtype).clone()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from atp.data.processor import load_processor
 from atp.models.build import load_vlm
 from atp.runtime import attach
 from atp.runtime.pruner import TokenPruner, build_pruner
@@ -104,7 +105,8 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads format {FORMAT_VERSION}.")
     base_path = directory / base if not Path(base).is_absolute() else Path(base)
     with_processor = bool(config.get("processor", True))  # exports before the field always held one
-    model, processor = load_vlm(str(base_path), dtype, attn_implementation, with_processor)
+    model, _ = load_vlm(str(base_path), dtype, attn_implementation, with_processor=False)
+    processor = load_processor(base_path) if with_processor else None
     pruner = build_pruner(name, **kwargs)
     weights = directory / WEIGHTS_NAME
     expected = pruner.state_dict()

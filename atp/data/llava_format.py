@@ -63,18 +63,24 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
     return messages
 
 
-def image_token_count(processor, pixel_values: torch.Tensor) -> int:
-    """How many image tokens the processor expands one image to (576 for LLaVA-1.5)."""
-    height, width = pixel_values.shape[-2:]
-    count = (height // processor.patch_size) * (width // processor.patch_size)
-    count += processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1
-    return count
+def image_token_count(processor, image: Image.Image) -> int:
+    """How many image tokens the processor expands one image to (LLaVA-1.5: 576; Qwen-VL: its grid's
+    t * h * w / merge_size**2), from the processor's own count (`_get_num_multimodal_tokens`)."""
+    return int(processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width]]).num_image_tokens[0])
+
+
+def image_inputs(processor, image: Image.Image) -> dict[str, torch.Tensor]:
+    """The image processor's tensors for one image, each with the image along dim 0 so that a batch
+    concatenates them: pixel_values [1, 3, H, W] (LLaVA) or [patches, C] (Qwen-VL), and the family's
+    extras (Qwen-VL: image_grid_thw [1, 3])."""
+    out = processor.image_processor(image, return_tensors="pt")
+    return {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
 
 
 class LlavaConversationDataset(Dataset):
-    """Tokenised LLaVA conversations: input_ids [S], labels [S], pixel_values [3, H, W]."""
+    """Tokenised LLaVA conversations: input_ids [S], labels [S], images (the image processor's tensors
+    of the record's image, see `image_inputs`, or None) and, for processors that return them
+    (Qwen-VL), mm_token_type_ids [S] (1 on image tokens)."""
 
     def __init__(
         self,
@@ -97,12 +103,12 @@ class LlavaConversationDataset(Dataset):
         record = self.records[index]
         has_image = "image" in record
         messages = to_messages(record["conversations"], has_image)
-        pixel_values = None
+        images = None
         image_tokens = 0
         if has_image:
             image = Image.open(self.image_folder / record["image"]).convert("RGB")
-            pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-            image_tokens = image_token_count(self.processor, pixel_values)
+            images = image_inputs(self.processor, image)
+            image_tokens = image_token_count(self.processor, image)
         if index not in self._tokens:
             if self.prompt_only:
                 first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -112,19 +118,23 @@ class LlavaConversationDataset(Dataset):
                 self._tokens[index] = self._supervised(messages, image_tokens)
         ids, labels = self._tokens[index]
         answer = next((t["value"] for t in record["conversations"] if ROLES[t["from"]] == "assistant"), "")
-        return {
+        item = {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,
+            "images": images,
             "answer": answer.strip(),
             "question_type": record.get("question_type", "all"),
             "num_objects": record.get("num_objects", -1),
             "id": record.get("id", str(index)),
         }
+        if getattr(self.processor, "return_mm_token_type_ids", False):
+            item["mm_token_type_ids"] = (item["input_ids"] == self.processor.image_token_id).long()
+        return item
 
     def _tokenize(self, messages: list[dict], image_tokens: int, generation_prompt: bool) -> list[int]:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-        text = text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * image_tokens)
+        image_token = self.processor.image_token  # where the chat template puts an image
+        text = text.replace(image_token, image_token * image_tokens)
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _supervised(self, messages: list[dict], image_tokens: int) -> tuple[list[int], list[int]]:
@@ -140,7 +150,9 @@ class LlavaConversationDataset(Dataset):
 
 
 def collate(batch: list[dict], pad_token_id: int) -> dict:
-    """Left-pad a list of dataset items into a model batch (+ metadata lists)."""
+    """Left-pad a list of dataset items into a model batch (+ metadata lists); the image tensors of
+    the batch's images are concatenated along dim 0, image after image (LLaVA: pixel_values
+    [B_img, 3, H, W]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw [B_img, 3])."""
     length = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -151,9 +163,14 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         labels[b, length - n :] = item["labels"]
         attention_mask[b, length - n :] = 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
-    if images:
-        out["pixel_values"] = torch.stack(images)
+    if "mm_token_type_ids" in batch[0]:
+        token_types = torch.zeros(len(batch), length, dtype=torch.long)
+        for b, item in enumerate(batch):
+            token_types[b, length - len(item["mm_token_type_ids"]) :] = item["mm_token_type_ids"]
+        out["mm_token_type_ids"] = token_types
+    images = [item["images"] for item in batch if item["images"] is not None]
+    for key in images[0] if images else ():
+        out[key] = torch.cat([image[key] for image in images])
     for key in ("answer", "question_type", "num_objects", "id"):
         out[key] = [item[key] for item in batch]
     return out

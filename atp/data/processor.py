@@ -1,10 +1,17 @@
-"""A word-level HF tokenizer and a `LlavaProcessor` for the ShapesVQA testbed, built offline."""
+"""Word-level HF tokenizers and processors for the ShapesVQA testbed, built offline: a
+`LlavaProcessor` (LLaVA-1.5's layout) and a `Qwen2VLProcessor` (Qwen-VL's layout and chat
+markers), each with a chat template of the same shape as its family's."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers import AutoProcessor, LlavaProcessor, PreTrainedTokenizerFast, Qwen2VLProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 TEMPLATE_WORDS = ("user", "assistant", ":")
@@ -22,23 +29,66 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: special tokens first (<pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4)."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *TEMPLATE_WORDS, *sorted(set(words))])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+# Qwen-VL's markers (the real tokenizers' names), one word each
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<unk>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+)
+QWEN_TEMPLATE_WORDS = ("user", "assistant")
+
+# <|im_start|> user <|vision_start|> <|image_pad|> <|vision_end|> {question} <|im_end|>
+# <|im_start|> assistant {answer} <|im_end|>   (Qwen-VL's layout, word-separated)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> "
+    "{% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def word_level_tokenizer(
+    words: list[str], special: tuple[str, ...], template_words: tuple[str, ...], **roles: str
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: `special` first (ids 0, 1, ...), then the template words and `words`.
+
+    roles: the special-token roles (bos_token, eos_token, pad_token, unk_token) and
+    image_token, which is registered as a special token so that runs of it split."""
+    vocab = {token: i for i, token in enumerate([*special, *template_words, *sorted(set(words))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk_token"]))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    image_token = roles.pop("image_token")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
+        extra_special_tokens={"image_token": image_token},
+        padding_side="left",
+        **roles,
+    )
+    markers = [t for t in special if t not in roles.values()]  # image, video and vision markers
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    return tokenizer
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: special tokens first (<pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4)."""
+    return word_level_tokenizer(
+        words,
+        SPECIAL_TOKENS,
+        TEMPLATE_WORDS,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
+        image_token="<image>",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return tokenizer
 
 
 def build_processor(words: list[str], image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
@@ -56,3 +106,60 @@ def build_processor(words: list[str], image_size: int = 336, patch_size: int = 1
         image_token="<image>",
         num_additional_image_tokens=1,
     )
+
+
+class QwenImageProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor for images only: the same image token expansion, chat template and
+    `mm_token_type_ids`, without the video processor. transformers' video processors need
+    torchvision; a testbed that never sees a video should not (a real Qwen checkpoint loads its
+    own processor through `AutoProcessor`, with torchvision installed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = "<|video_pad|>"
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+TESTBED_PROCESSORS = {"QwenImageProcessor": QwenImageProcessor}
+
+
+def load_processor(path: str | Path):
+    """The processor saved in a model directory: atp's testbed processors by the class name in
+    processor_config.json, any other through `AutoProcessor` (offline)."""
+    config = Path(path, "processor_config.json")
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if name in TESTBED_PROCESSORS:
+        return TESTBED_PROCESSORS[name].from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+def build_qwen_processor(
+    words: list[str], image_size: int = 336, patch_size: int = 14, merge_size: int = 2
+) -> QwenImageProcessor:
+    """A Qwen2VLProcessor (images only) for the testbed: Qwen-VL's image processing (dynamic resolution, `merge_size`
+    x `merge_size` patches per visual token: a 336 px image becomes 12 x 12 tokens), a word-level
+    tokenizer with Qwen's markers (<|endoftext|> pads and starts, <|im_end|> ends a turn) and a chat
+    template with Qwen's layout. Works for Qwen2-VL, Qwen2.5-VL and Qwen3-VL testbeds alike."""
+    factor = patch_size * merge_size
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size x merge_size = {factor}.")
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=2,
+        min_pixels=factor * factor,
+        max_pixels=image_size * image_size,
+    )
+    tokenizer = word_level_tokenizer(
+        words,
+        QWEN_SPECIAL_TOKENS,
+        QWEN_TEMPLATE_WORDS,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        image_token="<|image_pad|>",
+    )
+    return QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)

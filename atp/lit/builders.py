@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 import atp
-from atp.data.processor import build_processor
+from atp.data.processor import build_processor, build_qwen_processor, load_processor
 from atp.data.shapes import vocabulary
 from atp.lit.callbacks import default_progress_bar
-from atp.models.build import build_testbed_llava, load_llava
+from atp.models.build import build_testbed_llava, build_testbed_qwen, load_vlm
 from atp.runtime.pruner import pruner_class
 
 
@@ -35,8 +35,9 @@ def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_j
     data.image_folder).
     """
     problems = []
+    weights = cfg.model.get("weights") or "llava-hf/llava-1.5-7b-hf"  # the download model.path names
     if cfg.model.kind == "pretrained" and (not cfg.model.path or not Path(cfg.model.path, "config.json").is_file()):
-        problems.append(f"model.path={cfg.model.path} (a local LLaVA directory with config.json)")
+        problems.append(f"model.path={cfg.model.path} (a local {weights} directory with config.json)")
     if cfg.data.kind != "shapes":
         keys = ["fit.calibration_json", "data.image_folder"] if "calibration" in needs else [f"data.{k}" for k in needs]
         for key in keys:
@@ -49,19 +50,33 @@ def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_j
             "this experiment needs weights or data that are not here. Set: "
             + "; ".join(problems)
             + f". Example: python train.py experiment={cfg.experiment_name} {example}"
-            " (model.path: a llava-hf/llava-1.5-7b-hf download; data: LLaVA-665K's JSON and image folder)"
+            f" (model.path: a {weights} download; data: LLaVA-665K's JSON and image folder)"
         )
 
 
+MODEL_KINDS = ("testbed", "testbed_qwen", "pretrained")
+
+
 def build_model(cfg: DictConfig):
-    """(model, processor) for cfg.model."""
+    """(model, processor) for cfg.model: a testbed LLaVA or Qwen-VL built from scratch, or a local
+    model of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with its processor."""
+    params = {k: v for k, v in cfg.model.items() if k != "kind"}
     if cfg.model.kind == "testbed":
         processor = build_processor(vocabulary())
-        params = {k: v for k, v in cfg.model.items() if k != "kind"}
         return build_testbed_llava(processor, **params), processor
+    if cfg.model.kind == "testbed_qwen":
+        processor = build_qwen_processor(vocabulary())
+        return build_testbed_qwen(processor, **params), processor
     if cfg.model.kind == "pretrained":
-        return load_llava(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-    raise ValueError(f"model.kind must be 'testbed' or 'pretrained', got {cfg.model.kind!r}.")
+        model, _ = load_vlm(
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            with_processor=False,
+            setting="model.path",
+        )
+        return model, load_processor(cfg.model.path)
+    raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {cfg.model.kind!r}.")
 
 
 def build_pruner(cfg: DictConfig | dict | None, num_layers: int) -> atp.TokenPruner | None:

@@ -10,11 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import atp
 from atp.data.llava_format import prompt_loader
+from atp.data.processor import load_processor
 from atp.evaluation import EvaluationResult, evaluate, latency_warnings, markdown_table
 from atp.export import load_pruned
 from atp.lit.builders import build_pruner
 from atp.lit.data import prepare_configured_data
-from atp.models.build import load_llava, resolve_device
+from atp.models.build import load_vlm, resolve_device
 
 
 def method_label(cfg: DictConfig, pruner) -> str:
@@ -40,7 +41,13 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     spec = OmegaConf.to_container(cfg.pruner, resolve=False)
     if spec.get("name") is None:  # the unpruned model has no budget
         return spec
-    num_visual, text = model.config.image_seq_length, model.config.text_config
+    num_visual, text = getattr(model.config, "image_seq_length", None), model.config.text_config
+    if num_visual is None:
+        raise ValueError(
+            f"budget_tokens={cfg.budget_tokens} sets budgets for a fixed number of visual tokens per image, but "
+            f"{type(model).__name__} gives each image its own number (dynamic resolution). Set the pruner's own "
+            "budget instead (e.g. pruner.keep_ratio=0.25) and leave budget_tokens=null."
+        )
     if spec.get("name") != "fitprune":
         return {**spec, **budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers)}
     from atp.calibration.fitprune import FitPruneFitter
@@ -67,9 +74,14 @@ def run_evaluation(cfg: DictConfig) -> EvaluationResult:
         pruner.to(device)  # the runtime holds the pruner outside the model's modules
         prepare_configured_data(cfg.data)  # after the model loads: a wrong path fails at once
     else:
-        model, processor = load_llava(
-            cfg.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, setting="model_path"
+        model, _ = load_vlm(
+            cfg.model_path,
+            dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+            with_processor=False,
+            setting="model_path",
         )
+        processor = load_processor(cfg.model_path)
         model.to(device)  # before a budgeted fit and atp.apply, which moves the pruner to the model
         prepare_configured_data(cfg.data)
         pruner_cfg = cfg.pruner

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 import atp
+from atp.models import get_adapter
+from atp.models.adapter import MODEL_INPUTS
 from atp.token.atp import ATPPruner, atp_losses
 
 TRAIN_PARTS = ("all", "language_model", "projector_and_language_model", "pruner", "lora")
@@ -102,11 +104,14 @@ class VLMTrainingModule(L.LightningModule):
             )
         if train_parts == "lora":
             self._inject_lora(lora_rank, lora_alpha)
+        adapter = get_adapter(self.model)
+        projector = {id(p) for p in adapter.projector.parameters()}
+        vision = {id(p) for p in adapter.vision_tower.parameters()} - projector  # Qwen: the merger sits in the tower
         for name, param in self.model.named_parameters():
             param.requires_grad_(
                 train_parts == "all"
-                or (train_parts == "language_model" and ("language_model" in name or "lm_head" in name))
-                or (train_parts == "projector_and_language_model" and "vision_tower" not in name)
+                or (train_parts == "language_model" and id(param) not in vision | projector)
+                or (train_parts == "projector_and_language_model" and id(param) not in vision)
                 or (train_parts == "lora" and "lora_" in name)
             )
         self.strict_loading = train_parts in FULL_CHECKPOINT_PARTS  # frozen-model runs save trainables only
@@ -118,7 +123,14 @@ class VLMTrainingModule(L.LightningModule):
             return
         if not isinstance(self.pruner, ATPPruner):
             return
-        visual = self.model.config.image_seq_length
+        visual = getattr(self.model.config, "image_seq_length", None)  # None: each image has its own count
+        if visual is None:
+            if not 0 < target <= 1:
+                raise ValueError(
+                    f"target_tokens={target}: {type(self.model).__name__} gives each image its own number of "
+                    "visual tokens, so give the target as a fraction of them in (0, 1] (e.g. 0.25)."
+                )
+            return
         if not 0 < target <= visual:
             raise ValueError(
                 f"target_tokens={target} is outside (0, {visual}]: give a fraction of the {visual} visual tokens "
@@ -189,7 +201,7 @@ class VLMTrainingModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, batch: dict, **kwargs):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return self.model(**inputs, **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -26,6 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+#: the batch entries a supported family's forward takes (LLaVA: the first three; Qwen-VL also
+#: `image_grid_thw` [I, 3] and `mm_token_type_ids` [B, S]); job runners pass on those present
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
 
 @dataclass(frozen=True)
 class VisualGeometry:

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from atp.models.tiny import tiny_llava_config
+from atp.models.tiny_qwen import QWEN_FAMILIES, tiny_qwen_vl_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -155,6 +156,68 @@ def standardise_projector(model: LlavaForConditionalGeneration, pixel_values: to
     last.bias.sub_(mean.to(last.bias.dtype)).div_(std.to(last.bias.dtype))
 
 
+def build_testbed_qwen(
+    processor,
+    family: str = "qwen2_5_vl",
+    hidden_size: int = 96,
+    intermediate_size: int = 192,
+    num_layers: int = 8,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+):
+    """A small Qwen2-VL / Qwen2.5-VL / Qwen3-VL for the testbed's Qwen processor
+    (`atp.data.processor.build_qwen_processor`), randomly initialised (seeded) from the family's own
+    config class: the processor's patch and merge sizes, its tokenizer's vocabulary and marker ids, and
+    M-RoPE sections in Qwen2.5-VL-7B's proportions (temporal 1/4, height and width 3/8 each of the
+    head's rotary frequencies). No projector standardisation or sin-cos positions (the LLaVA testbed's
+    initialisation aids) [ours]."""
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"model.family {family!r} is not one of {sorted(QWEN_FAMILIES)}.")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of an even width.")
+    tokenizer = processor.tokenizer
+    half = hidden_size // num_heads // 2  # rotary frequencies per head
+    spatial = 3 * half // 8
+    config = tiny_qwen_vl_config(
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        mrope_section=(half - 2 * spatial, spatial, spatial),
+        patch_size=processor.image_processor.patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        attn_implementation=attn_implementation,
+    )
+    if processor.image_processor.merge_size != config.vision_config.spatial_merge_size:
+        raise ValueError(
+            f"the processor merges {processor.image_processor.merge_size}x{processor.image_processor.merge_size} "
+            f"patches, the tower {config.vision_config.spatial_merge_size}x{config.vision_config.spatial_merge_size}."
+        )
+    markers = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+    for key, token in markers.items():
+        setattr(config, key, tokenizer.convert_tokens_to_ids(token))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config.text_config, key, getattr(tokenizer, key))
+    torch.manual_seed(seed)
+    model = QWEN_FAMILIES[family][1](config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", setting: str = "model.path"):
     """(model, processor) from a local directory written by `save_pretrained` (offline).
 
@@ -176,12 +239,28 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
     return model, processor
 
 
-def load_vlm(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", with_processor: bool = True):
-    """(model, processor or None) of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL)
-    from a local `save_pretrained` directory (offline); the class comes from its config.json."""
+def load_vlm(
+    path: str,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    with_processor: bool = True,
+    setting: str | None = None,
+):
+    """(model, processor or None) of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+    InternVL) from a local `save_pretrained` directory (offline); the class comes from its config.json.
+
+    setting: the option that names `path` where the caller reads it (train.py's model.path,
+    evaluate.py's model_path), quoted in the error when the directory is missing. The processor
+    comes from `AutoProcessor`; atp's testbed processors load with `atp.data.processor.load_processor`
+    (callers pass with_processor=False and load it themselves)."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"no HF model at {path!r} (config.json missing): give a save_pretrained directory.")
+        where = f"Set {setting} to a" if setting else "Give a"
+        raise FileNotFoundError(
+            f"no HF model at {path!r} (config.json missing). {where} local model directory written by "
+            "save_pretrained (e.g. a llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct download), "
+            "or train the testbed model first."
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
     model = AutoModelForImageTextToText.from_pretrained(

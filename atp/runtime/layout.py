@@ -81,8 +81,10 @@ class Layout:
         )
 
     def permute(self, source: torch.Tensor) -> Layout:
-        """Slot i of row b takes the token of old slot `source[b, i]`; positions stay with
-        the slots (the tokens move, the position ids do not)."""
+        """Slot i of row b takes the token of old slot `source[b, i]`. The 1-D positions stay with
+        the slots (the tokens move, the position ids do not: the order a compacting method gives);
+        rotary ids carried per token (`rope`, M-RoPE) move with their tokens, so a kept token keeps
+        its own (t, h, w) ids and a merged token those of the slot it was written into [ours]."""
         take = lambda t: None if t is None else torch.gather(t, 1, source)  # noqa: E731
         return Layout(
             index=take(self.index),
@@ -93,7 +95,7 @@ class Layout:
             visual=take(self.visual),
             shift=self.shift,
             merged=take(self.merged),
-            rope=self.rope,
+            rope=_take_rows(self.rope, source),
         )
 
 

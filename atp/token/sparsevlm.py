@@ -59,7 +59,8 @@ def dpc_knn_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, to
     Density of a token: exp(-mean squared distance to its `clusters` nearest tokens, itself
     included), distances scaled by 1 / sqrt(C). Its parent distance: the distance to the
     nearest denser token (the largest distance of all if none). Centres: the `clusters`
-    largest density x parent distance, in that order; every token joins its nearest centre.
+    largest density x parent distance, in that order (ties: the earlier token, which is the
+    better-scored one for recycling [ours]); every token joins its nearest centre.
     Returns (merged [clusters, C]: the mean of each cluster, centres [clusters] long).
     """
     x = tokens.float()
@@ -67,7 +68,7 @@ def dpc_knn_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, to
     density = torch.exp(-(distance.topk(clusters, dim=-1, largest=False).values ** 2).mean(-1))
     denser = density[None, :] > density[:, None]  # [i, j]: token j is denser than token i
     parent = torch.where(denser, distance, distance.max()).min(-1).values
-    centres = torch.topk(parent * density, clusters).indices
+    centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]  # ties: earlier token
     cluster = distance[centres].argmin(0)
     cluster[centres] = torch.arange(clusters, device=x.device)
     sizes = torch.bincount(cluster, minlength=clusters).to(x.dtype)

@@ -32,7 +32,7 @@ def test_labels_supervise_exactly_the_answers(shapes_dir, processor):
         supervised = item["labels"][item["labels"] != -100].tolist()
         assert tokenizer.convert_ids_to_tokens(supervised) == [w for a in answers for w in (a, "</s>")]
         assert int((item["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 576
-        assert item["pixel_values"].shape == (3, 336, 336)
+        assert item["images"]["pixel_values"].shape == (1, 3, 336, 336)
 
 
 def test_prompt_only_ends_at_the_generation_prompt(shapes_dir, processor):

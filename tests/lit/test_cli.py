@@ -164,3 +164,19 @@ def test_train_config_gets_the_step_progress_bar(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["trainer.enable_progress_bar=false", f"output_dir={tmp_path}"])
     assert build_trainer(cfg, []).progress_bar_callback is None
+
+
+@pytest.mark.parametrize(
+    "experiment,overrides",
+    [
+        ("atp_qwen2_5_vl", ["model.path=", "data.train_json=", "data.val_json=", "data.image_folder="]),
+        ("fitprune_qwen2_5_vl", ["model.path=", "fit.calibration_json=", "data.image_folder="]),
+    ],
+)
+def test_qwen_experiments_stop_at_once_naming_the_overrides(experiment, overrides, tmp_path):
+    result = run_script("train.py", f"experiment={experiment}", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode != 0
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in result.stderr
+    assert (
+        f"Example: python train.py experiment={experiment} " + " ".join(f"{o}..." for o in overrides) in result.stderr
+    )

@@ -28,7 +28,12 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "atp_llava": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava",
     "fitprune_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=fitprune_llava",
+    "atp_qwen2_5_vl": r"model\.path=None \(a local Qwen/Qwen2\.5-VL-7B-Instruct directory.*data\.train_json=None.*"
+    r"Example: python train\.py experiment=atp_qwen2_5_vl",
+    "fitprune_qwen2_5_vl": r"model\.path=None \(a local Qwen/Qwen2\.5-VL-7B-Instruct directory.*"
+    r"fit\.calibration_json=None.*Example: python train\.py experiment=fitprune_qwen2_5_vl",
 }
+TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen")  # build their model from scratch
 TINY_MODEL = [
     "model.hidden_size=32",
     "model.intermediate_size=64",
@@ -105,7 +110,7 @@ def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model,
         with pytest.raises(MissingAssetError, match=NEEDS_REAL_WEIGHTS[experiment]):
             run_job(cfg)
         return
-    if experiment == "shapes_base":
+    if experiment in TESTBED_EXPERIMENTS:
         overrides += TINY_MODEL
     else:
         overrides.append(f"model.path={base_model}")
