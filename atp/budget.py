@@ -22,6 +22,7 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
+KEEP_TOKENS_METHODS = ("visionzip", "vispruner")  # budgets given as a count of kept tokens per image
 
 
 def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
@@ -46,13 +47,13 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return {"keep_ratio": tokens / num_visual}
     if name == "pdrop":
         return pdrop_schedule(tokens, num_visual, num_layers)
-    if name == "visionzip":
+    if name in KEEP_TOKENS_METHODS:
         return {"keep_tokens": tokens}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'sparsevlm'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, 'pdrop', 'sparsevlm'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 

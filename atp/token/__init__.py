@@ -15,6 +15,7 @@ from atp.token import (  # noqa: F401
     sparsevlm,
     spatial,
     visionzip,
+    vispruner,
 )
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]
