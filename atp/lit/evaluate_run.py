@@ -42,7 +42,9 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
         return spec
     num_visual, text = model.config.image_seq_length, model.config.text_config
     if spec.get("name") != "fitprune":
-        return {**spec, **budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers)}
+        vision_layers = getattr(getattr(model.config, "vision_config", None), "num_hidden_layers", None)
+        budget = budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers, vision_layers)
+        return {**spec, **budget}
     from atp.calibration.fitprune import FitPruneFitter
     from atp.lit.fitprune_run import calibration_batches
 

@@ -9,6 +9,7 @@ from atp.token import (  # noqa: F401
     fastervlm,
     fastv,
     fitprune,
+    hiprune,
     none,
     pdrop,
     random_tokens,
@@ -16,6 +17,7 @@ from atp.token import (  # noqa: F401
     spatial,
     visionzip,
     vispruner,
+    vtc_cls,
 )
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]
