@@ -22,12 +22,8 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
-KEEP_TOKENS_METHODS = (
-    "visionzip",
-    "vispruner",
-    "vtc_cls",
-    "hiprune",
-)  # budgets given as a count of kept tokens per image
+# budgets given as a count of kept tokens per image
+KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov")
 
 
 def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:

@@ -10,6 +10,7 @@ from atp.token import (  # noqa: F401
     fastv,
     fitprune,
     hiprune,
+    holov,
     none,
     pdrop,
     random_tokens,

@@ -17,12 +17,17 @@ def tower_outputs(model, sample):
         return model.model.vision_tower(sample["pixel_values"], output_attentions=True, output_hidden_states=True)
 
 
-def stock_logits_on_kept(model, sample, kept: list[int]) -> torch.Tensor:
-    """[vocab] last-position logits of the stock LLM on the prompt with only the image tokens
-    `kept` (projected from HF's image features, in original order; positions compacted)."""
+def projected_features(model, sample) -> torch.Tensor:
+    """[T, d] the image's projected tokens, as HF's LLaVA places them at the LLM input."""
     features = tower_outputs(model, sample).hidden_states[model.config.vision_feature_layer][0, 1:]
     with torch.no_grad():
-        visual = model.model.multi_modal_projector(features[kept])
+        return model.model.multi_modal_projector(features)
+
+
+def stock_logits(model, sample, visual: torch.Tensor) -> torch.Tensor:
+    """[vocab] last-position logits of the stock LLM on the prompt with its image tokens replaced
+    by the rows of visual [K, d] (positions compacted)."""
+    with torch.no_grad():
         text = model.get_input_embeddings()(sample["input_ids"][0])
         image = (sample["input_ids"][0] == IMAGE).nonzero()[:, 0]
         embeds = torch.cat([text[: image[0]], visual, text[image[-1] + 1 :]])[None]
@@ -49,12 +54,17 @@ def llava_without_cls():
     return LlavaForConditionalGeneration(config)
 
 
-def check_kept_and_logits(model, batch, build, expected: list[list[int]]) -> None:
+def check_kept_and_logits(model, batch, build, expected: list[list[int]], visual: list | None = None) -> None:
     """Run the pruner `build()` under sdpa and eager, drop and mask mode, on the ragged batch and on
-    each sample alone: the kept image tokens equal `expected` (sorted indices per sample) and the
-    last logits equal the stock LLM's on the kept tokens."""
+    each sample alone: the kept image tokens equal `expected` (sorted indices per sample; slots
+    holding a replaced token, as HoloV's zero padding, are not image tokens kept), the visual
+    tokens reaching the LLM number K, and the last logits equal the stock LLM's on the visual
+    rows `visual[b]` [K, d] (default: the kept tokens' projected features in original order)."""
     model = model.eval()
-    stock = [stock_logits_on_kept(model, single(batch, b), expected[b]) for b in range(len(expected))]
+    samples = [single(batch, b) for b in range(len(expected))]
+    if visual is None:
+        visual = [projected_features(model, sample)[kept] for sample, kept in zip(samples, expected)]
+    stock = [stock_logits(model, sample, rows) for sample, rows in zip(samples, visual)]
     for attn in ("sdpa", "eager"):
         for mode in ("drop", "mask"):
             for rows in [list(range(len(expected)))] + [[b] for b in range(len(expected))]:
@@ -69,8 +79,15 @@ def check_kept_and_logits(model, batch, build, expected: list[list[int]]) -> Non
                     atp.remove(model)
                 for row, b in enumerate(rows):
                     assert stats.kept[0][row].tolist() == expected[b], (attn, mode, rows, b)
-                    assert stats.visual_tokens[row, -1] == len(expected[b])
+                    assert stats.visual_tokens[row, -1] == len(visual[b])
                     torch.testing.assert_close(logits[row], stock[b], rtol=1e-4, atol=1e-5)
 
 
-__all__ = ["NUM_VISUAL", "RAGGED", "check_kept_and_logits", "llava_without_cls", "tower_outputs"]
+__all__ = [
+    "NUM_VISUAL",
+    "RAGGED",
+    "check_kept_and_logits",
+    "llava_without_cls",
+    "projected_features",
+    "tower_outputs",
+]
