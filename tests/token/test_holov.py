@@ -118,3 +118,35 @@ def test_holov_errors(model_factory):
     with pytest.raises(ValueError, match="keep_tokens=64 is more than the 16 visual tokens"):
         with torch.no_grad():
             model(**make_batch(RAGGED))
+
+
+def test_holov_generate_continues_the_reordered_padded_prefix(model_factory):
+    """generate (KV cache after a reorder with zero padding, compact positions) equals greedy
+    decoding of the stock LLM on the brute-force sequence of visual rows."""
+    from tests.conftest import IMAGE
+
+    model = model_factory(attn_implementation="eager").eval()
+    batch = make_batch(RAGGED, seed=17)
+    references = []
+    for b in range(3):  # HF's eager outputs first: sdpa returns no attentions
+        sample = single(batch, b)
+        chosen, pads = brute_force_holov(model, sample, 15, 8, 0.09)
+        features = projected_features(model, sample)
+        references.append((sample, torch.cat([features[chosen], features.new_zeros(pads, features.shape[1])])))
+    model.set_attn_implementation("sdpa")
+    atp.apply(model, atp.build_pruner("holov", keep_tokens=15, num_patches=8))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)[:, -3:]
+    atp.remove(model)
+    for b, (sample, visual) in enumerate(references):
+        with torch.no_grad():
+            text = model.get_input_embeddings()(sample["input_ids"][0])
+            image = (sample["input_ids"][0] == IMAGE).nonzero()[:, 0]
+            embeds = torch.cat([text[: image[0]], visual, text[image[-1] + 1 :]])[None]
+            tokens = []
+            for _ in range(3):
+                hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+                token = model.lm_head(hidden)[0, -1].argmax()
+                tokens.append(int(token))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(token)[None, None]], 1)
+        assert generated[b].tolist() == tokens, b
