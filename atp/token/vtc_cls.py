@@ -44,8 +44,8 @@ class VTCCLS(TokenPruner):
         if not 0 <= start <= depth - 2:
             raise ValueError(
                 f"vtc_cls: start_layer={self.start_layer} leaves no layer to score in a vision tower of {depth} "
-                f"layers (it scores layers start_layer .. {depth - 2}). Choose start_layer in "
-                f"{-depth}..{depth - 2}."
+                f"layers (it scores layers start_layer .. {depth - 2}). Choose start_layer in 0..{depth - 2}, "
+                f"or in {-depth}..-2 counting from the end."
             )
         self.score_layers = list(range(start, depth - 1))
         return set(self.score_layers)
