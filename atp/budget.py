@@ -22,6 +22,9 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
+# budgets given as a count of kept tokens per image
+# dart: the reference's arithmetic keeps 4 + 8 x (T // 8) tokens, 132 for 128
+KEEP_TOKENS_METHODS = ("visionzip", "dart", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")
 
 
 def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
@@ -36,18 +39,20 @@ def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
     return {"layers": layers, "keep_ratios": ratios}
 
 
-def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> dict:
+def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int, vision_layers: int | None = None) -> dict:
     """Budget arguments that make pruner `name` retain `tokens` of `num_visual` visual tokens
     (the papers' convention: "192 tokens" = what the method keeps after its cut; the measured
-    average per layer, FLOPs and KV cache are reported next to it)."""
+    average per layer, FLOPs and KV cache are reported next to it). `vision_layers`: the vision
+    tower's depth, if known; the vision layers of vtc_cls and hiprune are scaled to it from
+    CLIP-L's 24 (`vision_layer_settings`)."""
     if not 0 < tokens <= num_visual:
         raise ValueError(f"a budget of {tokens} tokens must be in 1..{num_visual} (the visual tokens per image).")
     if name in KEEP_RATIO_METHODS:
         return {"keep_ratio": tokens / num_visual}
     if name == "pdrop":
         return pdrop_schedule(tokens, num_visual, num_layers)
-    if name in ("visionzip", "dart"):  # dart: the reference's arithmetic keeps 4 + 8 x (T // 8), 132 for 128
-        return {"keep_tokens": tokens}
+    if name in KEEP_TOKENS_METHODS:
+        return {"keep_tokens": tokens, **vision_layer_settings(name, vision_layers)}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
     if name == "transprune":
@@ -56,9 +61,26 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return aim_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'dart', 'sparsevlm', 'transprune', 'aim'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, 'pdrop', 'sparsevlm', 'transprune', 'aim'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
+
+
+CLIP_L_LAYERS = 24  # the depth of LLaVA-1.5's tower, for which the reference vision layers are given
+
+
+def vision_layer_settings(name: str, vision_layers: int | None) -> dict:
+    """The reference vision layers of vtc_cls (start_layer 16) and hiprune (object_layer 9, from 1)
+    scaled from CLIP-L's 24 layers to a tower of `vision_layers` (`int(l x D / 24 + 0.5)`, kept
+    inside the tower); nothing for other methods, an unknown depth or a 24-layer tower."""
+    if vision_layers is None or vision_layers == CLIP_L_LAYERS:
+        return {}
+    scale = lambda layer: int(layer * vision_layers / CLIP_L_LAYERS + 0.5)  # noqa: E731
+    if name == "vtc_cls":
+        return {"start_layer": max(0, min(scale(16), vision_layers - 2))}
+    if name == "hiprune":
+        return {"object_layer": max(1, min(scale(9), vision_layers))}
+    return {}
 
 
 def sparsevlm_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:

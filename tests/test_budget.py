@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import atp
-from atp.budget import KEEP_RATIO_METHODS, budget_flops_ratio, budget_kwargs, pdrop_schedule
+from atp.budget import KEEP_RATIO_METHODS, KEEP_TOKENS_METHODS, budget_flops_ratio, budget_kwargs, pdrop_schedule
 from atp.metrics.accounting import cost_report
 from tests.conftest import NUM_VISUAL, make_batch
 
@@ -93,3 +93,22 @@ def test_keep_tokens_equals_the_matching_keep_ratio(model_factory):
     with pytest.raises(ValueError, match="keep_tokens=17 is more than the 16 visual tokens"):
         with torch.no_grad():
             model(**batch)
+
+
+@pytest.mark.parametrize("name", KEEP_TOKENS_METHODS)
+@pytest.mark.parametrize("tokens", [8, 4, 2])
+def test_keep_tokens_methods_retain_the_budget(model_factory, name, tokens):
+    model = model_factory()
+    kwargs = budget_kwargs(name, tokens, NUM_VISUAL, 4, vision_layers=2)  # the tiny tower's depth
+    assert kwargs["keep_tokens"] == tokens
+    stats = run(model, atp.build_pruner(name, **kwargs), make_batch([(2, 3), (6, 1), (1, 7)]))
+    assert stats.visual_tokens[:, -1].tolist() == [tokens] * 3
+
+
+def test_vision_layers_scale_from_clip_l_to_the_tower():
+    assert budget_kwargs("vtc_cls", 64, 576, 32, vision_layers=24) == {"keep_tokens": 64}  # the reference's
+    assert budget_kwargs("vtc_cls", 64, 576, 32, vision_layers=12)["start_layer"] == 8
+    assert budget_kwargs("vtc_cls", 64, 576, 32, vision_layers=2)["start_layer"] == 0  # only layer 0 = depth - 2
+    assert budget_kwargs("hiprune", 64, 576, 32, vision_layers=12)["object_layer"] == 5  # int(4.5 + 0.5)
+    assert budget_kwargs("hiprune", 64, 576, 32, vision_layers=2)["object_layer"] == 1
+    assert budget_kwargs("vispruner", 64, 576, 32, vision_layers=2) == {"keep_tokens": 64}

@@ -49,7 +49,9 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
             "budget instead (e.g. pruner.keep_ratio=0.25) and leave budget_tokens=null."
         )
     if spec.get("name") != "fitprune":
-        return {**spec, **budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers)}
+        vision_layers = getattr(getattr(model.config, "vision_config", None), "num_hidden_layers", None)
+        budget = budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers, vision_layers)
+        return {**spec, **budget}
     from atp.calibration.fitprune import FitPruneFitter
     from atp.lit.fitprune_run import calibration_batches
 

@@ -201,6 +201,7 @@ class PruningRuntime:
             return {}
         self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
         depth = len(self.adapter.vision_layers)
+        layers = self.pruner.vision_probe_layers_in(depth)
         for layer in layers:
             if not -depth <= layer < depth:
                 raise ValueError(f"{self.pruner.name}: vision layer {layer} is outside the tower's {depth} layers.")
@@ -507,6 +508,7 @@ class PruningRuntime:
                 index, hidden, layer, weights, **options
             ),
             vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
+            vision_attention_received=lambda layer: self._vision_attention_received(layer, layout),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
             vision_features=lambda: self._vision_features(layout),
             project=self.adapter.projector,
@@ -558,6 +560,20 @@ class PruningRuntime:
         cls_rows = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)[:, :, 0]
         rows = self.adapter.tower_rows(self._prefill.geometry)
         return self._per_visual_slot(cls_rows.transpose(1, 2), layout, rows, "sum").permute(0, 2, 1)
+
+    def _vision_attention_received(self, layer: int, layout: Layout) -> torch.Tensor:
+        """[B, H, S]: attention each visual slot's token receives in vision layer `layer`, averaged
+        over all queries of its image ([CLS] included), computed one image at a time."""
+        capture, attn = self._vision_capture(layer)
+        query = capture.query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        received = torch.stack(
+            [
+                torch.softmax((q.float() @ k.float().transpose(1, 2)) * attn.scale, dim=-1).mean(1)
+                for q, k in zip(query, key)
+            ]
+        )  # [I, H, T]
+        return self._per_visual_slot(received.transpose(1, 2), layout, self._cls_offset).permute(0, 2, 1)
 
     def _vision_keys(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S, hd]: each visual slot's key (split into heads), vision layer `layer`; a visual token

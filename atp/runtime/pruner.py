@@ -67,6 +67,10 @@ class PruneContext:
     vision_cls_attention: vision_cls_attention(layer) -> [B, H, S]: for every visual slot, the
                        attention its image's [CLS] token pays to it in vision-tower layer
                        `layer` (listed in vision_probe_layers); 0 on other slots
+    vision_attention_received: vision_attention_received(layer) -> [B, H, S]: for every visual
+                       slot, the attention its token receives in vision-tower layer `layer`
+                       (listed in vision_probe_layers), averaged over all queries of its image
+                       ([CLS] included); 0 on other slots
     vision_keys:       vision_keys(layer) -> [B, H, S, hd]: every visual slot's key in vision
                        layer `layer` (listed in vision_probe_layers); 0 on other slots
     vision_features:   vision_features() -> [B, S, dv]: every visual slot's image feature at the
@@ -103,6 +107,7 @@ class PruneContext:
     attention: Callable[..., torch.Tensor]
     attention_received: Callable[..., torch.Tensor] | None = None
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
+    vision_attention_received: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -204,6 +209,11 @@ class TokenPruner(nn.Module):
         really holds (not padding, fill slots or masked-out tokens). Returns [B, S]; the runtime
         keeps it by token and hands it back through `ctx.sublayer(layer)`."""
         raise NotImplementedError(f"{self.name}: lists sublayer_layers() but does not define observe_sublayer.")
+
+    def vision_probe_layers_in(self, depth: int) -> set[int]:
+        """The vision layers to capture in a tower of `depth` layers, for pruners whose set depends
+        on the depth (e.g. every layer from one on); called when `vision_probe_layers()` is not empty."""
+        return self.vision_probe_layers()
 
     def validate(self, num_layers: int) -> None:
         """Raise a clear error if the pruner cannot run on a model with `num_layers` layers."""

@@ -6,11 +6,14 @@ from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, availab
 from atp.token import (  # noqa: F401
     aim,
     atp,
+    cdpruner,
     dart,
     divprune,
     fastervlm,
     fastv,
     fitprune,
+    hiprune,
+    holov,
     none,
     pdrop,
     random_tokens,
@@ -18,6 +21,8 @@ from atp.token import (  # noqa: F401
     spatial,
     transprune,
     visionzip,
+    vispruner,
+    vtc_cls,
 )
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]
