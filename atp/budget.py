@@ -23,8 +23,7 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
 # budgets given as a count of kept tokens per image
-# dart: the reference's arithmetic keeps 4 + 8 x (T // 8) tokens, 132 for 128
-KEEP_TOKENS_METHODS = ("visionzip", "dart", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")
+KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")
 
 
 def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
@@ -53,6 +52,8 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int, visi
         return pdrop_schedule(tokens, num_visual, num_layers)
     if name in KEEP_TOKENS_METHODS:
         return {"keep_tokens": tokens, **vision_layer_settings(name, vision_layers)}
+    if name == "dart":  # the reference's arithmetic keeps 4 + 8 x (T // 8) tokens, 132 for 128
+        return {"keep_tokens": tokens}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
     if name == "transprune":
@@ -61,7 +62,7 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int, visi
         return aim_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, 'pdrop', 'sparsevlm', 'transprune', 'aim'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, 'pdrop', 'sparsevlm', 'dart', 'transprune', 'aim'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 

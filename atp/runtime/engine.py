@@ -563,17 +563,19 @@ class PruningRuntime:
 
     def _vision_attention_received(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S]: attention each visual slot's token receives in vision layer `layer`, averaged
-        over all queries of its image ([CLS] included), computed one image at a time."""
-        capture, attn = self._vision_capture(layer)
-        query = capture.query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
-        key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        over all queries of its image ([CLS] included), computed one image at a time; a visual token
+        covering several tower patches gets the sum over them."""
+        query, key, attn = self._vision_capture(layer)
+        query = query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
         received = torch.stack(
             [
                 torch.softmax((q.float() @ k.float().transpose(1, 2)) * attn.scale, dim=-1).mean(1)
                 for q, k in zip(query, key)
             ]
         )  # [I, H, T]
-        return self._per_visual_slot(received.transpose(1, 2), layout, self._cls_offset).permute(0, 2, 1)
+        rows = self.adapter.tower_rows(self._prefill.geometry)
+        return self._per_visual_slot(received.transpose(1, 2), layout, rows, "sum").permute(0, 2, 1)
 
     def _vision_keys(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S, hd]: each visual slot's key (split into heads), vision layer `layer`; a visual token

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
-from atp.token.selection import top_k_per_sample
+from atp.token.selection import require_one_image_on_a_fixed_grid, top_k_per_sample
 
 MERGE_REMOVALS = (288, 36)  # [paper] LLaVA-1.5: 576 -> 288 -> 252 tokens ("43.75 %")
 START_LAYER, STEP = 13, 0.125  # [paper] LLaVA-1.5's schedule (32 layers)
@@ -152,13 +152,7 @@ class AIM(TokenPruner):
         return top_k_per_sample(importance, ctx.visual, keep.clamp_max(ctx.visual_counts()))
 
     def _merge(self, ctx: PruneContext) -> MergeDecision:
-        rows, cols = ctx.grid if ctx.grid is not None else (0, 0)
-        if bool((ctx.num_visual > rows * cols).any()):
-            raise ValueError(
-                "aim merges the tokens of one image on one fixed grid (LLaVA-1.5's reference); this prompt has "
-                "several images, or the model gives each image its own grid or several crops (Qwen-VL, InternVL "
-                "tiles), which aim does not support. Use a method without a merge (dart, fastv, pdrop, ...)."
-            )
+        require_one_image_on_a_fixed_grid("aim", ctx)
         keys = ctx.vision_keys(self.vision_layer)  # [B, H, S, hd]
         metric = keys.transpose(1, 2).flatten(2)  # [B, S, H * hd]: the k projection's output
         features = ctx.vision_features()  # [B, S, dv]

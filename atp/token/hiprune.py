@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from atp.runtime.pruner import PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget
+from atp.token.selection import TokenBudget, require_one_image_on_a_fixed_grid
 
 
 def anchors_and_buffers(object_score: torch.Tensor, anchors: int, cols: int) -> torch.Tensor:
@@ -73,9 +73,7 @@ class HiPrune(TokenPruner):
         return self.vision_probe_layers()
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
-        rows, cols = ctx.grid
-        if bool((ctx.num_visual > rows * cols).any()):
-            raise ValueError("hiprune selects per image; prompts with several images are not supported.")
+        rows, cols = require_one_image_on_a_fixed_grid("hiprune", ctx)
         counts = self.budget.count(ctx.visual_counts())
         object_score = ctx.vision_attention_received(self.object_layer - 1).mean(1)  # [B, S]
         register_score = ctx.vision_attention_received(self.register_layer).mean(1)  # [B, S]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget
+from atp.token.selection import TokenBudget, require_one_image_on_a_fixed_grid
 
 EPS = 1e-6  # [paper code] in the normalisation, the variance scaling and the crop weights
 ATTENTION_SCALE = 1e3  # [paper code]
@@ -107,9 +107,7 @@ class HoloV(TokenPruner):
         return {self.vision_layer}
 
     def prune(self, ctx: PruneContext) -> MergeDecision:
-        rows, cols = ctx.grid
-        if bool((ctx.num_visual > rows * cols).any()):
-            raise ValueError("holov allocates per image; prompts with several images are not supported.")
+        require_one_image_on_a_fixed_grid("holov", ctx)
         counts = self.budget.count(ctx.visual_counts())
         attention = ctx.vision_cls_attention(self.vision_layer).mean(1)  # [B, S]
         keep = torch.zeros_like(ctx.visual)

@@ -62,3 +62,22 @@ def top_k_per_sample(score: torch.Tensor, candidates: torch.Tensor, k: torch.Ten
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
     return (rank < k[:, None]) & candidates
+
+
+def require_one_image_on_a_fixed_grid(name: str, ctx) -> tuple[int, int]:
+    """(rows, cols) of the model's one fixed image grid (LLaVA-1.5), for methods whose reference
+    works on one image's grid; a clear error for several images per prompt or for models that
+    give each image its own grid or several crops (Qwen-VL, LLaVA-NeXT, InternVL tiles)."""
+    if ctx.grid is None:
+        raise ValueError(
+            f"{name} works on one image's fixed grid of visual tokens (LLaVA-1.5, as its reference); this model "
+            "gives each image its own grid or several crops, which it does not support. Use a method that "
+            "works per crop or needs no grid (fastv, pdrop, sparsevlm, divprune, dart, ...)."
+        )
+    rows, cols = ctx.grid
+    if bool((ctx.num_visual > rows * cols).any()):
+        raise ValueError(
+            f"{name} works on one image per prompt (its reference's setting); this prompt has several images. "
+            "Use a method without that limit (fastv, pdrop, sparsevlm, divprune, dart, ...)."
+        )
+    return rows, cols

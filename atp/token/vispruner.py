@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from atp.runtime.pruner import PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget
+from atp.token.selection import TokenBudget, require_one_image_on_a_fixed_grid
 
 ROUND_SIZE = 8  # [paper code] at most 8 tokens leave the residual per round
 
@@ -75,9 +75,7 @@ class VisPruner(TokenPruner):
         return {self.vision_layer}
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
-        rows, cols = ctx.grid
-        if bool((ctx.num_visual > rows * cols).any()):
-            raise ValueError("vispruner selects per image; prompts with several images are not supported.")
+        require_one_image_on_a_fixed_grid("vispruner", ctx)
         counts = self.budget.count(ctx.visual_counts())
         score = ctx.vision_cls_attention(self.vision_layer).mean(1)  # [B, S]
         unit = F.normalize(ctx.vision_features().float(), dim=-1)  # [B, S, dv]

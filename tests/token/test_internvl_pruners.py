@@ -30,8 +30,14 @@ PRUNERS = {
     "dart": dict(layer=2, keep_tokens=12),
     "transprune": dict(layers=[1, 2, 3], transition_layers=[0, 1, 2], keep_ratios=[0.875, 0.625, 0.25]),
     "aim": dict(merge_removals=[8, 4], start_layer=1, step=0.5),
+    "vispruner": dict(keep_tokens=12),
+    "vtc_cls": dict(keep_tokens=12, start_layer=1),
+    "hiprune": dict(keep_tokens=12, object_layer=1),
+    "holov": dict(keep_tokens=12),
+    "cdpruner": dict(keep_tokens=12),
 }
-REFUSED = {"aim": "one fixed grid"}  # what the error names
+GRID = "one image's fixed grid"
+REFUSED = {"aim": GRID, "vispruner": GRID, "holov": GRID, "hiprune": GRID}  # what the error names
 
 
 def test_the_table_covers_every_registered_pruner():
