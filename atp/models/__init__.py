@@ -6,9 +6,10 @@ from torch import nn
 
 from atp.models.adapter import VisualGeometry, VLMAdapter
 from atp.models.llava import LlavaAdapter
+from atp.models.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from atp.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 
 
 def get_adapter(model: nn.Module) -> VLMAdapter:
@@ -25,4 +26,4 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     )
 
 
-__all__ = ["LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]

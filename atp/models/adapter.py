@@ -7,6 +7,9 @@ what differs is how images become tokens and how positions work. An adapter answ
   * where the parts are (multimodal model, language model, layers, vision tower, projector);
   * which input tokens are visual, and for each visual token its image, crop, row and column
     (`visual_geometry`), instead of one fixed image grid;
+  * which image placeholder tokens are structural (`structural_tokens`: LLaVA-NeXT's
+    `image_newline`), which the runtime never prunes nor counts as visual tokens, and what of
+    the multimodal model's call inputs it needs to know that (`read_inputs`);
   * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none);
   * how position ids are split into the 1-D text position (`[B, S]`, used for position
     compaction and decode continuation) and the rotary ids (`[B, S, R]`, R axes: 1 for plain
@@ -19,7 +22,7 @@ The runtime never asks which family it runs; it only calls these methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
@@ -37,6 +40,12 @@ class VisualGeometry:
     col:   column of the token in its crop's grid
     rows:  rows of that grid
     cols:  columns of that grid
+    view:  row of the vision tower's input batch (one image or one crop) whose output the token
+           is, counted over the batch; None when that is `image` (one view per image); -1 on a
+           visual token that is no single tower output (LLaVA-OneVision's resampled grid)
+
+    For multi-crop families `row` and `col` are the token's place in its crop's tower patch grid,
+    so `token_in_crop()` is its index among that crop's tower outputs.
     """
 
     image: torch.Tensor
@@ -45,13 +54,20 @@ class VisualGeometry:
     col: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    view: torch.Tensor | None = None
 
     def gather(self, index: torch.Tensor, visual: torch.Tensor) -> VisualGeometry:
         """The geometry of the tokens in slots: index [B, S'] original positions, visual [B, S']
         bool slots holding a (real) visual token; -1 in every other slot."""
-        return VisualGeometry(
-            **{f.name: torch.where(visual, torch.gather(getattr(self, f.name), 1, index), -1) for f in fields(self)}
-        )
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = None if value is None else torch.where(visual, torch.gather(value, 1, index), -1)
+        return VisualGeometry(**values)
+
+    def tower_view(self) -> torch.Tensor:
+        """[B, S] long row of the vision tower's input batch each visual token came from; -1 elsewhere."""
+        return self.image if self.view is None else self.view
 
     def token_in_crop(self) -> torch.Tensor:
         """[B, S] long raster index of each visual token within its crop (row * cols + col); -1 elsewhere."""
@@ -59,8 +75,13 @@ class VisualGeometry:
 
 
 def empty_geometry(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Field values of a VisualGeometry with no visual token, to fill in: {name: [B, S] of -1}."""
-    return {f.name: torch.full(shape, -1, dtype=torch.long, device=device) for f in fields(VisualGeometry)}
+    """Values of the required fields of a VisualGeometry with no visual token, to fill in:
+    {name: [B, S] of -1}."""
+    return {
+        f.name: torch.full(shape, -1, dtype=torch.long, device=device)
+        for f in fields(VisualGeometry)
+        if f.default is MISSING
+    }
 
 
 class VLMAdapter:
@@ -168,9 +189,22 @@ class VLMAdapter:
     def check_inputs(self, kwargs: dict[str, Any]) -> None:
         """Raise a clear error for inputs of the multimodal model the runtime cannot prune."""
 
+    def read_inputs(self, kwargs: dict[str, Any]) -> None:
+        """Called with the multimodal model's call kwargs at every forward, before the language model
+        runs: check them (`check_inputs`) and keep what `structural_tokens` and `visual_geometry`
+        need for this forward (LLaVA-NeXT: `image_sizes`). The default only checks."""
+        self.check_inputs(kwargs)
+
+    def structural_tokens(self, placeholders: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: which image placeholder tokens (placeholders [B, S] bool) carry no image
+        content but structure (LLaVA-NeXT's `image_newline` closing each row). The runtime keeps
+        them in every layer, never offers them to a pruner and does not count them as visual
+        tokens. The default: none."""
+        return torch.zeros_like(placeholders)
+
     def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
         """Per visual token its image, crop, row and column. visual: [B, S] bool real image
-        tokens; rope: [B, S, R] the rotary ids the model gave the tokens (`split_position_ids`), or None."""
+        tokens (structural ones excluded); rope: [B, S, R] the rotary ids the model gave the tokens (`split_position_ids`), or None."""
         raise NotImplementedError
 
     def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

@@ -205,7 +205,7 @@ class PruningRuntime:
 
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.adapter.check_inputs(kwargs)
+        self.adapter.read_inputs(kwargs)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
         return None
 
@@ -269,7 +269,9 @@ class PruningRuntime:
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]
         position = position_ids.expand(batch, length)
-        parts = locate_prompt_parts(image_mask.to(device), valid, labels)
+        image_mask = image_mask.to(device)
+        structural = self.adapter.structural_tokens(image_mask & valid)  # newline tokens: never pruned
+        parts = locate_prompt_parts(image_mask, valid, labels, structural)
         visual_index = torch.where(parts.visual, parts.visual.long().cumsum(1) - 1, -1)
         if rope is not None:
             rope = rope.expand(batch, length, -1)
@@ -483,14 +485,21 @@ class PruningRuntime:
             geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
         )
 
-    def _per_visual_slot(self, per_image: torch.Tensor, layout: Layout, offset: int) -> torch.Tensor:
-        """[B, S, *rest]: for each visual slot, row `offset + token` of its image in
-        per_image [I, T, *rest] (token = the slot's image-token number within its image); 0 elsewhere."""
+    def _per_visual_slot(self, per_view: torch.Tensor, layout: Layout, offset: int | torch.Tensor) -> torch.Tensor:
+        """[B, S, *rest]: for each visual slot, row `offset + token` of its tower view in
+        per_view [V, T, *rest] (V: the vision tower's input batch, one image or crop per row; token =
+        the slot's index in its crop's patch grid; offset: an int or [B, S] long); 0 elsewhere."""
         geometry = self._prefill.geometry.gather(layout.index, layout.valid)
         visual = geometry.image >= 0
-        image = geometry.image.clamp_min(0)
+        view = geometry.tower_view()
+        if bool((visual & (view < 0)).any()):
+            raise ValueError(
+                f"{self.pruner.name} reads each visual token's vision-tower output, but some visual tokens of "
+                f"this {type(self.model).__name__} input are no single tower output (resampled between "
+                "patches). Use a method that scores the LLM's tokens (fastv, divprune, random, spatial)."
+            )
         token = geometry.token_in_crop().clamp_min(0) + offset
-        values = per_image[image.clamp_max(per_image.shape[0] - 1), token]  # [B, S, *rest]
+        values = per_view[view.clamp(0, per_view.shape[0] - 1), token.clamp(0, per_view.shape[1] - 1)]
         shape = visual.shape + (1,) * (values.ndim - 2)
         return values.masked_fill(~visual.view(shape), 0.0)
 
@@ -524,13 +533,15 @@ class PruningRuntime:
         features = self.projector_input
         if features is None:
             raise RuntimeError("the projector input was not captured: this forward had no pixel_values.")
-        grid = self.adapter.fixed_grid
-        if grid is None:
+        if features.ndim != 3:
             raise ValueError(
-                f"{self.pruner.name}: vision features per visual token are only mapped for families with one "
-                f"fixed image grid; {type(self.model).__name__} has per-image grids."
+                f"{self.pruner.name}: the projector of {type(self.model).__name__} receives {features.ndim}-D "
+                "features, not one row of tower outputs per image or crop; vision features cannot be mapped "
+                "to its visual tokens. Use a method that does not need them."
             )
-        return self._per_visual_slot(features, layout, features.shape[1] - grid[0] * grid[1])
+        geometry = self._prefill.geometry.gather(layout.index, layout.valid)
+        patches = (geometry.rows * geometry.cols).clamp_min(0)  # [B, S] tokens of each slot's crop grid
+        return self._per_visual_slot(features, layout, features.shape[1] - patches)
 
     def _probe_inputs(self, stage: int, hidden: torch.Tensor, layer: int) -> tuple:
         """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`."""
