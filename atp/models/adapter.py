@@ -189,6 +189,12 @@ class VLMAdapter:
     def check_inputs(self, kwargs: dict[str, Any]) -> None:
         """Raise a clear error for inputs of the multimodal model the runtime cannot prune."""
 
+    def instance_hooks(self) -> list[Any]:
+        """Hooks on this model instance the family needs beyond the runtime's module hooks, each with
+        a `remove()`; the runtime installs them with its own and removes them with `atp.remove`.
+        The default: none."""
+        return []
+
     def read_inputs(self, kwargs: dict[str, Any]) -> None:
         """Called with the multimodal model's call kwargs at every forward, before the language model
         runs: check them (`check_inputs`) and keep what `structural_tokens` and `visual_geometry`

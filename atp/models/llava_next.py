@@ -12,10 +12,16 @@ placeholder token learns which crop and patch it is, or that it is a newline. A 
 indices come out fractional was resampled from several patches (OneVision): the image's anyres
 tokens are then described as one resampled grid (crop 1, its own rows and columns) with no
 single tower output (`view` -1).
+
+`generate` (transformers 5) encodes the images before it calls the model and drops `image_sizes`
+from the call, so the adapter also reads them where the images are encoded: a per-instance
+wrapper around this model's `get_image_features` (signature kept, removed by `atp.remove`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -40,27 +46,46 @@ class LlavaNextAdapter(LlavaAdapter):
     def __init__(self, model) -> None:
         super().__init__(model)
         self._tokens: torch.Tensor | None = None  # [T, 8] long per image placeholder of this forward
+        self._encoded: torch.Tensor | None = None  # the table of the images get_image_features encoded last
 
     @property
     def fixed_grid(self) -> None:
         return None
 
     # -- reading the layout ----------------------------------------------------------------
+    def instance_hooks(self) -> list[Any]:
+        return [InstanceMethodWrapper(self.model.model, "get_image_features", self._record_encoding)]
+
+    def _record_encoding(self, arguments: dict[str, Any]) -> None:
+        """Called with the arguments of every `get_image_features` call: the table of those images."""
+        options = {**arguments.pop("kwargs", {}), **arguments}
+        self._encoded = self.token_table(options["image_sizes"], options)
+
     def read_inputs(self, kwargs: dict[str, Any]) -> None:
-        """Check the inputs and, when this forward carries images, pack the index tensors."""
+        """Check the inputs and find the token table of this forward's images: packed from its
+        `image_sizes`, or (images encoded beforehand, as `generate` does) the table recorded when
+        they were encoded, checked against the encoded features' lengths."""
         self.check_inputs(kwargs)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        has_images = kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-        image_sizes = kwargs.get("image_sizes")
-        if not has_images:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is not None:
+            if kwargs.get("image_sizes") is None:
+                raise ValueError(
+                    f"{type(self.model).__name__} was given images without image_sizes; pass the image_sizes "
+                    "its processor returns (each image's (height, width))."
+                )
+            self._tokens = self.token_table(kwargs["image_sizes"], kwargs)
+        elif encoded is not None:
+            lengths = [int(features.shape[0]) for features in encoded.pooler_output]
+            table = self._encoded
+            if table is None or torch.bincount(table[:, IMAGE]).tolist() != lengths:
+                raise ValueError(
+                    f"{type(self.model).__name__} was given encoded images (mm_encoder_outputs) of {lengths} tokens "
+                    "that were not encoded by this model's get_image_features under the atp runtime; pass "
+                    "pixel_values and image_sizes instead."
+                )
+            self._tokens = table
+        else:
             self._tokens = None
-            return
-        if image_sizes is None:
-            raise ValueError(
-                f"{type(self.model).__name__} was given images without image_sizes; pass the image_sizes "
-                "its processor returns (each image's (height, width))."
-            )
-        self._tokens = self.token_table(image_sizes, kwargs)
 
     def _select_strategy(self, kwargs: dict[str, Any]) -> str:
         return kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
@@ -104,7 +129,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def token_table(self, image_sizes: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """[T, 8] long: for every image placeholder token of the batch (images in order, as the model
         scatters their features) its tower view, crop, row, col, grid rows, grid cols, image, and
-        whether it is structural (1; then every other column is -1)."""
+        whether it is structural (1; then view to cols are -1)."""
         self._check_strategy(kwargs)
         side = self.patch_grid
         views = self.num_views(image_sizes, kwargs)
@@ -221,6 +246,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return packed
 
 
+class InstanceMethodWrapper:
+    """Wraps method `name` of one module instance: `record(arguments)` sees the bound arguments of
+    every call, then the method runs as before. The wrapper keeps the method's signature (transformers'
+    `generate` reads it); `remove()` restores the instance."""
+
+    def __init__(self, owner: Any, name: str, record) -> None:
+        self.owner, self.name = owner, name
+        self.had_own = name in vars(owner)
+        self.previous = vars(owner).get(name)
+        method = getattr(owner, name)
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            record(dict(signature.bind(*args, **kwargs).arguments))
+            return method(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    def remove(self) -> None:
+        if self.had_own:
+            setattr(self.owner, self.name, self.previous)
+        else:
+            vars(self.owner).pop(self.name, None)
+
+
 def describe_packed(values: torch.Tensor, image: int, first_view: int, side: int) -> torch.Tensor:
     """[n, 8] long rows of the token table for one image's packed index tensor values [n, 3]
     ((crop, row, col) per token, -1 for a newline); first_view: the image's first tower view;
@@ -257,5 +308,5 @@ def describe_packed(values: torch.Tensor, image: int, first_view: int, side: int
         table[grid, COL] = positions[grid] - start[row[grid]]
         table[grid, ROWS] = rows
         table[grid, COLS] = int(grid.sum()) // max(rows, 1)
-    table[content, IMAGE] = image
+    table[:, IMAGE] = image
     return table

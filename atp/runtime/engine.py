@@ -140,6 +140,7 @@ class PruningRuntime:
     def install(self) -> None:
         adapter = self.adapter
         hook = lambda module, fn: self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))  # noqa: E731
+        self._handles.extend(adapter.instance_hooks())
         hook(self.model, self._read_labels)
         hook(adapter.multimodal_model, self._read_inputs)
         hook(adapter.language_model, self._begin_forward)
