@@ -73,3 +73,41 @@ def next_batch(model, specs: list, seeds: list[int] | None = None) -> dict:
         batch["pixel_values"] = padded
         batch["image_sizes"] = torch.tensor([size for _, sizes, _ in samples for size in sizes])
     return batch
+
+
+def stock_reference(model, batch: dict, vision_layer: int | None = None) -> dict:
+    """What the stock model says about every image placeholder, without the atp adapter:
+    embeds [B, S, d] (the LLM's input), newline [B, S] bool (the placeholder holds `image_newline`),
+    content: per sample the positions of the other placeholders, and where: per sample for each
+    content token (tower view, patch index) of the projected tower output it equals exactly
+    ((-1, -1) when it equals none: resampled); views: [V, T, d] the projected tower outputs."""
+    seen = {}
+
+    def record(_module, _args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "view_counts"})
+    handle.remove()
+    embeds = seen["embeds"]
+    image = batch["input_ids"] == IMAGE
+    newline = image & (embeds == model.model.image_newline).all(-1)
+    counts = [views(model, tuple(size)) for size in batch["image_sizes"].tolist()]
+    pixels = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(counts)])
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        projected = model.model.multi_modal_projector(hidden)  # [V, T, d]
+    flat = projected.reshape(-1, projected.shape[-1])
+    content, where = [], []
+    for b in range(embeds.shape[0]):
+        positions = (image[b] & ~newline[b]).nonzero()[:, 0].tolist()
+        content.append(positions)
+        found = []
+        for p in positions:
+            match = (flat == embeds[b, p]).all(-1).nonzero()[:, 0].tolist()
+            found.append(divmod(match[0], projected.shape[1]) if match else (-1, -1))
+        where.append(found)
+    return dict(embeds=embeds, newline=newline, content=content, where=where, views=projected, pixels=pixels)
