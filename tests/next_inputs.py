@@ -96,7 +96,9 @@ def stock_reference(model, batch: dict, vision_layer: int | None = None) -> dict
     counts = [views(model, tuple(size)) for size in batch["image_sizes"].tolist()]
     pixels = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(counts)])
     with torch.no_grad():
-        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[
+            model.config.vision_feature_layer
+        ]
         if model.config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         projected = model.model.multi_modal_projector(hidden)  # [V, T, d]

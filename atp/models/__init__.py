@@ -26,4 +26,12 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     )
 
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
+__all__ = [
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "QwenVLAdapter",
+    "VLMAdapter",
+    "VisualGeometry",
+    "get_adapter",
+]

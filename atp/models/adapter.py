@@ -28,6 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
+#: the keyword inputs of a supported model's forward that travel with a batch: the text, the images
+#: and what each family needs to lay them out (LLaVA-NeXT: image_sizes; Qwen-VL: image_grid_thw,
+#: mm_token_type_ids; OneVision: batch_num_images)
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "batch_num_images",
+    "image_grid_thw",
+    "mm_token_type_ids",
+)
+
 
 @dataclass(frozen=True)
 class VisualGeometry:
@@ -210,7 +223,8 @@ class VLMAdapter:
 
     def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
         """Per visual token its image, crop, row and column. visual: [B, S] bool real image
-        tokens (structural ones excluded); rope: [B, S, R] the rotary ids the model gave the tokens (`split_position_ids`), or None."""
+        tokens (structural ones excluded); rope: [B, S, R] the rotary ids the model gave the tokens
+        (`split_position_ids`), or None."""
         raise NotImplementedError
 
     def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

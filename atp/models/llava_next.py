@@ -232,7 +232,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         per_sample = kwargs.get("batch_num_images")
         patched = [True] * len(image_sizes) if per_sample is None else [n == 1 for n in per_sample for _ in range(n)]
         return [
-            onevision_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=self.crop_size)
+            onevision_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=self.crop_size
+            )
             if anyres
             else 1
             for size, anyres in zip(image_sizes, patched)
