@@ -49,7 +49,8 @@ def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_j
             "this experiment needs weights or data that are not here. Set: "
             + "; ".join(problems)
             + f". Example: python train.py experiment={cfg.experiment_name} {example}"
-            " (model.path: a llava-hf/llava-1.5-7b-hf download; data: LLaVA-665K's JSON and image folder)"
+            " (model.path: a local download of the model conf/model/ names, e.g. llava-hf/llava-1.5-7b-hf;"
+            " data: LLaVA-665K's JSON and image folder)"
         )
 
 

@@ -28,6 +28,9 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "atp_llava": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava",
     "fitprune_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=fitprune_llava",
+    "atp_llava_next": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava_next",
+    "fitprune_llava_next": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
+    r"experiment=fitprune_llava_next",
 }
 TINY_MODEL = [
     "model.hidden_size=32",
