@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 import atp
 from atp.latency import Contender, LatencyRatio, interleaved_prefill_times, latency_ratios
 from atp.metrics import cost_report
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.progress import progress
 
 
@@ -97,7 +98,7 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
     """The model's inputs for `batch`; with `blind`, every image replaced (same prompts):
     "noise": Gaussian noise in pixel-value space (out of distribution); "blank": an all-black
     image of the processor's size, the testbed's background without objects."""
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
     if blind is None or "pixel_values" not in inputs:
         return inputs
     pixels = inputs["pixel_values"]

@@ -63,18 +63,19 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
     return messages
 
 
-def image_token_count(processor, pixel_values: torch.Tensor) -> int:
-    """How many image tokens the processor expands one image to (576 for LLaVA-1.5)."""
-    height, width = pixel_values.shape[-2:]
-    count = (height // processor.patch_size) * (width // processor.patch_size)
-    count += processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1
-    return count
+def encode_image(processor, image: Image.Image) -> tuple[dict[str, torch.Tensor], int]:
+    """({"pixel_values": ..., and "image_sizes" where the family has them}, image tokens) of one image,
+    from the model's own processor run on its image token alone, so the count is the processor's
+    (576 for LLaVA-1.5; per aspect ratio for LLaVA-NeXT / OneVision, newline tokens included)."""
+    encoded = processor(images=image, text=processor.image_token, return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    tensors = {key: encoded[key][0] for key in ("pixel_values", "image_sizes") if key in encoded}
+    return tensors, int((encoded["input_ids"] == image_id).sum())
 
 
 class LlavaConversationDataset(Dataset):
-    """Tokenised LLaVA conversations: input_ids [S], labels [S], pixel_values [3, H, W]."""
+    """Tokenised LLaVA conversations: input_ids [S], labels [S], pixel_values [3, H, W] (LLaVA-NeXT:
+    [views, 3, H, W] and image_sizes [2])."""
 
     def __init__(
         self,
@@ -97,12 +98,11 @@ class LlavaConversationDataset(Dataset):
         record = self.records[index]
         has_image = "image" in record
         messages = to_messages(record["conversations"], has_image)
-        pixel_values = None
+        images: dict[str, torch.Tensor] = {}
         image_tokens = 0
         if has_image:
             image = Image.open(self.image_folder / record["image"]).convert("RGB")
-            pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-            image_tokens = image_token_count(self.processor, pixel_values)
+            images, image_tokens = encode_image(self.processor, image)
         if index not in self._tokens:
             if self.prompt_only:
                 first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -115,7 +115,8 @@ class LlavaConversationDataset(Dataset):
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,
+            "pixel_values": images.get("pixel_values"),
+            "image_sizes": images.get("image_sizes"),
             "answer": answer.strip(),
             "question_type": record.get("question_type", "all"),
             "num_objects": record.get("num_objects", -1),
@@ -153,10 +154,22 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
     if images:
-        out["pixel_values"] = torch.stack(images)
+        out["pixel_values"] = stack_padded(images)
+    sizes = [item["image_sizes"] for item in batch if item.get("image_sizes") is not None]
+    if sizes:
+        out["image_sizes"] = torch.stack(sizes)
     for key in ("answer", "question_type", "num_objects", "id"):
         out[key] = [item[key] for item in batch]
     return out
+
+
+def stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """[N, ...] the images stacked; LLaVA-NeXT's [views, 3, H, W] of differing view counts are padded
+    with zero views to the largest count, as its processor pads a batch (the model reads
+    image_sizes to know how many views are real)."""
+    most = max(image.shape[0] for image in images)
+    padded = [torch.cat([image, image.new_zeros(most - image.shape[0], *image.shape[1:])]) for image in images]
+    return torch.stack(padded)
 
 
 def prompt_loader(
