@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 import atp
 from atp.latency import Contender, LatencyRatio, interleaved_prefill_times, latency_ratios
 from atp.metrics import cost_report
+from atp.models import get_adapter
 from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.progress import progress
 
@@ -154,7 +155,7 @@ def evaluate(
             at_input = stats.visual_tokens[:, 0].tolist()
             per_layer += stats.visual_tokens.double().sum(0).cpu()
         else:
-            visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+            visual = get_adapter(model).visual_token_counts(inputs).tolist()  # newline tokens not counted
             average, at_input = [float(v) for v in visual], visual
             per_layer += float(sum(visual))
         for b, text in enumerate(texts):

@@ -221,6 +221,16 @@ class VLMAdapter:
         tokens. The default: none."""
         return torch.zeros_like(placeholders)
 
+    def visual_token_counts(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[B] long visual tokens per sample of a model input (inputs: the model's call kwargs), as the
+        runtime counts them: real image placeholders less the structural ones. For code that counts
+        without the runtime (the unpruned side of an evaluation)."""
+        self.read_inputs(inputs)
+        placeholders = self.image_token_mask(inputs.get("input_ids"), inputs.get("inputs_embeds"))
+        if inputs.get("attention_mask") is not None:
+            placeholders = placeholders & inputs["attention_mask"].bool()
+        return (placeholders & ~self.structural_tokens(placeholders)).sum(1)
+
     def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
         """Per visual token its image, crop, row and column. visual: [B, S] bool real image
         tokens (structural ones excluded); rope: [B, S, R] the rotary ids the model gave the tokens

@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 import atp
+from atp.models import get_adapter
 from tests.next_inputs import FAMILIES, GRID, IMAGE, SQUARE, TALL, WIDE, next_batch, next_model, stock_reference
 
 TWO_ASPECTS = [(2, [WIDE], 3), (4, [SQUARE], 2)]  # 1 x 2 crops (rows unpadded) and 2 x 2 crops
@@ -51,6 +52,8 @@ def test_geometry_names_the_tower_output_each_token_holds(family):
     assert geometry.crop[1].max() == 4 and geometry.crop[0].max() == 2  # 2 x 2 and 1 x 2 crops after the base
     stats = atp.stats(model)
     assert stats.num_visual.tolist() == [len(c) for c in reference["content"]]  # newline tokens are not counted
+    atp.remove(model)
+    assert get_adapter(model).visual_token_counts(batch).tolist() == stats.num_visual.tolist()  # without the runtime
     assert reference["newline"].sum(1).tolist() == [2, 8]  # one per unpadded row of the anyres grid
 
 
