@@ -106,6 +106,10 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
     if blind == "noise":
         generator = torch.Generator().manual_seed(len(batch["id"]))
         inputs["pixel_values"] = torch.randn(pixels.shape, generator=generator).to(device, pixels.dtype)
+    elif blind == "blank" and "image_sizes" in inputs:  # anyres: black images of the real sizes, same layout
+        blacks = [Image.new("RGB", (int(w), int(h))) for h, w in inputs["image_sizes"].tolist()]
+        blank = processor.image_processor(blacks, return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = blank.to(device, pixels.dtype)
     elif blind == "blank":
         black = Image.new("RGB", (pixels.shape[-1], pixels.shape[-2]))
         blank = processor.image_processor(black, return_tensors="pt")["pixel_values"]

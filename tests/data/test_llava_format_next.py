@@ -70,3 +70,23 @@ def test_next_records_become_model_inputs(tmp_path):
     assert_close(ours[real], stock[real], rtol=0, atol=0)
     newlines = [2, 8]  # one per row of the unpadded anyres grid: 2 of 4 rows (60 x 20), 8 (40 x 40)
     assert atp.stats(model).num_visual.tolist() == [n - k for n, k in zip(image_tokens, newlines)]
+
+
+def test_blank_control_keeps_the_anyres_layout(tmp_path):
+    """evaluate's blind=blank control on LLaVA-NeXT: black images of each image's real size, so the views
+    and image tokens match the prompt (the stock model accepts the batch) and every view is black."""
+    from atp.evaluation import _model_inputs
+
+    processor = tiny_next_processor()
+    images = [Image.new("RGB", size, (200, 30, 30)) for size in SIZES]
+    batch = dict(processor(images=images, text=["<image> what", "<image> what"], return_tensors="pt", padding=True))
+    batch["id"] = ["0", "1"]
+    blank = _model_inputs(batch, "cpu", processor, blind="blank")
+    assert blank["pixel_values"].shape == batch["pixel_values"].shape
+    black = processor.image_processor(Image.new("RGB", (CROP, CROP)), return_tensors="pt")["pixel_values"][0, 0]
+    for i, views in enumerate([3, 5]):
+        assert torch.equal(blank["pixel_values"][i, :views], black.expand(views, *black.shape))
+    model = tiny_llava_next("llava_next", vocab_size=len(processor.tokenizer), grid=GRID, patch_size=PATCH)
+    model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    with torch.no_grad():
+        model(**{k: blank[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")})
