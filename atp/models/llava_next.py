@@ -80,8 +80,10 @@ class LlavaNextAdapter(LlavaAdapter):
             if table is None or torch.bincount(table[:, IMAGE]).tolist() != lengths:
                 raise ValueError(
                     f"{type(self.model).__name__} was given encoded images (mm_encoder_outputs) of {lengths} tokens "
-                    "that were not encoded by this model's get_image_features under the atp runtime; pass "
-                    "pixel_values and image_sizes instead."
+                    "that do not match what this model's get_image_features encoded last under the atp runtime "
+                    "(encoded elsewhere, or repeated by generate's num_beams / num_return_sequences > 1, which "
+                    "the runtime does not support for this family). Pass pixel_values and image_sizes, one "
+                    "sequence per prompt."
                 )
             self._tokens = table
         else:
