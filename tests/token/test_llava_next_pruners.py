@@ -237,3 +237,23 @@ def test_cls_methods_refuse_onevision_siglip(name):
     model = next_model("llava_onevision")
     with pytest.raises(ValueError, match=r"SiglipVisionModel\) has no \[CLS\] token.*fastv"):
         atp.apply(model, atp.build_pruner(name))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_atp_sap_grid_is_each_crops_grid(family):
+    """ATP's SAP branch alone (theta_r = 1: no redundancy keep; theta_s = 0.4 between the SAP levels 0.25
+    and 0.5) keeps the stride-2 grid of every crop's own tower grid, read from the stock features."""
+    model = next_model(family)
+    batch = next_batch(model, SPECS)
+    reference = stock_reference(model, batch)
+    pruner = atp.build_pruner("atp", num_layers=4, layers=[1], hidden=16).eval()
+    with torch.no_grad():
+        for module in pruner.modules_by_layer.values():
+            for head, logit in ((module.redundancy_head, 40.0), (module.spatial_head, math.log(0.4 / 0.6))):
+                head.weight.zero_()
+                head.bias.fill_(logit)
+    expected = [
+        [n for n, (_, patch) in enumerate(where) if (patch // GRID) % 2 == 0 and patch % 2 == 0]
+        for where in reference["where"]
+    ]
+    assert run_kept(model, batch, pruner, 1) == expected
