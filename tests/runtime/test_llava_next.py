@@ -163,3 +163,23 @@ def test_random_ragged_batch_equals_batch_of_one(family):
     together = greedy(model, batch)[:, -8:]
     for b in range(len(RAGGED)):
         assert torch.equal(greedy(model, next_batch(model, [RAGGED[b]], seeds=[b]))[0, -8:], together[b])
+
+
+def test_images_without_image_sizes_are_refused_clearly():
+    model = next_model("llava_next")
+    batch = next_batch(model, TWO_ASPECTS)
+    del batch["image_sizes"]
+    atp.apply(model, atp.build_pruner("none"))
+    with pytest.raises(ValueError, match="without image_sizes; pass the image_sizes its processor returns"):
+        model(**batch)
+
+
+def test_remove_restores_the_model_instance():
+    """The get_image_features wrapper is per instance and goes with atp.remove (applying twice included)."""
+    model = next_model("llava_next")
+    original = model.model.get_image_features
+    atp.apply(model, atp.build_pruner("none"))
+    atp.apply(model, random_pruner())
+    assert "get_image_features" in vars(model.model)
+    atp.remove(model)
+    assert "get_image_features" not in vars(model.model) and model.model.get_image_features == original
