@@ -80,7 +80,9 @@ def stock_reference(model, batch: dict, vision_layer: int | None = None) -> dict
     embeds [B, S, d] (the LLM's input), newline [B, S] bool (the placeholder holds `image_newline`),
     content: per sample the positions of the other placeholders, and where: per sample for each
     content token (tower view, patch index) of the projected tower output it equals exactly
-    ((-1, -1) when it equals none: resampled); views: [V, T, d] the projected tower outputs."""
+    ((-1, -1) when it equals none: resampled); views: [V, T, d] the projected tower outputs.
+    batch may carry "views": the tower views per image, where the model takes fewer than anyres gives
+    (OneVision's samples of several images: 1)."""
     seen = {}
 
     def record(_module, _args, kwargs):
@@ -88,12 +90,12 @@ def stock_reference(model, batch: dict, vision_layer: int | None = None) -> dict
 
     handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     with torch.no_grad():
-        model(**{k: v for k, v in batch.items() if k != "view_counts"})
+        model(**{k: v for k, v in batch.items() if k != "views"})
     handle.remove()
     embeds = seen["embeds"]
     image = batch["input_ids"] == IMAGE
     newline = image & (embeds == model.model.image_newline).all(-1)
-    counts = [views(model, tuple(size)) for size in batch["image_sizes"].tolist()]
+    counts = batch.get("views") or [views(model, tuple(size)) for size in batch["image_sizes"].tolist()]
     pixels = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(counts)])
     with torch.no_grad():
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[

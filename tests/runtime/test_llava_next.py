@@ -183,3 +183,32 @@ def test_remove_restores_the_model_instance():
     assert "get_image_features" in vars(model.model)
     atp.remove(model)
     assert "get_image_features" not in vars(model.model) and model.model.get_image_features == original
+
+
+def test_onevision_several_images_per_sample_are_base_views():
+    """batch_num_images: a sample of several images gets each image's base view and one newline (as the
+    model's get_image_features decides); the geometry names each token's tower output; none = stock."""
+    model = next_model("llava_onevision")
+    ids = torch.tensor([[1, 5, *[IMAGE] * 17, 6, *[IMAGE] * 17, 7, 8]])
+    pixels = torch.randn(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batch = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        image_sizes=torch.tensor([SQUARE, WIDE]),
+        batch_num_images=torch.tensor([2]),
+    )
+    with torch.no_grad():
+        stock = model(**batch).logits
+    reference = stock_reference(model, {**batch, "views": [1, 1]})
+    atp.apply(model, atp.build_pruner("spatial", keep_ratio=0.25))
+    with torch.no_grad():
+        model(**batch)
+    assert atp.stats(model).num_visual.tolist() == [32] and atp.stats(model).visual_tokens[0, 0] == 8
+    geometry = atp.runtime_of(model).adapter.visual_geometry((ids == IMAGE) & ~reference["newline"], None)
+    for p, (view, patch) in zip(reference["content"][0], reference["where"][0]):
+        assert int(geometry.view[0, p]) == view and int(geometry.row[0, p]) * GRID + int(geometry.col[0, p]) == patch
+    atp.apply(model, atp.build_pruner("none"))
+    with torch.no_grad():
+        ours_none = model(**batch).logits
+    assert_close(ours_none, stock, rtol=0, atol=0)
