@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 import atp
 from atp.latency import Contender, LatencyRatio, interleaved_prefill_times, latency_ratios
 from atp.metrics import cost_report
-from atp.models.adapter import MODEL_INPUTS
+from atp.models import get_adapter
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.progress import progress
 
 
@@ -98,13 +99,17 @@ def _model_inputs(batch: dict, device, processor, blind: str | None = None) -> d
     """The model's inputs for `batch`; with `blind`, every image replaced (same prompts):
     "noise": Gaussian noise in pixel-value space (out of distribution); "blank": an all-black
     image of the processor's size, the testbed's background without objects."""
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
     if blind is None or "pixel_values" not in inputs:
         return inputs
     pixels = inputs["pixel_values"]
     if blind == "noise":
         generator = torch.Generator().manual_seed(len(batch["id"]))
         inputs["pixel_values"] = torch.randn(pixels.shape, generator=generator).to(device, pixels.dtype)
+    elif blind == "blank" and "image_sizes" in inputs:  # anyres: black images of the real sizes, same layout
+        blacks = [Image.new("RGB", (int(w), int(h))) for h, w in inputs["image_sizes"].tolist()]
+        blank = processor.image_processor(blacks, return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = blank.to(device, pixels.dtype)
     elif blind == "blank":
         if pixels.ndim != 4:
             raise ValueError(
@@ -160,7 +165,7 @@ def evaluate(
             at_input = stats.visual_tokens[:, 0].tolist()
             per_layer += stats.visual_tokens.double().sum(0).cpu()
         else:
-            visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+            visual = get_adapter(model).visual_token_counts(inputs).tolist()  # newline tokens not counted
             average, at_input = [float(v) for v in visual], visual
             per_layer += float(sum(visual))
         for b, text in enumerate(texts):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atp.metrics.accounting import prefill_flops
-from atp.models.adapter import MODEL_INPUTS
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.progress import progress
 from atp.runtime import attach
 from atp.runtime.pruner import PruneContext, TokenPruner
@@ -130,7 +130,7 @@ class FitPruneFitter:
             for index, batch in enumerate(progress(self.batches, description, unit="batch")):
                 self.walk.masses, self.walk.deleted = {}, {}
                 self.walk.totals = self.totals[index] if alpha is not None else None
-                self.model(**{k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch})
+                self.model(**{k: batch[k].to(self.device) for k in MODEL_INPUT_KEYS if k in batch})
                 yield batch, self.walk.masses, attach.stats(self.model)
         finally:
             attach.remove(self.model)

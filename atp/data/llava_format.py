@@ -64,15 +64,17 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
 
 
 def image_token_count(processor, image: Image.Image) -> int:
-    """How many image tokens the processor expands one image to (LLaVA-1.5: 576; Qwen-VL: its grid's
-    t * h * w / merge_size**2), from the processor's own count (`_get_num_multimodal_tokens`)."""
+    """How many image tokens the processor expands one image to (LLaVA-1.5: 576; LLaVA-NeXT /
+    OneVision: per aspect ratio, newline tokens included; Qwen-VL: its grid's t * h * w /
+    merge_size**2), from the processor's own count (`_get_num_multimodal_tokens`)."""
     return int(processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width]]).num_image_tokens[0])
 
 
 def image_inputs(processor, image: Image.Image) -> dict[str, torch.Tensor]:
     """The image processor's tensors for one image, each with the image along dim 0 so that a batch
-    concatenates them: pixel_values [1, 3, H, W] (LLaVA) or [patches, C] (Qwen-VL), and the family's
-    extras (Qwen-VL: image_grid_thw [1, 3])."""
+    concatenates them: pixel_values [1, 3, H, W] (LLaVA), [1, views, 3, H, W] (LLaVA-NeXT) or
+    [patches, C] (Qwen-VL), and the family's extras (LLaVA-NeXT: image_sizes [1, 2]; Qwen-VL:
+    image_grid_thw [1, 3])."""
     out = processor.image_processor(image, return_tensors="pt")
     return {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
 
@@ -152,7 +154,8 @@ class LlavaConversationDataset(Dataset):
 def collate(batch: list[dict], pad_token_id: int) -> dict:
     """Left-pad a list of dataset items into a model batch (+ metadata lists); the image tensors of
     the batch's images are concatenated along dim 0, image after image (LLaVA: pixel_values
-    [B_img, 3, H, W]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw [B_img, 3])."""
+    [B_img, 3, H, W]; LLaVA-NeXT: pixel_values [B_img, views, 3, H, W], views padded, and
+    image_sizes [B_img, 2]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw [B_img, 3])."""
     length = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -170,10 +173,20 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         out["mm_token_type_ids"] = token_types
     images = [item["images"] for item in batch if item["images"] is not None]
     for key in images[0] if images else ():
-        out[key] = torch.cat([image[key] for image in images])
+        out[key] = concat_padded([image[key] for image in images])
     for key in ("answer", "question_type", "num_objects", "id"):
         out[key] = [item[key] for item in batch]
     return out
+
+
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The images' tensors concatenated along dim 0; LLaVA-NeXT's pixel_values [1, views, 3, H, W] of
+    differing view counts are first padded with zero views to the largest count, as its processor
+    pads a batch (the model reads image_sizes to know how many views are real)."""
+    if tensors[0].ndim == 5:
+        most = max(t.shape[1] for t in tensors)
+        tensors = [torch.cat([t, t.new_zeros(t.shape[0], most - t.shape[1], *t.shape[2:])], 1) for t in tensors]
+    return torch.cat(tensors)
 
 
 def prompt_loader(

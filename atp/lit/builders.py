@@ -50,7 +50,7 @@ def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_j
             "this experiment needs weights or data that are not here. Set: "
             + "; ".join(problems)
             + f". Example: python train.py experiment={cfg.experiment_name} {example}"
-            f" (model.path: a {weights} download; data: LLaVA-665K's JSON and image folder)"
+            " (data: LLaVA-665K-format JSON and its image folder)"
         )
 
 

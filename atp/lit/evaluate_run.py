@@ -15,6 +15,7 @@ from atp.evaluation import EvaluationResult, evaluate, latency_warnings, markdow
 from atp.export import load_pruned
 from atp.lit.builders import build_pruner
 from atp.lit.data import prepare_configured_data
+from atp.models import get_adapter
 from atp.models.build import load_vlm, resolve_device
 
 
@@ -41,13 +42,14 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     spec = OmegaConf.to_container(cfg.pruner, resolve=False)
     if spec.get("name") is None:  # the unpruned model has no budget
         return spec
-    num_visual, text = getattr(model.config, "image_seq_length", None), model.config.text_config
-    if num_visual is None:
+    grid = get_adapter(model).fixed_grid
+    if grid is None:
         raise ValueError(
-            f"budget_tokens={cfg.budget_tokens} sets budgets for a fixed number of visual tokens per image, but "
-            f"{type(model).__name__} gives each image its own number (dynamic resolution). Set the pruner's own "
-            "budget instead (e.g. pruner.keep_ratio=0.25) and leave budget_tokens=null."
+            f"budget_tokens={cfg.budget_tokens} converts a token count into each method's budget for one fixed "
+            f"number of visual tokens per image, but {type(model).__name__} gives every image its own count. "
+            "Set the pruner's own budget instead (e.g. pruner.keep_ratio=0.25) and leave budget_tokens unset."
         )
+    num_visual, text = grid[0] * grid[1], model.config.text_config
     if spec.get("name") != "fitprune":
         vision_layers = getattr(getattr(model.config, "vision_config", None), "num_hidden_layers", None)
         budget = budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers, vision_layers)
@@ -58,8 +60,8 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     batches = calibration_batches(
         cfg.fit_calibration_json, cfg.data.image_folder, processor, cfg.fit_calibration_samples, cfg.batch_size
     )
-    image = model.config.image_token_id
-    prompt_text = torch.cat([(b["attention_mask"].sum(1) - (b["input_ids"] == image).sum(1)) for b in batches])
+    adapter = get_adapter(model)  # text and structural (newline) tokens are the ones pruning never removes
+    prompt_text = torch.cat([b["attention_mask"].sum(1) - adapter.visual_token_counts(b) for b in batches])
     budget = budget_flops_ratio(cfg.budget_tokens, num_visual, float(prompt_text.double().mean()), text)
     best, _ = FitPruneFitter(model, batches, budget).fit()
     return {**spec, "recipe": best.recipe}

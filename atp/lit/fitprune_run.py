@@ -20,7 +20,7 @@ from atp.calibration.fitprune import FitPruneFitter, Trial
 from atp.data.llava_format import LlavaConversationDataset, collate
 from atp.lit.builders import build_loggers, build_model, check_assets
 from atp.lit.data import prepare_configured_data
-from atp.models.adapter import MODEL_INPUTS
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.models.build import resolve_device
 
 
@@ -32,7 +32,7 @@ def calibration_batches(json_path: str, image_folder: str, processor, samples: i
         batch_size=batch_size,
         collate_fn=lambda items: collate(items, processor.tokenizer.pad_token_id),
     )
-    return [{k: batch[k] for k in MODEL_INPUTS if k in batch} for batch in loader]
+    return [{k: batch[k] for k in MODEL_INPUT_KEYS if k in batch} for batch in loader]
 
 
 def schedule_table(fitter: FitPruneFitter, trial: Trial) -> list[dict]:

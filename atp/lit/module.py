@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import atp
-from atp.models import get_adapter
-from atp.models.adapter import MODEL_INPUTS
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.token.atp import ATPPruner, atp_losses
 
 TRAIN_PARTS = ("all", "language_model", "projector_and_language_model", "pruner", "lora")
@@ -201,7 +200,7 @@ class VLMTrainingModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, batch: dict, **kwargs):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
         return self.model(**inputs, **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

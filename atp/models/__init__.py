@@ -7,9 +7,16 @@ from torch import nn
 from atp.models.adapter import VisualGeometry, VLMAdapter
 from atp.models.internvl import InternVLAdapter
 from atp.models.llava import LlavaAdapter
+from atp.models.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from atp.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, QwenVLAdapter, InternVLAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (
+    LlavaAdapter,
+    QwenVLAdapter,
+    InternVLAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+)
 
 
 def get_adapter(model: nn.Module) -> VLMAdapter:
@@ -26,4 +33,13 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     )
 
 
-__all__ = ["InternVLAdapter", "LlavaAdapter", "QwenVLAdapter", "VLMAdapter", "VisualGeometry", "get_adapter"]
+__all__ = [
+    "InternVLAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "QwenVLAdapter",
+    "VLMAdapter",
+    "VisualGeometry",
+    "get_adapter",
+]

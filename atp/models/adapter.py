@@ -8,6 +8,9 @@ what differs is how images become tokens and how positions work. An adapter answ
   * where the parts are (multimodal model, language model, layers, vision tower, projector);
   * which input tokens are visual, and for each visual token its image, crop, row and column
     (`visual_geometry`), instead of one fixed image grid;
+  * which image placeholder tokens are structural (`structural_tokens`: LLaVA-NeXT's
+    `image_newline`), which the runtime never prunes nor counts as visual tokens, and what of
+    the multimodal model's call inputs it needs to know that (`read_inputs`);
   * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none);
   * how position ids are split into the 1-D text position (`[B, S]`, used for position
     compaction and decode continuation) and the rotary ids (`[B, S, R]`, R axes: 1 for plain
@@ -20,15 +23,24 @@ The runtime never asks which family it runs; it only calls these methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-#: the batch entries a supported family's forward takes (LLaVA: the first three; Qwen-VL also
-#: `image_grid_thw` [I, 3] and `mm_token_type_ids` [B, S]); job runners pass on those present
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+#: the keyword inputs of a supported model's forward that travel with a batch: the text, the images
+#: and what each family needs to lay them out (LLaVA-NeXT: image_sizes; Qwen-VL: image_grid_thw,
+#: mm_token_type_ids; OneVision: batch_num_images)
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "batch_num_images",
+    "image_grid_thw",
+    "mm_token_type_ids",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,12 @@ class VisualGeometry:
     col:   column of the token in its crop's grid
     rows:  rows of that grid
     cols:  columns of that grid
+    view:  row of the vision tower's input batch (one image or one crop) whose output the token
+           is, counted over the batch; None when that is `image` (one view per image); -1 on a
+           visual token that is no single tower output (LLaVA-OneVision's resampled grid)
+
+    For multi-crop families `row` and `col` are the token's place in its crop's tower patch grid,
+    so `token_in_crop()` is its index among that crop's tower outputs.
     """
 
     image: torch.Tensor
@@ -50,13 +68,20 @@ class VisualGeometry:
     col: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    view: torch.Tensor | None = None
 
     def gather(self, index: torch.Tensor, visual: torch.Tensor) -> VisualGeometry:
         """The geometry of the tokens in slots: index [B, S'] original positions, visual [B, S']
         bool slots holding a (real) visual token; -1 in every other slot."""
-        return VisualGeometry(
-            **{f.name: torch.where(visual, torch.gather(getattr(self, f.name), 1, index), -1) for f in fields(self)}
-        )
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = None if value is None else torch.where(visual, torch.gather(value, 1, index), -1)
+        return VisualGeometry(**values)
+
+    def tower_view(self) -> torch.Tensor:
+        """[B, S] long row of the vision tower's input batch each visual token came from; -1 elsewhere."""
+        return self.image if self.view is None else self.view
 
     def token_in_crop(self) -> torch.Tensor:
         """[B, S] long raster index of each visual token within its crop (row * cols + col); -1 elsewhere."""
@@ -64,8 +89,13 @@ class VisualGeometry:
 
 
 def empty_geometry(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Field values of a VisualGeometry with no visual token, to fill in: {name: [B, S] of -1}."""
-    return {f.name: torch.full(shape, -1, dtype=torch.long, device=device) for f in fields(VisualGeometry)}
+    """Values of the required fields of a VisualGeometry with no visual token, to fill in:
+    {name: [B, S] of -1}."""
+    return {
+        f.name: torch.full(shape, -1, dtype=torch.long, device=device)
+        for f in fields(VisualGeometry)
+        if f.default is MISSING
+    }
 
 
 class VLMAdapter:
@@ -137,23 +167,33 @@ class VLMAdapter:
 
     def tower_rows(self, geometry: VisualGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """(item [B, S], tokens [B, S, P]) long: for each visual token the tower input (row of the
-        tower's batch) it came from and the P tower tokens ([CLS] counted) it covers; item -1 on
-        other tokens. geometry: the prefill's geometry at original positions. Default: one tower
-        input per image, visual token = tower token `token_in_crop + vision_cls_offset()`."""
+        tower's batch: its image, or its crop for multi-crop families, `tower_view`) it came from and
+        the P tower tokens ([CLS] counted) it covers; item -1 on other tokens. geometry: the prefill's
+        geometry at original positions. Default: visual token = tower token `token_in_crop +
+        vision_cls_offset()` of its view."""
+        view = self._single_tower_outputs(geometry)
         token = geometry.token_in_crop().clamp_min(0) + self.vision_cls_offset()
-        return geometry.image, token[..., None]
+        return view, token[..., None]
 
     def projector_rows(self, geometry: VisualGeometry, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(item [B, S], row [B, S]) long: for each visual token its row in the projector input
-        [items, length, dv]; item -1 on other tokens. Default: families with one fixed grid, whose
-        projector input ends with the grid's tokens."""
-        if self.fixed_grid is None:
+        [items, length, dv]; item -1 on other tokens. Default: one projector input per tower view,
+        ending with the token's crop grid (LLaVA-1.5: [CLS] dropped or not; LLaVA-NeXT per crop)."""
+        view = self._single_tower_outputs(geometry)
+        patches = (geometry.rows * geometry.cols).clamp_min(0)  # tokens of each token's crop grid
+        return view, geometry.token_in_crop().clamp_min(0) + length - patches
+
+    def _single_tower_outputs(self, geometry: VisualGeometry) -> torch.Tensor:
+        """[B, S] each visual token's tower view; a clear error where a visual token is no single
+        tower output (LLaVA-OneVision's grid resampled between patches)."""
+        view = geometry.tower_view()
+        if bool(((geometry.image >= 0) & (view < 0)).any()):
             raise ValueError(
-                f"vision features per visual token are not mapped for {type(self.model).__name__} "
-                "(per-image grids); use a method that does not read the projector input."
+                f"this method reads each visual token's vision-tower output, but some visual tokens of this "
+                f"{type(self.model).__name__} input are no single tower output (resampled between patches). "
+                "Use a method that scores the LLM's tokens (fastv, divprune, random, spatial)."
             )
-        rows, cols = self.fixed_grid
-        return geometry.image, geometry.token_in_crop().clamp_min(0) + length - rows * cols
+        return view
 
     # -- facts ---------------------------------------------------------------------
     @property
@@ -202,9 +242,39 @@ class VLMAdapter:
     def check_inputs(self, kwargs: dict[str, Any]) -> None:
         """Raise a clear error for inputs of the multimodal model the runtime cannot prune."""
 
+    def instance_hooks(self) -> list[Any]:
+        """Hooks on this model instance the family needs beyond the runtime's module hooks, each with
+        a `remove()`; the runtime installs them with its own and removes them with `atp.remove`.
+        The default: none."""
+        return []
+
+    def read_inputs(self, kwargs: dict[str, Any]) -> None:
+        """Called with the multimodal model's call kwargs at every forward, before the language model
+        runs: check them (`check_inputs`) and keep what `structural_tokens` and `visual_geometry`
+        need for this forward (LLaVA-NeXT: `image_sizes`). The default only checks."""
+        self.check_inputs(kwargs)
+
+    def structural_tokens(self, placeholders: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: which image placeholder tokens (placeholders [B, S] bool) carry no image
+        content but structure (LLaVA-NeXT's `image_newline` closing each row). The runtime keeps
+        them in every layer, never offers them to a pruner and does not count them as visual
+        tokens. The default: none."""
+        return torch.zeros_like(placeholders)
+
+    def visual_token_counts(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[B] long visual tokens per sample of a model input (inputs: the model's call kwargs), as the
+        runtime counts them: real image placeholders less the structural ones. For code that counts
+        without the runtime (the unpruned side of an evaluation)."""
+        self.read_inputs(inputs)
+        placeholders = self.image_token_mask(inputs.get("input_ids"), inputs.get("inputs_embeds"))
+        if inputs.get("attention_mask") is not None:
+            placeholders = placeholders & inputs["attention_mask"].bool()
+        return (placeholders & ~self.structural_tokens(placeholders)).sum(1)
+
     def visual_geometry(self, visual: torch.Tensor, rope: torch.Tensor | None) -> VisualGeometry:
         """Per visual token its image, crop, row and column. visual: [B, S] bool real image
-        tokens; rope: [B, S, R] the rotary ids the model gave the tokens (`split_position_ids`), or None."""
+        tokens (structural ones excluded); rope: [B, S, R] the rotary ids the model gave the tokens
+        (`split_position_ids`), or None."""
         raise NotImplementedError
 
     def take_visual_additions(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

@@ -219,7 +219,8 @@ def build_testbed_qwen(
 
 
 def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", setting: str = "model.path"):
-    """(model, processor) from a local directory written by `save_pretrained` (offline).
+    """(model, processor) of a LLaVA-family VLM (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision; the class
+    comes from its config.json) from a local directory written by `save_pretrained` (offline).
 
     setting: the option that names `path` where the caller reads it (train.py's model.path,
     evaluate.py's model_path, a benchmark's --base), quoted in the error when it is missing.
@@ -232,9 +233,12 @@ def load_llava(path: str, dtype: str = "float32", attn_implementation: str = "sd
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(  # LLaVA-1.5, LLaVA-NeXT, OneVision, ...
         path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
     )
+    from atp.models import get_adapter
+
+    get_adapter(model)  # a clear error for a family atp has no adapter for
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 

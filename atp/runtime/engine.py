@@ -145,6 +145,7 @@ class PruningRuntime:
     def install(self) -> None:
         adapter = self.adapter
         hook = lambda module, fn: self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))  # noqa: E731
+        self._handles.extend(adapter.instance_hooks())
         hook(self.model, self._read_labels)
         hook(adapter.multimodal_model, self._read_inputs)
         hook(adapter.language_model, self._begin_forward)
@@ -240,7 +241,7 @@ class PruningRuntime:
 
     def _read_inputs(self, _module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.adapter.check_inputs(kwargs)
+        self.adapter.read_inputs(kwargs)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
         return None
 
@@ -304,7 +305,9 @@ class PruningRuntime:
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]
         position = position_ids.expand(batch, length)
-        parts = locate_prompt_parts(image_mask.to(device), valid, labels)
+        image_mask = image_mask.to(device)
+        structural = self.adapter.structural_tokens(image_mask & valid)  # newline tokens: never pruned
+        parts = locate_prompt_parts(image_mask, valid, labels, structural)
         visual_index = torch.where(parts.visual, parts.visual.long().cumsum(1) - 1, -1)
         if rope is not None:
             rope = rope.expand(batch, length, -1)

@@ -13,8 +13,8 @@ IGNORE_INDEX = -100
 class PromptParts:
     """All [B, S] in original positions, except `last_prompt` ([B]).
 
-    visual:      image placeholder tokens (real, not padding)
-    instruction: real text tokens after the last image token and before the answer
+    visual:      image placeholder tokens with image content (real, not padding, not structural)
+    instruction: real text tokens after the last image placeholder token and before the answer
     last_prompt: position of the last token before the answer (the query FastV and
                  PDrop score with); the last real token when there is no answer
     """
@@ -24,12 +24,19 @@ class PromptParts:
     last_prompt: torch.Tensor
 
 
-def locate_prompt_parts(image_mask: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None) -> PromptParts:
+def locate_prompt_parts(
+    image_mask: torch.Tensor,
+    valid: torch.Tensor,
+    labels: torch.Tensor | None,
+    structural: torch.Tensor | None = None,
+) -> PromptParts:
     """Split every sample into image, instruction and answer.
 
     image_mask: [B, S] bool image placeholder tokens; valid: [B, S] bool real tokens;
     labels: [B, S] long or None; positions with a label other than -100 are answer tokens,
-    and everything from the first of them on is excluded from every pruning score.
+    and everything from the first of them on is excluded from every pruning score;
+    structural: [B, S] bool placeholders without image content (newline tokens), neither
+    visual nor instruction tokens, or None.
     """
     batch, length = valid.shape
     position = torch.arange(length, device=valid.device).expand(batch, length)
@@ -39,8 +46,9 @@ def locate_prompt_parts(image_mask: torch.Tensor, valid: torch.Tensor, labels: t
     else:
         first_answer = torch.full((batch,), length, device=valid.device)
     prompt = valid & (position < first_answer[:, None])
-    visual = image_mask & valid
-    last_image = torch.where(visual, position, -1).max(1).values
-    instruction = prompt & ~visual & (position > last_image[:, None])
+    placeholder = image_mask & valid
+    visual = placeholder if structural is None else placeholder & ~structural
+    last_image = torch.where(placeholder, position, -1).max(1).values
+    instruction = prompt & ~placeholder & (position > last_image[:, None])
     last_prompt = torch.where(prompt, position, -1).max(1).values.clamp_min(0)
     return PromptParts(visual=visual, instruction=instruction, last_prompt=last_prompt)

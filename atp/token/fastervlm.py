@@ -3,6 +3,10 @@ encoder's output by the [CLS] token's attention.
 
 Score: the [CLS] row of vision layer -2's attention (`[:, :, 0, 1:]`), averaged over heads;
 keep the top round(N * keep_ratio) (or `keep_tokens`) visual tokens in their original order, before the LLM.
+Images of several crops (LLaVA-NeXT) are scored per crop, each by its own [CLS], as in the
+reference's LLaVA-NeXT code: the budget is apportioned over the crops by their tokens and each
+crop keeps its top tokens [ours: the reference keeps round(576 * ratio) of every crop's tower
+outputs before unpadding].
 Positions are compacted (the tokens are removed before the LLM). The attention row is
 recomputed from the layer's captured q/k, so the vision tower keeps running under SDPA.
 On M-RoPE families the default (`position_ids="reference"`) keeps original ids [ours].
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from atp.runtime.pruner import PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget, top_k_per_sample
+from atp.token.selection import TokenBudget, top_k_per_view
 
 
 @register
@@ -37,4 +41,5 @@ class FasterVLM(TokenPruner):
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
         score = ctx.vision_cls_attention(self.vision_layer).mean(1)  # [B, S]
-        return top_k_per_sample(score, ctx.visual, self.budget.count(ctx.visual_counts()))
+        view = ctx.geometry.tower_view()  # the crop (tower input) each token came from
+        return top_k_per_view(score, ctx.visual, view, self.budget.count(ctx.visual_counts()))

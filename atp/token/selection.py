@@ -64,6 +64,42 @@ def top_k_per_sample(score: torch.Tensor, candidates: torch.Tensor, k: torch.Ten
     return (rank < k[:, None]) & candidates
 
 
+def apportion(sizes: list[int], total: int) -> list[int]:
+    """Split `total` over groups of `sizes` tokens in proportion to their sizes: each gets the floor
+    of its quota `total * size / sum(sizes)`, and what is left goes one by one to the largest
+    remainders (ties: the earlier group). The parts sum to `total` (at most sum(sizes))."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    total = min(total, whole)
+    parts = [total * size // whole for size in sizes]
+    remainders = sorted(range(len(sizes)), key=lambda g: (-(total * sizes[g] % whole), g))
+    for group in remainders[: total - sum(parts)]:
+        parts[group] += 1
+    return parts
+
+
+def view_groups(view: torch.Tensor, candidates: torch.Tensor) -> list[torch.Tensor]:
+    """The candidate slots (candidates [S] bool) of one sample grouped by their tower view
+    (view [S] long), views in ascending order, slots in order within each."""
+    slots = candidates.nonzero()[:, 0]
+    return [slots[view[slots] == v] for v in torch.unique(view[slots]).tolist()]
+
+
+def top_k_per_view(score: torch.Tensor, candidates: torch.Tensor, view: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: k[b] candidate slots of row b, `apportion`ed over its views (image crops) by their
+    candidate counts, the highest-scoring within each view (ties: the earlier slot). With one view
+    per sample this is `top_k_per_sample`. score [B, S] float; candidates [B, S] bool; view [B, S]
+    long; k [B] long."""
+    keep = torch.zeros_like(candidates)
+    for b in range(score.shape[0]):
+        groups = view_groups(view[b], candidates[b])
+        for slots, count in zip(groups, apportion([len(g) for g in groups], int(k[b]))):
+            order = torch.sort(score[b, slots].float(), descending=True, stable=True).indices
+            keep[b, slots[order[:count]]] = True
+    return keep
+
+
 def require_one_image_on_a_fixed_grid(name: str, ctx) -> tuple[int, int]:
     """(rows, cols) of the model's one fixed image grid (LLaVA-1.5), for methods whose reference
     works on one image's grid; a clear error for several images per prompt or for models that

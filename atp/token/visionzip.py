@@ -23,6 +23,13 @@ the mean key of those patches [ours]; the released code runs per tower input.
 
 Budgets: `keep_tokens` (or `keep_ratio` of the visual tokens) split as the paper's
 54 + 10 = 64, 108 + 20 = 128 and 162 + 30 = 192, i.e. dominant = round(t * 54 / 64).
+
+Several views (LLaVA-NeXT's base view and anyres crops; several images): as the reference's
+LLaVA-NeXT code, every view selects and merges on its own, by its own [CLS]; a sample's budget is
+apportioned over its views by their tokens [ours: the reference gives every crop the same count],
+then split into dominant and contextual per view. Order, as the reference packs NeXT: per image
+the base view's dominant then contextual tokens, then the crops' dominant tokens in packed order,
+then the crops' contextual tokens crop by crop.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget, top_k_per_sample
+from atp.token.selection import TokenBudget, apportion, view_groups
 
 DOMINANT_SHARE = 54 / 64  # the paper's split of every budget (54 + 10, 108 + 20, 162 + 30)
 MERGE_RULES = ("reference", "mean")
@@ -89,27 +96,43 @@ class VisionZip(TokenPruner):
         return {self.vision_layer}
 
     def prune(self, ctx: PruneContext) -> MergeDecision:
-        image = ctx.geometry.image
-        if any(image[b][ctx.visual[b]].unique().numel() > 1 for b in range(image.shape[0])):
-            raise ValueError("visionzip selects and merges per image; prompts with several images are not supported.")
+        geometry = ctx.geometry
+        view = geometry.tower_view()
         counts = self.budget.count(ctx.visual_counts())
         score = ctx.vision_cls_attention(self.vision_layer).sum(1)  # [B, S]
-        dominant_counts = torch.tensor([split_budget(int(c))[0] for c in counts], device=counts.device)
-        keep = top_k_per_sample(score, ctx.visual, dominant_counts)
         keys = ctx.vision_keys(self.vision_layer).mean(1)  # [B, S, hd]
         features = ctx.vision_features()  # [B, S, dv]
         hidden = ctx.hidden.clone()
+        keep = torch.zeros_like(ctx.visual)
         replaced = torch.zeros_like(keep)
-        order = torch.arange(keep.shape[1], device=keep.device, dtype=torch.float64).expand(keep.shape).clone()
         for b, total in enumerate(counts.tolist()):
-            contextual = total - int(dominant_counts[b])
-            slots = (ctx.visual[b] & ~keep[b]).nonzero()[:, 0]  # the non-dominant tokens
-            if contextual == 0 or len(slots) == 0:
-                continue
-            targets, merged = contextual_tokens(features[b, slots], keys[b, slots], contextual, self.merge)
-            hosts = slots[targets]  # a contextual token lives in its target's slot
-            hidden[b, hosts] = ctx.project(merged).to(hidden.dtype)
-            replaced[b, hosts] = True
-            order[b, hosts] += keep.shape[1]  # after every dominant token, in target order
+            groups = view_groups(view[b], ctx.visual[b])
+            for slots, budget in zip(groups, apportion([len(g) for g in groups], total)):
+                dominant, contextual = split_budget(budget)
+                ranked = torch.sort(score[b, slots].float(), descending=True, stable=True).indices
+                keep[b, slots[ranked[:dominant]]] = True
+                rest = slots[torch.sort(ranked[dominant:]).values]  # the non-dominant tokens, in order
+                if contextual == 0 or len(rest) == 0:
+                    continue
+                targets, merged = contextual_tokens(features[b, rest], keys[b, rest], contextual, self.merge)
+                hosts = rest[targets]  # a contextual token lives in its target's slot
+                hidden[b, hosts] = ctx.project(merged).to(hidden.dtype)
+                replaced[b, hosts] = True
         keep = keep | replaced
-        return MergeDecision(keep=keep, hidden=hidden, replaced=replaced, order=order)
+        return MergeDecision(keep=keep, hidden=hidden, replaced=replaced, order=packing_order(geometry, replaced))
+
+
+def packing_order(geometry, contextual: torch.Tensor) -> torch.Tensor:
+    """[B, S] float64 sort key of the kept visual tokens, the reference's packing: per image, the base
+    view (crop 0) then the other crops; in each, dominant tokens in slot order, then contextual
+    tokens (contextual [B, S] bool), in the other crops crop by crop; slot order within. Without
+    separate views (`geometry.view` None): per image, dominant then contextual tokens."""
+    slot = torch.arange(contextual.shape[1], device=contextual.device, dtype=torch.float64).expand(contextual.shape)
+    if geometry.view is None:  # one tower view per image (LLaVA-1.5; InternVL's tiles select together)
+        crop = torch.zeros_like(geometry.crop, dtype=torch.float64)
+    else:
+        crop = geometry.crop.clamp_min(0).double()
+    section = (crop > 0).double()
+    crops = float(crop.max()) + 1 if crop.numel() else 1.0
+    group = ((geometry.image.clamp_min(0).double() * 2 + section) * 2 + contextual.double()) * crops
+    return (group + torch.where(contextual, crop, 0.0)) * contextual.shape[1] + slot

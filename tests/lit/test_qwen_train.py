@@ -19,7 +19,7 @@ from atp.data.processor import QwenImageProcessor
 from atp.export import load_pruned
 from atp.lit.evaluate_run import run_evaluation
 from atp.lit.run import run_training
-from atp.models.adapter import MODEL_INPUTS
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.models.build import load_vlm
 from tests.lit.test_train import ROOT, TINY_MODEL, compose_train, tiny_data
 
@@ -87,7 +87,7 @@ def test_atp_trains_exports_loads_and_evaluates_on_qwen(qwen_base, tmp_path):
     # on the processor's batches, the loaded model prunes in drop mode as in mask mode (eval: hard decisions);
     # two steps leave the thresholds near their start (keep all), so they are moved into the score range here
     loader = prompt_loader(data / "test.json", data / "images", processor, max_samples=4, batch_size=4)
-    batch = {k: v for k, v in next(iter(loader)).items() if k in MODEL_INPUTS}
+    batch = {k: v for k, v in next(iter(loader)).items() if k in MODEL_INPUT_KEYS}
     assert batch["image_grid_thw"].tolist() == [[1, 24, 24]] * 4 and "mm_token_type_ids" in batch
     with torch.no_grad():
         for module in loaded.modules_by_layer.values():

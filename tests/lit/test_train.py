@@ -32,6 +32,9 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     r"Example: python train\.py experiment=atp_qwen2_5_vl",
     "fitprune_qwen2_5_vl": r"model\.path=None \(a local Qwen/Qwen2\.5-VL-7B-Instruct directory.*"
     r"fit\.calibration_json=None.*Example: python train\.py experiment=fitprune_qwen2_5_vl",
+    "atp_llava_next": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava_next",
+    "fitprune_llava_next": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
+    r"experiment=fitprune_llava_next",
 }
 TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen")  # build their model from scratch
 TINY_MODEL = [
