@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import atp
+from atp.models import get_adapter
 from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.token.atp import ATPPruner, atp_losses
 
