@@ -50,8 +50,8 @@ def test_next_records_become_model_inputs(tmp_path):
     processor = tiny_next_processor()
     dataset = LlavaConversationDataset(tmp_path / "data.json", tmp_path, processor)
     items = [dataset[0], dataset[1]]
-    assert [item["image_sizes"].tolist() for item in items] == [[h, w] for w, h in SIZES]
-    assert [item["pixel_values"].shape[0] for item in items] == [3, 5]  # base view + crops
+    assert [item["images"]["image_sizes"].tolist() for item in items] == [[[h, w]] for w, h in SIZES]
+    assert [item["images"]["pixel_values"].shape[1] for item in items] == [3, 5]  # base view + crops
     batch = collate(items, pad_token_id=processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (2, 5, 3, CROP, CROP) and (batch["pixel_values"][0, 3:] == 0).all()
 

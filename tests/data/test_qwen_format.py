@@ -11,7 +11,7 @@ from PIL import Image
 from atp.data.llava_format import LlavaConversationDataset, collate, to_messages
 from atp.data.processor import build_qwen_processor, load_processor
 from atp.data.shapes import vocabulary, write_dataset
-from atp.models.adapter import MODEL_INPUTS
+from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.models.build import build_testbed_qwen
 
 
@@ -56,7 +56,7 @@ def test_a_collated_batch_runs_a_qwen_model(shapes_dir, processor, tmp_path, fam
     assert batch["pixel_values"].shape == (2 * 576, 3 * 2 * 14 * 14) and batch["image_grid_thw"].shape == (2, 3)
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == processor.image_token_id).long())
     model = build_testbed_qwen(processor, family, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     with torch.no_grad():
         logits = model.eval()(**inputs).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()

@@ -32,13 +32,24 @@ def tower_outputs(model, batch):
 
 def brute_force_fastervlm(model, batch, specs, keep_ratio: float) -> list[list[int]]:
     """FasterVLM's rule as loops: vision layer -2's [CLS] row of each tile, averaged over heads, summed
-    over a visual token's 4 patches; keep the top round(N * ratio) of the sample, ties to the earlier."""
+    over a visual token's 4 patches; the sample keeps round(N * ratio), split over its images in
+    proportion to their tokens (floors, then the largest remainders, ties to the earlier image); each
+    image keeps its top tokens (all its tiles together), ties to the earlier."""
     cls = tower_outputs(model, batch).attentions[-2][:, :, 0].mean(1)  # [tiles, 1 + 64]
     kept = []
     for places in token_places(batch, specs):
         scores = [sum(float(cls[tile, p]) for p in patches(row, col)) for _, tile, row, col in places]
-        count = int(kept_count(torch.tensor([len(scores)]), keep_ratio)[0])
-        kept.append(sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:count]))
+        total = int(kept_count(torch.tensor([len(scores)]), keep_ratio)[0])
+        images = sorted({image for image, _, _, _ in places})
+        members = [[i for i, place in enumerate(places) if place[0] == image] for image in images]
+        shares = [total * len(m) // len(places) for m in members]
+        by_remainder = sorted(range(len(members)), key=lambda g: (-(total * len(members[g]) % len(places)), g))
+        for g in by_remainder[: total - sum(shares)]:
+            shares[g] += 1
+        chosen = []
+        for group, share in zip(members, shares):
+            chosen += sorted(group, key=lambda i: (-scores[i], i))[:share]
+        kept.append(sorted(chosen))
     return kept
 
 
@@ -119,14 +130,6 @@ def test_visionzip_matches_brute_force_over_all_tiles():
             assert stats.kept[0][b].tolist() == dominant, (mode, b)
             assert stats.visual_tokens[b].tolist() == [total] * 4
             assert_close(logits[b], stock[b], rtol=1e-4, atol=1e-5)
-
-
-def test_visionzip_refuses_several_images_in_a_prompt():
-    model = internvl_model()
-    atp.apply(model, atp.build_pruner("visionzip", keep_tokens=12))
-    with pytest.raises(ValueError, match="prompts with several images are not supported"):
-        with torch.no_grad():
-            model(**internvl_batch(RAGGED))
 
 
 def test_visionzip_generate_continues_the_merged_prefix():
