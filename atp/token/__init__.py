@@ -9,6 +9,7 @@ from atp.token import (  # noqa: F401
     fastervlm,
     fastv,
     fitprune,
+    flowcut,
     none,
     pdrop,
     random_tokens,
