@@ -152,7 +152,9 @@ def cost_report(config, stats: PruningStats, bytes_per_element: int = 2) -> Cost
     vision = {}
     if stats.vision_tokens is not None and getattr(config, "vision_config", None) is not None:
         full = torch.full_like(stats.vision_tokens, int(stats.vision_input_tokens))
-        vision = dict(vision_flops=vision_flops(config, stats.vision_tokens), vision_flops_unpruned=vision_flops(config, full))
+        vision = dict(
+            vision_flops=vision_flops(config, stats.vision_tokens), vision_flops_unpruned=vision_flops(config, full)
+        )
     return CostReport(
         flops=prefill_flops(config, stats.tokens),
         flops_unpruned=prefill_flops(config, unpruned),

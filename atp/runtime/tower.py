@@ -212,7 +212,10 @@ class TowerPruning:
         runs = len(state.layer_index)
         if runs != layout.depth:
             raise RuntimeError(f"the vision tower ran {runs} of its {layout.depth} layers; expected all of them.")
-        final_index, final_valid = state.layer_index[layout.feature_layers - 1], state.layer_valid[layout.feature_layers - 1]
+        final_index, final_valid = (
+            state.layer_index[layout.feature_layers - 1],
+            state.layer_valid[layout.feature_layers - 1],
+        )
         images = final_index.shape[0]
         kept = torch.zeros(images, layout.tokens, dtype=torch.bool, device=final_index.device)
         kept.scatter_(1, torch.where(final_valid, final_index, 0), final_valid)
@@ -280,7 +283,8 @@ class TowerPruning:
 
     def take_survivors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(survivors [I, image_tokens] bool, tokens per tower layer [I, depth]) of the last tower pass,
-        handed to one LLM prefill, then forgotten."""
+        handed to the next LLM prefill, then forgotten. The pass may run outside the model's forward:
+        `generate` encodes the images first and hands the features over as `mm_encoder_outputs`."""
         survivors, tokens = self.survivors, self.vision_tokens
         self.survivors = self.vision_tokens = None
         return survivors, tokens

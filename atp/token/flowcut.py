@@ -60,8 +60,12 @@ class FlowCut(TokenPruner):
     ) -> None:
         super().__init__((), position_ids)
         self.budget = TokenBudget(self.name, keep_ratio=keep_ratio, keep_tokens=keep_tokens)
-        if last_layer is not None and (isinstance(last_layer, bool) or not isinstance(last_layer, int) or last_layer < 1):
-            raise ValueError(f"flowcut: last_layer must be a vision layer >= 1 (or None: the default), got {last_layer!r}.")
+        if last_layer is not None and (
+            isinstance(last_layer, bool) or not isinstance(last_layer, int) or last_layer < 1
+        ):
+            raise ValueError(
+                f"flowcut: last_layer must be a vision layer >= 1 (or None: the default), got {last_layer!r}."
+            )
         self.last_layer = last_layer
         self.share_count = bool(share_count)
 

@@ -112,7 +112,9 @@ def test_pruned_llava_equals_stock_llm_on_the_kept_features(model_factory, attn)
             assert stats.kept[0][b].tolist() == CUTS[3][b], (mode, b)
             assert stats.visual_tokens[b].tolist() == [len(CUTS[3][b])] * 4
             assert_close(logits[b], expected_logits[b], rtol=1e-4, atol=1e-5)
-        assert stats.vision_tokens.tolist() == [[17, 1 + len(CUTS[1][b]), 1 + len(CUTS[1][b])] + [1 + len(CUTS[3][b])] * 2 for b in range(3)]
+        assert stats.vision_tokens.tolist() == [
+            [17, 1 + len(CUTS[1][b]), 1 + len(CUTS[1][b])] + [1 + len(CUTS[3][b])] * 2 for b in range(3)
+        ]
         assert stats.vision_input_tokens == NUM_VISUAL + 1
 
 
@@ -158,17 +160,11 @@ def test_errors_for_bad_tower_cuts(model_factory):
         atp.apply(model, FixedCut({DEPTH - 1: [[0]]}))
     with pytest.raises(ValueError, match="past the tower's depth"):
         atp.apply(model, atp.build_pruner("flowcut", keep_tokens=4, last_layer=DEPTH + 2))
-    atp.apply(model, FixedCut({1: [[0, 1]]}))
     batch = make_batch(RAGGED[:1], seed=3)
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    with torch.no_grad():  # image features encoded by the stock tower, then handed to the pruned model
+        encoded = model.model.get_image_features(pixel_values=batch["pixel_values"])
+    atp.apply(model, FixedCut({1: [[0, 1]]}))
     with pytest.raises(ValueError, match="tower did not run"), torch.no_grad():
-        model(input_ids=batch["input_ids"], mm_encoder_outputs={"image": _Encoded(features)})
+        model(input_ids=batch["input_ids"], mm_encoder_outputs={"image": encoded})
     atp.remove(model)
     assert get_adapter(model).tower_layout().feature_layers == DEPTH - 1
-
-
-class _Encoded(dict):
-    def __init__(self, pooler_output):
-        super().__init__(pooler_output=pooler_output)
-        self.pooler_output = pooler_output
