@@ -46,13 +46,13 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int) -> d
         return {"keep_ratio": tokens / num_visual}
     if name == "pdrop":
         return pdrop_schedule(tokens, num_visual, num_layers)
-    if name in ("visionzip", "flowcut"):
+    if name in ("visionzip", "flowcut", "zero_tprune"):
         return {"keep_tokens": tokens}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'flowcut', 'sparsevlm'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, 'pdrop', 'visionzip', 'flowcut', 'zero_tprune', 'sparsevlm'))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 

@@ -122,6 +122,8 @@ class TowerContext:
     tower:     `TowerLayout` of the family: prefix tokens, image offset, patches per image, feature layers
     attention: attention() -> [I, H, T, T] post-softmax attention of layer `layer - 1` (whose output is
                this stage's input), equal to HF eager's `output_attentions`; 0 on padding rows / columns
+    keys:      keys() -> [I, H, T, hd] key vectors (k_proj output split in heads) of layer `layer - 1`;
+               0 on padding slots
     values:    values() -> [I, H, T, hd] value vectors (v_proj output split in heads) of layer `layer - 1`;
                0 on padding slots
     scratch:   a dict that lives for one tower forward, for state a method carries between its stages
@@ -135,6 +137,7 @@ class TowerContext:
     index: torch.Tensor
     tower: TowerLayout
     attention: Callable[[], torch.Tensor]
+    keys: Callable[[], torch.Tensor]
     values: Callable[[], torch.Tensor]
     scratch: dict
 

@@ -149,7 +149,8 @@ class TowerPruning:
             index=torch.where(state.valid, state.index, -1),
             tower=layout,
             attention=lambda: self._attention(index),
-            values=lambda: self._values(index),
+            keys=lambda: self._projection(index, "key"),
+            values=lambda: self._projection(index, "value"),
             scratch=state.scratch,
         )
         keep = self.pruner.prune_vision(ctx)
@@ -195,11 +196,12 @@ class TowerPruning:
         probs = torch.softmax(scores, dim=-1)
         return probs.masked_fill(~valid[:, None, :, None], 0.0)
 
-    def _values(self, stage: int) -> torch.Tensor:
-        """[I, H, T, hd]: v_proj output of layer stage - 1 split in heads, 0 on padding."""
+    def _projection(self, stage: int, which: str) -> torch.Tensor:
+        """[I, H, T, hd]: the k_proj ("key") or v_proj ("value") output of layer stage - 1 split in heads,
+        0 on padding."""
         capture, attn = self._capture(stage)
-        value = capture.value.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
-        return value.masked_fill(~self._pass.valid[:, None, :, None], 0.0)
+        projected = getattr(capture, which).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+        return projected.masked_fill(~self._pass.valid[:, None, :, None], 0.0)
 
     def _end(self, _module, _args, output):
         state, layout = self._pass, self.layout

@@ -16,6 +16,7 @@ from atp.token import (  # noqa: F401
     sparsevlm,
     spatial,
     visionzip,
+    zero_tprune,
 )
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]
