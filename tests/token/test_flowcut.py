@@ -140,3 +140,13 @@ def test_flowcut_budgets_and_errors(model_factory):
         atp.build_pruner("flowcut", last_layer=0)
     with pytest.raises(ValueError, match=r"no \[CLS\] token"):
         atp.apply(qwen_model("qwen2_vl"), atp.build_pruner("flowcut", keep_tokens=4))
+
+
+def test_flowcut_config_builds_the_pruner():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf/pruner/flowcut.yaml"))
+    pruner = atp.build_pruner(spec.pop("name"), **spec)
+    assert pruner.name == "flowcut" and pruner.prunes_in_tower()

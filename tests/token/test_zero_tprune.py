@@ -140,3 +140,13 @@ def test_zero_tprune_arguments_and_errors(model_factory):
     atp.remove(model)
     with pytest.raises(ValueError, match=r"no \[CLS\] token"):
         atp.apply(qwen_model("qwen2_vl"), atp.build_pruner("zero_tprune", keep_tokens=4))
+
+
+def test_zero_tprune_config_builds_the_pruner():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf/pruner/zero_tprune.yaml"))
+    pruner = atp.build_pruner(spec.pop("name"), **spec)
+    assert pruner.name == "zero_tprune" and pruner.prunes_in_tower()
