@@ -65,18 +65,17 @@ class LlavaAdapter(VLMAdapter):
             )
         if not -(depth + 1) <= feature_layer <= depth:
             raise ValueError(f"vision_feature_layer {feature_layer} is outside the tower's {depth + 1} hidden states.")
-        has_cls = getattr(self.vision_transformer.embeddings, "class_embedding", None) is not None
-        drops_first = config.vision_feature_select_strategy == "default"
-        if drops_first and not has_cls:
+        if getattr(self.vision_transformer.embeddings, "class_embedding", None) is None:
             raise ValueError(
-                "vision_feature_select_strategy='default' drops the tower's first token, but this tower has no "
-                "[CLS] token; in-tower pruning cannot tell which patch the LLM loses."
+                f"pruning inside the vision tower needs a [CLS] token, and the vision tower "
+                f"{type(self.vision_tower).__name__} has none (SigLIP-style towers also pool over every token, "
+                "which a cut would change). Use a method that prunes at the LLM input or inside the LLM."
             )
         rows, cols = self.image_grid
         return TowerLayout(
             depth=depth,
-            prefix=int(has_cls),
-            image_offset=int(drops_first),
+            prefix=1,
+            image_offset=int(config.vision_feature_select_strategy == "default"),
             patches=rows * cols,
             feature_layers=feature_layer % (depth + 1),
         )

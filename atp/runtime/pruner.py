@@ -120,8 +120,9 @@ class TowerContext:
     prunable:  [I, T] bool, patch tokens present (valid, not prefix): the only slots a decision may drop
     index:     [I, T] long, each slot's original tower index ([CLS] = 0, patch p = prefix + p); -1 in padding
     tower:     `TowerLayout` of the family: prefix tokens, image offset, patches per image, feature layers
-    attention: attention() -> [I, H, T, T] post-softmax attention of layer `layer - 1` (whose output is
-               this stage's input), equal to HF eager's `output_attentions`; 0 on padding rows / columns
+    attention: attention(rows=None) -> [I, H, R, T] post-softmax attention of layer `layer - 1` (whose
+               output is this stage's input) for its first R query rows (all when rows is None; rows=1:
+               the [CLS] row), equal to HF eager's `output_attentions`; 0 on padding rows / columns
     keys:      keys() -> [I, H, T, hd] key vectors (k_proj output split in heads) of layer `layer - 1`;
                0 on padding slots
     values:    values() -> [I, H, T, hd] value vectors (v_proj output split in heads) of layer `layer - 1`;
@@ -136,7 +137,7 @@ class TowerContext:
     prunable: torch.Tensor
     index: torch.Tensor
     tower: TowerLayout
-    attention: Callable[[], torch.Tensor]
+    attention: Callable[..., torch.Tensor]
     keys: Callable[[], torch.Tensor]
     values: Callable[[], torch.Tensor]
     scratch: dict

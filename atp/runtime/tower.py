@@ -148,7 +148,7 @@ class TowerPruning:
             prunable=prunable,
             index=torch.where(state.valid, state.index, -1),
             tower=layout,
-            attention=lambda: self._attention(index),
+            attention=lambda rows=None: self._attention(index, rows),
             keys=lambda: self._projection(index, "key"),
             values=lambda: self._projection(index, "value"),
             scratch=state.scratch,
@@ -185,16 +185,18 @@ class TowerPruning:
             raise RuntimeError(f"vision layer {stage - 1}'s q/k/v were not captured in this tower forward.")
         return capture, self.adapter.vision_layers[stage - 1].self_attn
 
-    def _attention(self, stage: int) -> torch.Tensor:
-        """[I, H, T, T]: softmax(q k^T * scale + padding bias) of layer stage - 1, 0 on padding."""
+    def _attention(self, stage: int, rows: int | None) -> torch.Tensor:
+        """[I, H, R, T]: softmax(q k^T * scale + padding bias) of layer stage - 1 for the first R query
+        rows (all when rows is None), 0 on padding."""
         capture, attn = self._capture(stage)
         valid = self._pass.valid
-        query = capture.query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2).float()
+        query = capture.query if rows is None else capture.query[:, :rows]
+        query = query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2).float()
         key = capture.key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2).float()
         scores = (query @ key.transpose(2, 3)) * attn.scale
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        return probs.masked_fill(~valid[:, None, :, None], 0.0)
+        return probs.masked_fill(~valid[:, None, : probs.shape[2], None], 0.0)
 
     def _projection(self, stage: int, which: str) -> torch.Tensor:
         """[I, H, T, hd]: the k_proj ("key") or v_proj ("value") output of layer stage - 1 split in heads,

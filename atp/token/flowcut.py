@@ -93,8 +93,8 @@ class FlowCut(TokenPruner):
         keep = ctx.valid.clone()
         if not bool(active.any()):
             return keep
-        attention, values = ctx.attention().double(), ctx.values().double()  # [I, H, T, T], [I, H, T, hd]
-        relation = attention[:, :, 0].mean(1)  # [I, T] the [CLS] row ([CLS] sits in slot 0)
+        values = ctx.values().double()  # [I, H, T, hd]
+        relation = ctx.attention(rows=1)[:, :, 0].double().mean(1)  # [I, T] the [CLS] row ([CLS] sits in slot 0)
         logits = (values[:, :, :1] @ values.transpose(2, 3))[:, :, 0]  # [I, H, T]
         logits = logits.masked_fill(~ctx.valid[:, None], float("-inf"))
         semantic = torch.softmax(logits, dim=-1).mean(1)  # [I, T]
@@ -103,15 +103,17 @@ class FlowCut(TokenPruner):
         semantic_p = semantic.masked_fill(~ctx.prunable, 0.0)
         score = (relation_p / relation_p.sum(1, keepdim=True) + semantic_p / semantic_p.sum(1, keepdim=True)) * density
 
-        flow_by_index = ctx.scratch.setdefault("flowcut_flow", torch.zeros(images, tower.tokens, dtype=torch.float64))
-        seen = ctx.scratch.setdefault("flowcut_seen", torch.zeros(images, dtype=torch.bool))
-        index = ctx.index.clamp_min(0).cpu()
-        previous = torch.gather(flow_by_index, 1, index).to(score.device)
-        first = ~seen.to(score.device)[:, None]
-        flow = torch.where(first, score, FLOW_DECAY * previous + (1 - FLOW_DECAY) * score)
+        device = score.device
+        flow_by_index = ctx.scratch.setdefault(  # by original tower index, so it survives the gathers
+            "flowcut_flow", torch.zeros(images, tower.tokens, dtype=torch.float64, device=device)
+        )
+        seen = ctx.scratch.setdefault("flowcut_seen", torch.zeros(images, dtype=torch.bool, device=device))
+        index = ctx.index.clamp_min(0)
+        previous = torch.gather(flow_by_index, 1, index)
+        flow = torch.where(~seen[:, None], score, FLOW_DECAY * previous + (1 - FLOW_DECAY) * score)
         flow = torch.where(active[:, None] & ctx.prunable, flow, previous)
-        flow_by_index.scatter_(1, index, flow.cpu())
-        seen |= active.cpu()
+        flow_by_index.scatter_(1, index, flow)  # padding slots write the [CLS] entry's own value back
+        seen |= active
 
         remaining = self._last(tower) - ctx.layer
         if remaining % 2:

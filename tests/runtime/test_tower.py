@@ -13,7 +13,7 @@ import atp
 from atp.metrics import EncoderShape, cost_report, encoder_layer_macs
 from atp.models import get_adapter
 from atp.runtime.pruner import TokenPruner
-from tests.conftest import IMAGE, NUM_VISUAL, make_batch, single
+from tests.conftest import IMAGE, NUM_VISUAL, VOCAB, make_batch, single
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 DEPTH = 5  # tiny CLIP tower: LLaVA reads hidden_states[-2], the output of layer 3
@@ -168,3 +168,62 @@ def test_errors_for_bad_tower_cuts(model_factory):
         model(input_ids=batch["input_ids"], mm_encoder_outputs={"image": encoded})
     atp.remove(model)
     assert get_adapter(model).tower_layout().feature_layers == DEPTH - 1
+
+
+def tiny_siglip_llava():
+    """A tiny LLaVA whose tower has no [CLS] token (SigLIP), all its tokens passed on ("full")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from atp.models.tiny import tiny_llava_config
+
+    text = tiny_llava_config(vocab_size=VOCAB, grid=4).text_config
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE,
+        image_seq_length=NUM_VISUAL,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("name", ["flowcut", "zero_tprune"])
+def test_towers_without_cls_are_refused(name):
+    from tests.qwen_inputs import qwen_model
+
+    with pytest.raises(ValueError, match=r"needs a \[CLS\] token.*SiglipVisionModel has none"):
+        atp.apply(tiny_siglip_llava(), atp.build_pruner(name, keep_tokens=4))
+    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+        atp.apply(qwen_model("qwen2_vl"), atp.build_pruner(name, keep_tokens=4))
+
+
+def test_tower_attentions_come_back_on_the_grid(model_factory):
+    """output_attentions of the pruned tower: each layer's map over its own tokens, zeros elsewhere."""
+    model = model_factory(attn_implementation="eager", vision_layers=DEPTH)
+    batch = make_batch(RAGGED, seed=3)
+    atp.apply(model, FixedCut(CUTS))
+    with torch.no_grad():
+        out = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    atp.remove(model)
+    for image in range(3):
+        states = stock_tower_on_kept(model, batch["pixel_values"][image : image + 1], per_image(CUTS, image))
+        for layer_number, layer in enumerate(model.model.vision_tower.encoder.layers):
+            sequence, index = states[layer_number][0], states[layer_number + 1][1]
+            with torch.no_grad():
+                _, expected = layer.self_attn(
+                    layer.layer_norm1(
+                        sequence if layer_number not in CUTS else _cut(sequence, states[layer_number][1], index)
+                    )
+                )
+            got = out.attentions[layer_number][image]
+            assert_close(got[:, index][:, :, index], expected[0], rtol=1e-5, atol=1e-6)
+            assert float(got.sum()) == pytest.approx(len(index) * got.shape[0], rel=1e-5)  # nothing elsewhere
+
+
+def _cut(sequence, before, after):
+    """The rows of `sequence` (tokens `before`) that hold tokens `after`."""
+    return sequence[:, [before.index(i) for i in after]]

@@ -124,7 +124,6 @@ def test_zero_tprune_matches_brute_force_and_stock_llm(options):
 
 def test_zero_tprune_arguments_and_errors(model_factory):
     from atp.budget import budget_kwargs
-    from tests.qwen_inputs import qwen_model
 
     assert budget_kwargs("zero_tprune", 128, 576, 32) == {"keep_tokens": 128}
     model = model_factory(vision_layers=DEPTH)
@@ -138,8 +137,6 @@ def test_zero_tprune_arguments_and_errors(model_factory):
     with pytest.raises(ValueError, match="keep_tokens=40 is more than the 16"), torch.no_grad():
         model(**make_batch(RAGGED[:1]))
     atp.remove(model)
-    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
-        atp.apply(qwen_model("qwen2_vl"), atp.build_pruner("zero_tprune", keep_tokens=4))
 
 
 def test_zero_tprune_config_builds_the_pruner():
