@@ -288,9 +288,10 @@ class PruningRuntime:
             layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
         if self.tower is not None:
-            survivors, vision_tokens = self.tower.take_survivors()
+            survivors, vision_tokens, seconds = self.tower.take_survivors()
             if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
                 self._prefill.tower_survivors, self._prefill.vision_tokens = survivors, vision_tokens
+                self._prefill.scoring_seconds += seconds  # the in-tower cuts count as the pruner's time
             if self._prefill.tower_survivors is None and bool(parts.visual.any()):
                 raise ValueError(
                     f"{self.pruner.name} cuts tokens inside the vision tower, but the tower did not run in this "

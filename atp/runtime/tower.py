@@ -33,6 +33,7 @@ and `generate`'s length bookkeeping away from what the caller passed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ class _TowerPass:
         self.layer_index: list[torch.Tensor] = []  # per layer run: the index of its input slots
         self.layer_valid: list[torch.Tensor] = []
         self.scratch: dict[str, Any] = {}
+        self.scoring_seconds = 0.0  # wall time inside prune_vision (its scores and probes)
 
 
 class TowerPruning:
@@ -68,6 +70,7 @@ class TowerPruning:
         self._pass: _TowerPass | None = None
         self.survivors: torch.Tensor | None = None  # [I, image_tokens] bool, the last tower pass
         self.vision_tokens: torch.Tensor | None = None  # [I, depth] real tokens each tower layer ran on
+        self.scoring_seconds = 0.0  # of the last tower pass
         self._projector_slots: torch.Tensor | None = None
 
     def _check_stages(self) -> None:
@@ -153,7 +156,11 @@ class TowerPruning:
             values=lambda: self._projection(index, "value"),
             scratch=state.scratch,
         )
+        start = time.perf_counter()
         keep = self.pruner.prune_vision(ctx)
+        if hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        state.scoring_seconds += time.perf_counter() - start
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != state.valid.shape:
             shape = getattr(keep, "shape", type(keep).__name__)
             raise ValueError(
@@ -225,6 +232,7 @@ class TowerPruning:
         kept.scatter_(1, torch.where(final_valid, final_index, 0), final_valid)
         self.survivors = kept[:, layout.image_offset :]
         self.vision_tokens = torch.stack([valid.sum(1) for valid in state.layer_valid], 1).cpu()
+        self.scoring_seconds = state.scoring_seconds
         hidden_states = getattr(output, "hidden_states", None)
         if hidden_states is not None:
             # entry 0: the input of layer 0; entry j >= 1: the output of layer j - 1
@@ -285,10 +293,12 @@ class TowerPruning:
         full.scatter_(1, slots[..., None].expand(-1, -1, output.shape[-1]), output)
         return full[:, :tokens]
 
-    def take_survivors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(survivors [I, image_tokens] bool, tokens per tower layer [I, depth]) of the last tower pass,
+    def take_survivors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(survivors [I, image_tokens] bool, tokens per tower layer [I, depth], seconds spent in
+        `prune_vision`) of the last tower pass,
         handed to the next LLM prefill, then forgotten. The pass may run outside the model's forward:
         `generate` encodes the images first and hands the features over as `mm_encoder_outputs`."""
-        survivors, tokens = self.survivors, self.vision_tokens
+        survivors, tokens, seconds = self.survivors, self.vision_tokens, self.scoring_seconds
         self.survivors = self.vision_tokens = None
-        return survivors, tokens
+        self.scoring_seconds = 0.0
+        return survivors, tokens, seconds
