@@ -104,10 +104,14 @@ def test_pruned_llava_equals_stock_llm_on_the_kept_features(model_factory, attn)
             expected_logits.append(model.lm_head(lm(inputs_embeds=embeds).last_hidden_state)[0, -1])
     for mode in ("drop", "mask"):
         atp.apply(model, FixedCut(CUTS), mode=mode)
+        projected = []  # what the projector really receives (registered after atp's own hooks)
+        handle = projector.register_forward_pre_hook(lambda _m, args: projected.append(tuple(args[0].shape)))
         with torch.no_grad():
             logits = model(**batch).logits[:, -1]
+        handle.remove()
         stats = atp.stats(model)
         atp.remove(model)
+        assert projected == [(3, max(len(kept) for kept in CUTS[3]), 32)]  # survivors only, padded to 7
         for b in range(3):
             assert stats.kept[0][b].tolist() == CUTS[3][b], (mode, b)
             assert stats.visual_tokens[b].tolist() == [len(CUTS[3][b])] * 4
