@@ -47,6 +47,7 @@ class EvaluationResult:
     latency_low: float | None = None  # min / max over the timed rounds of the per-round ratio
     latency_high: float | None = None
     latency_rounds: int = 0
+    vision_flops_ratio: float | None = None  # vision-tower FLOPs pruned / unpruned (in-tower pruners only)
 
     @property
     def latency(self) -> LatencyRatio | None:
@@ -147,6 +148,7 @@ def evaluate(
     tokenizer = processor.tokenizer
     config = model.config.text_config
     per_sample, flops, flops_unpruned, kv, kv_unpruned = [], 0.0, 0.0, 0.0, 0.0
+    tower, tower_unpruned = 0.0, 0.0  # vision-tower FLOPs, never added to the LLM's
     per_layer = torch.zeros(config.num_hidden_layers, dtype=torch.float64)
     for batch in progress(loader, f"evaluating {method}", unit="batch"):
         inputs = _model_inputs(batch, device, processor, blind)
@@ -156,7 +158,10 @@ def evaluate(
         texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         if pruned:
             stats = atp.stats(model)
-            report = cost_report(config, stats)
+            report = cost_report(model.config, stats)
+            if report.vision_flops is not None:
+                tower += float(report.vision_flops.sum())
+                tower_unpruned += float(report.vision_flops_unpruned.sum())
             flops += float(report.flops.sum())
             flops_unpruned += float(report.flops_unpruned.sum())
             kv += float(report.kv_bytes.sum())
@@ -201,6 +206,7 @@ def evaluate(
         num_samples=len(per_sample),
         per_sample=per_sample,
         visual_tokens_per_layer=(per_layer / max(1, len(per_sample))).tolist(),
+        vision_flops_ratio=tower / tower_unpruned if tower_unpruned else None,
     )
     if latency is not None:
         result.set_latency(latency)
@@ -254,7 +260,8 @@ def markdown_table(results: list[EvaluationResult]) -> str:
         cells += [
             f"{r.avg_visual_tokens:.1f}",
             f"{r.input_visual_tokens:.1f}",
-            f"{100 * r.flops_ratio:.1f} %",
+            f"{100 * r.flops_ratio:.1f} %"
+            + ("" if r.vision_flops_ratio is None else f" (tower {100 * r.vision_flops_ratio:.1f} %)"),
             f"{100 * r.kv_ratio:.1f} %",
             _latency_cell(r),
             "-" if r.spearman_tokens_objects is None else f"{r.spearman_tokens_objects:.2f}",

@@ -135,3 +135,30 @@ def test_blind_controls_change_the_images_only(setup):
     assert not torch.allclose(blank, real)
     with pytest.raises(ValueError, match="blind must be None or one of"):
         evaluate(model, processor, loader, "bad", blind="zeros")
+
+
+def test_evaluate_reports_the_vision_towers_flops_apart(setup):
+    """An in-tower pruner: the tower's FLOPs ratio from the accounting module over every prompt,
+    shown beside the LLM's, which stays the LLM's alone."""
+    from atp.models.build import build_testbed_llava
+
+    _, processor, loader = setup
+    model = build_testbed_llava(
+        processor, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+        vision_hidden=32, vision_layers=4, calibration_images=8,
+    ).eval()  # fmt: skip
+    atp.apply(model, atp.build_pruner("flowcut", keep_tokens=64), mode="drop")
+    result = evaluate(model, processor, loader, "flowcut", latency_batches=0)
+    tower = torch.zeros(4, dtype=torch.float64)
+    for batch in loader:
+        with torch.no_grad():
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+        report = cost_report(model.config, atp.stats(model))
+        parts = (report.vision_flops, report.vision_flops_unpruned, report.flops, report.flops_unpruned)
+        tower += torch.tensor([float(part.sum()) for part in parts], dtype=torch.float64)
+        assert atp.stats(model).kept[0][0].numel() == 64
+    assert 0 < result.vision_flops_ratio < 1
+    assert result.vision_flops_ratio == pytest.approx(float(tower[0] / tower[1]), rel=1e-6)
+    assert result.flops_ratio == pytest.approx(float(tower[2] / tower[3]), rel=1e-6)
+    assert f"(tower {100 * result.vision_flops_ratio:.1f} %)" in markdown_table([result])
+    atp.remove(model)

@@ -13,6 +13,15 @@ Norms, RoPE, softmax and activations are not counted (they are not matmuls), nor
 projection biases (Qwen2's q/k/v) or the LM head. Every family reads its own text config
 (`DecoderShape.from_config`): LLaVA's Llama/Vicuna, Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The vision
 encoder and the pruner's own scoring are reported separately, never folded in.
+
+Vision tower (reported only when a pruner cuts inside it, `PruningStats.vision_tokens`), MACs of
+one encoder layer (CLIP-style: width d, MLP width m) with n tokens:
+
+    4*n*d^2         q, k, v, out projections
+  + 2*n^2*d         QK^T and AV
+  + 2*n*d*m         fc1, fc2
+
+per image, every layer the tower runs (LLaVA-1.5 runs all 24 although it reads layer 22's output).
 """
 
 from __future__ import annotations
@@ -79,6 +88,37 @@ def layer_shapes(config, num_layers: int) -> list[DecoderShape]:
     ]
 
 
+@dataclass(frozen=True)
+class EncoderShape:
+    """The sizes of one vision-tower encoder layer (CLIP / SigLIP style) that its cost depends on."""
+
+    hidden: int
+    mlp: int
+
+    @classmethod
+    def from_config(cls, config) -> EncoderShape:
+        """From a vision config, or a multimodal config holding one (`vision_config`)."""
+        config = getattr(config, "vision_config", config)
+        return cls(hidden=int(config.hidden_size), mlp=int(config.intermediate_size))
+
+
+def encoder_layer_macs(tokens: torch.Tensor | int, shape: EncoderShape) -> torch.Tensor:
+    """MACs of one vision encoder layer for `tokens` tokens (any shape, elementwise)."""
+    n = torch.as_tensor(tokens, dtype=torch.float64)
+    return 4 * n * shape.hidden**2 + 2 * n * n * shape.hidden + 2 * n * shape.hidden * shape.mlp
+
+
+def vision_flops(config, tokens_per_layer: torch.Tensor) -> torch.Tensor:
+    """[I] FLOPs of the vision tower per image; tokens_per_layer: [I, Lv] tokens each tower layer ran on."""
+    tokens = torch.as_tensor(tokens_per_layer)
+    shape = EncoderShape.from_config(config)
+    return 2 * encoder_layer_macs(tokens, shape).sum(-1)
+
+
+def _layer_shapes(config, num_layers: int) -> list[DecoderShape]:
+    return [DecoderShape.from_config(config)] * num_layers
+
+
 def prefill_flops(config, tokens_per_layer: torch.Tensor) -> torch.Tensor:
     """[B] prefill FLOPs of the decoder stack; tokens_per_layer: [B, L] tokens each layer processed."""
     tokens = torch.as_tensor(tokens_per_layer)
@@ -103,6 +143,15 @@ class CostReport:
     flops_unpruned: torch.Tensor
     kv_bytes: torch.Tensor
     kv_bytes_unpruned: torch.Tensor
+    vision_flops: torch.Tensor | None = None  # [I] per image, when the pruner cut inside the tower
+    vision_flops_unpruned: torch.Tensor | None = None
+
+    @property
+    def vision_flops_ratio(self) -> float | None:
+        """Total pruned / unpruned vision-tower FLOPs over the batch's images (None: tower not pruned)."""
+        if self.vision_flops is None:
+            return None
+        return float(self.vision_flops.sum() / self.vision_flops_unpruned.sum())
 
     @property
     def flops_ratio(self) -> float:
@@ -115,11 +164,20 @@ class CostReport:
 
 
 def cost_report(config, stats: PruningStats, bytes_per_element: int = 2) -> CostReport:
-    """Analytic FLOPs and KV bytes of the prefill `stats` describe, and of the unpruned model."""
+    """Analytic FLOPs and KV bytes of the prefill `stats` describe, and of the unpruned model.
+    config: the text config, or the model's config (then the vision tower's FLOPs are reported too,
+    separately, where the pruner cut inside the tower)."""
     unpruned = stats.input_tokens[:, None].expand_as(stats.tokens)
+    vision = {}
+    if stats.vision_tokens is not None and getattr(config, "vision_config", None) is not None:
+        full = torch.full_like(stats.vision_tokens, int(stats.vision_input_tokens))
+        vision = dict(
+            vision_flops=vision_flops(config, stats.vision_tokens), vision_flops_unpruned=vision_flops(config, full)
+        )
     return CostReport(
         flops=prefill_flops(config, stats.tokens),
         flops_unpruned=prefill_flops(config, unpruned),
         kv_bytes=kv_cache_bytes(config, stats.tokens, bytes_per_element),
         kv_bytes_unpruned=kv_cache_bytes(config, unpruned, bytes_per_element),
+        **vision,
     )

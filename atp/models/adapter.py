@@ -12,6 +12,8 @@ what differs is how images become tokens and how positions work. An adapter answ
     `image_newline`), which the runtime never prunes nor counts as visual tokens, and what of
     the multimodal model's call inputs it needs to know that (`read_inputs`);
   * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none);
+  * how the tower's token sequence maps to the LLM's image tokens, for pruning inside the tower
+    (`tower_layout`; raises where the family's tower cannot be pruned between layers);
   * how position ids are split into the 1-D text position (`[B, S]`, used for position
     compaction and decode continuation) and the rotary ids (`[B, S, R]`, R axes: 1 for plain
     RoPE, 3 for Qwen's M-RoPE), which the layout carries per token so that kept tokens keep
@@ -86,6 +88,37 @@ class VisualGeometry:
     def token_in_crop(self) -> torch.Tensor:
         """[B, S] long raster index of each visual token within its crop (row * cols + col); -1 elsewhere."""
         return torch.where(self.row >= 0, self.row * self.cols + self.col, -1)
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """How one image's token sequence in the vision tower maps to the LLM's image tokens.
+
+    depth:          encoder layers of the tower
+    prefix:         tokens before the patch tokens ([CLS]: 1), never pruned by the runtime
+    image_offset:   tower index of the LLM's image token 0 (1 when the [CLS] is dropped before the
+                    projector, 0 when it is passed on as an image token)
+    patches:        patch tokens per image
+    feature_layers: tower layers that run before the hidden state the projector reads (LLaVA-1.5
+                    reads the output of layer 22 of 24: 23); a cut before layer k changes the
+                    projector's input only for k < feature_layers
+    """
+
+    depth: int
+    prefix: int
+    image_offset: int
+    patches: int
+    feature_layers: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image at the tower input (prefix + patches)."""
+        return self.prefix + self.patches
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image the LLM receives without pruning."""
+        return self.tokens - self.image_offset
 
 
 def empty_geometry(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -194,6 +227,14 @@ class VLMAdapter:
                 "Use a method that scores the LLM's tokens (fastv, divprune, random, spatial)."
             )
         return view
+
+    def tower_layout(self) -> TowerLayout:
+        """How the tower's tokens map to image tokens (in-tower pruning). Raises a clear error for a
+        family whose tower cannot be pruned between its layers."""
+        raise ValueError(
+            f"pruning inside the vision tower is not supported for {type(self.model).__name__}; "
+            "use a method that prunes at the LLM input or inside the LLM."
+        )
 
     # -- facts ---------------------------------------------------------------------
     @property

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from atp.models.adapter import VisualGeometry, VLMAdapter
+from atp.models.adapter import TowerLayout, VisualGeometry, VLMAdapter
 
 
 class LlavaAdapter(VLMAdapter):
@@ -51,6 +51,34 @@ class LlavaAdapter(VLMAdapter):
                 "one (e.g. divprune, spatial, fastv) with this model."
             )
         return 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+
+    def tower_layout(self) -> TowerLayout:
+        """CLIP-style towers: one sequence per image, [CLS] (if any) first, then the patches in raster
+        order; LLaVA reads `hidden_states[vision_feature_layer]` (entry j = output of layer j - 1)."""
+        config = self.model.config
+        depth = len(self.vision_layers)
+        feature_layer = config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"pruning inside the vision tower needs one vision_feature_layer; this model concatenates the "
+                f"hidden states of layers {list(feature_layer)}, which would each need their own cut."
+            )
+        if not -(depth + 1) <= feature_layer <= depth:
+            raise ValueError(f"vision_feature_layer {feature_layer} is outside the tower's {depth + 1} hidden states.")
+        if getattr(self.vision_transformer.embeddings, "class_embedding", None) is None:
+            raise ValueError(
+                f"pruning inside the vision tower needs a [CLS] token, and the vision tower "
+                f"{type(self.vision_tower).__name__} has none (SigLIP-style towers also pool over every token, "
+                "which a cut would change). Use a method that prunes at the LLM input or inside the LLM."
+            )
+        rows, cols = self.image_grid
+        return TowerLayout(
+            depth=depth,
+            prefix=1,
+            image_offset=int(config.vision_feature_select_strategy == "default"),
+            patches=rows * cols,
+            feature_layers=feature_layer % (depth + 1),
+        )
 
     # -- facts ---------------------------------------------------------------------
     @property

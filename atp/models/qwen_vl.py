@@ -62,6 +62,14 @@ class QwenVLAdapter(VLMAdapter):
             "does not need one (fastv, pdrop, sparsevlm, divprune, random, fitprune) with this model."
         )
 
+    def tower_layout(self):
+        raise ValueError(
+            f"pruning inside the vision tower is not supported for {type(self.model).__name__}: its tower runs "
+            "the patches of all images as one flattened sequence (cu_seqlens, windowed attention in Qwen2.5-VL), "
+            "has no [CLS] token, and merges 2x2 patches into one image token after its last layer. Use a method "
+            "that prunes at the LLM input or inside the LLM with this model."
+        )
+
     # -- images ------------------------------------------------------------------------
     @property
     def merge_size(self) -> int:

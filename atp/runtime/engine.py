@@ -15,7 +15,9 @@ Nothing of transformers is forked or globally patched. On one model instance we 
   * a forward hook on the final norm, which scatters the surviving tokens back to their
     original positions, so logits, labels and `logits_to_keep` keep their HF meaning
     (positions of dropped tokens get a zero hidden state);
-  * forward hooks on q_proj/k_proj of the layers a pruner probes.
+  * forward hooks on q_proj/k_proj of the layers a pruner probes;
+  * for a pruner that cuts inside the vision tower, the hooks of `atp.runtime.tower`; the
+    positions of the tokens cut there are removed before decoder layer 0 (see that module).
 
 KV cache: each layer's cache holds only the tokens that layer saw; decode steps attend to
 the cached prefix through that layer's prefill layout and continue original positions.
@@ -45,6 +47,7 @@ from atp.runtime.stage import (
     remaining_visual,
 )
 from atp.runtime.stats import PruningStats
+from atp.runtime.tower import TowerPruning
 
 MODES = ("drop", "mask")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -88,6 +91,8 @@ class _Prefill:
         self.cache = None
         self.additions: list[torch.Tensor] = []  # [N, d] rows added to visual tokens after layer i
         self.sublayer: dict[int, dict[str, torch.Tensor]] = {}  # layer -> part -> [B, S] by original position
+        self.tower_survivors: torch.Tensor | None = None  # [I, image tokens] bool, what the tower's cuts kept
+        self.vision_tokens: torch.Tensor | None = None  # [I, tower layers] real tokens each tower layer ran on
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -131,6 +136,7 @@ class PruningRuntime:
         for layer in self.sublayer_layers:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"{pruner.name}: sub-layer layer {layer} is outside 0..{self.num_layers - 1}.")
+        self.tower = TowerPruning(self.adapter, pruner) if pruner.prunes_in_tower() else None
         self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
@@ -156,6 +162,8 @@ class PruningRuntime:
             tower = adapter.vision_tower
             self._handles.append(tower.register_forward_pre_hook(lambda *_: self._arm_vision(True)))
             self._handles.append(tower.register_forward_hook(lambda *_: self._arm_vision(False)))
+        if self.tower is not None:
+            self._handles.extend(self.tower.install())
         if self.pruner.needs_vision_features:
             self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
         for index, capture in self.vision_captures.items():
@@ -317,6 +325,16 @@ class PruningRuntime:
         self._prefill = _Prefill(
             layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
+        if self.tower is not None:
+            survivors, vision_tokens, seconds = self.tower.take_survivors()
+            if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
+                self._prefill.tower_survivors, self._prefill.vision_tokens = survivors, vision_tokens
+                self._prefill.scoring_seconds += seconds  # the in-tower cuts count as the pruner's time
+            if self._prefill.tower_survivors is None and bool(parts.visual.any()):
+                raise ValueError(
+                    f"{self.pruner.name} cuts tokens inside the vision tower, but the tower did not run in this "
+                    "forward (image features passed precomputed?). Pass pixel_values to the pruned model."
+                )
         self._decode = None
         for capture in self.captures.values():
             capture.clear()
@@ -411,6 +429,8 @@ class PruningRuntime:
             state.cache = cache
         if 0 < index <= len(state.additions):
             hidden = self._add_visual(hidden, state.additions[index - 1])
+        if index == 0 and state.tower_survivors is not None:
+            hidden = self._apply_tower_cut(hidden)
         if index in self.pruner.layers:
             hidden = self._run_stage(index, hidden)
         previous = state.layer_inputs[index - 1] if index > 0 else None
@@ -481,6 +501,27 @@ class PruningRuntime:
             layout = apply_mask(layout, decision, compact)
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
+        return hidden
+
+    def _apply_tower_cut(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Before decoder layer 0: remove the image tokens the vision tower's cuts removed (their
+        placeholders hold zero features); `kept[0]` records the image tokens that reach the LLM."""
+        state = self._prefill
+        layout, survivors = state.layout, state.tower_survivors
+        images = int(state.geometry.image.max()) + 1
+        if images != survivors.shape[0]:
+            raise RuntimeError(
+                f"the prompt holds {images} images but the vision tower ran on {survivors.shape[0]}; the runtime "
+                "cannot tell which image's cut belongs to which placeholders."
+            )
+        keep = self._per_visual_slot(survivors.to(hidden.device, torch.float32), layout, 0) > 0.5
+        compact = self.position_policy == "compact"
+        if self.mode == "drop":
+            layout, hidden = apply_drop(layout, hidden, keep, compact)
+        else:
+            layout = apply_mask(layout, keep, compact)
+        state.layout = layout
+        state.kept[0] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
         return hidden
 
     def _context(self, index: int, hidden: torch.Tensor) -> PruneContext:
@@ -685,6 +726,8 @@ class PruningRuntime:
             input_tokens=state.input_tokens.cpu(),
             soft_visual_tokens=torch.stack([_soft_count(lay) for lay in layouts], 1).detach().cpu(),
             scoring_seconds=state.scoring_seconds,
+            vision_tokens=state.vision_tokens,
+            vision_input_tokens=None if self.tower is None else self.tower.layout.tokens,
             mode=self.mode,
             pruner=self.pruner.name,
         )

@@ -27,15 +27,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 
 class ProjectionCapture:
-    """Holds the q/k projection outputs of one decoder layer during a prefill."""
+    """Holds the q/k (and, for vision-tower cuts, v) projection outputs of one layer during a forward."""
 
     def __init__(self) -> None:
         self.armed = False
         self.query: torch.Tensor | None = None  # [B, S, H * hd]
         self.key: torch.Tensor | None = None  # [B, S, H_kv * hd]
+        self.value: torch.Tensor | None = None  # [B, S, H_kv * hd]
 
     def clear(self) -> None:
-        self.query = self.key = None
+        self.query = self.key = self.value = None
 
     def hook(self, which: str):
         def store(_module: nn.Module, _inputs, output: torch.Tensor) -> None:

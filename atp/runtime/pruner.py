@@ -3,7 +3,9 @@
 The runtime owns this contract; the methods in `atp.token` implement it (they import this
 module, never the reverse). A pruner is a scoring rule. The runtime calls `pruner.prune(ctx)` before each decoder
 layer in `pruner.layers` and applies the decision (drop or mask). The pruner never
-touches hidden states, caches or masks itself.
+touches hidden states, caches or masks itself. A pruner that acts inside the vision tower
+implements `vision_prune_layers` and `prune_vision(ctx: TowerContext)` instead (or as well):
+the runtime calls it before those tower layers (`atp.runtime.tower`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from atp.models.adapter import VisualGeometry
+from atp.models.adapter import TowerLayout, VisualGeometry
 
 POSITION_POLICIES = ("reference", "original", "compact")
 """How kept tokens are numbered after pruning: "original" (each token keeps its position and rotary
@@ -126,6 +128,45 @@ class PruneContext:
         return self.visual.sum(1)
 
 
+@dataclass
+class TowerContext:
+    """What an in-tower pruner sees before vision-tower layer `layer`. One row per image ([I, T]
+    tensors use the tower's current slots: the prefix ([CLS]) first, then the surviving patch
+    tokens in their original order, then padding where images of a batch keep different counts).
+
+    layer:     vision layer about to run (its input is what gets pruned)
+    hidden:    [I, T, dv] hidden states entering `layer`
+    valid:     [I, T] bool, real tokens (False: padding of a ragged batch)
+    prunable:  [I, T] bool, patch tokens present (valid, not prefix): the only slots a decision may drop
+    index:     [I, T] long, each slot's original tower index ([CLS] = 0, patch p = prefix + p); -1 in padding
+    tower:     `TowerLayout` of the family: prefix tokens, image offset, patches per image, feature layers
+    attention: attention(rows=None) -> [I, H, R, T] post-softmax attention of layer `layer - 1` (whose
+               output is this stage's input) for its first R query rows (all when rows is None; rows=1:
+               the [CLS] row), equal to HF eager's `output_attentions`; 0 on padding rows / columns
+    keys:      keys() -> [I, H, T, hd] key vectors (k_proj output split in heads) of layer `layer - 1`;
+               0 on padding slots
+    values:    values() -> [I, H, T, hd] value vectors (v_proj output split in heads) of layer `layer - 1`;
+               0 on padding slots
+    scratch:   a dict that lives for one tower forward, for state a method carries between its stages
+               (e.g. FlowCut's cumulative scores, kept by original index)
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    prunable: torch.Tensor
+    index: torch.Tensor
+    tower: TowerLayout
+    attention: Callable[..., torch.Tensor]
+    keys: Callable[[], torch.Tensor]
+    values: Callable[[], torch.Tensor]
+    scratch: dict
+
+    def patch_counts(self) -> torch.Tensor:
+        """[I] long: patch tokens present per image."""
+        return self.prunable.sum(1)
+
+
 class TokenPruner(nn.Module):
     """Base class: subclasses set `name`, and implement `prune` (and `probe_layers` if needed).
 
@@ -155,7 +196,7 @@ class TokenPruner(nn.Module):
     def __init__(self, layers: int | list[int] | tuple[int, ...], position_ids: str = "original"):
         super().__init__()
         layer_list = [layers] if isinstance(layers, int) else list(layers)
-        if not layer_list and self.name != "none":
+        if not layer_list and self.name != "none" and not self.prunes_in_tower():
             raise ValueError(f"{self.name}: give at least one layer to prune at.")
         if sorted(set(layer_list)) != layer_list:
             raise ValueError(f"{self.name}: layers must be strictly increasing, got {layer_list}.")
@@ -214,6 +255,21 @@ class TokenPruner(nn.Module):
         """The vision layers to capture in a tower of `depth` layers, for pruners whose set depends
         on the depth (e.g. every layer from one on); called when `vision_probe_layers()` is not empty."""
         return self.vision_probe_layers()
+
+    @classmethod
+    def prunes_in_tower(cls) -> bool:
+        """Whether the method acts inside the vision tower (implements `prune_vision`)."""
+        return cls.prune_vision is not TokenPruner.prune_vision
+
+    def vision_prune_layers(self, tower: TowerLayout) -> tuple[int, ...]:
+        """Vision-tower layers before which `prune_vision` runs (strictly increasing, each in
+        1..tower.feature_layers - 1 so that the cut changes the features the projector reads)."""
+        return ()
+
+    def prune_vision(self, ctx: TowerContext) -> torch.Tensor:
+        """[I, T] bool keep mask over the tower's current slots (prefix and padding slots are kept /
+        ignored whatever it says). Only in-tower pruners implement it."""
+        raise NotImplementedError
 
     def validate(self, num_layers: int) -> None:
         """Raise a clear error if the pruner cannot run on a model with `num_layers` layers."""

@@ -24,6 +24,10 @@ class PruningStats:
                    without pruning)
     soft_visual_tokens: [B, L] float, sum of soft keep weights per layer (mask mode)
     scoring_seconds: wall time spent inside the pruner (scores and probes), this prefill
+    vision_tokens: [I, Lv] long, real tokens each vision-tower layer ran on, per image, when the
+                   pruner cuts inside the tower (None otherwise: the tower ran unpruned)
+    vision_input_tokens: tokens per image at the tower input (what every tower layer runs on
+                   unpruned), set with vision_tokens
     """
 
     visual_tokens: torch.Tensor
@@ -33,6 +37,8 @@ class PruningStats:
     input_tokens: torch.Tensor
     soft_visual_tokens: torch.Tensor
     scoring_seconds: float = 0.0
+    vision_tokens: torch.Tensor | None = None
+    vision_input_tokens: int | None = None
     mode: str = "drop"
     pruner: str = ""
     extras: dict = field(default_factory=dict)

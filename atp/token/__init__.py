@@ -12,6 +12,7 @@ from atp.token import (  # noqa: F401
     fastervlm,
     fastv,
     fitprune,
+    flowcut,
     hiprune,
     holov,
     none,
@@ -23,6 +24,7 @@ from atp.token import (  # noqa: F401
     visionzip,
     vispruner,
     vtc_cls,
+    zero_tprune,
 )
 
 __all__ = ["MergeDecision", "PruneContext", "TokenPruner", "available_pruners", "build_pruner", "register"]
