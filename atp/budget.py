@@ -23,7 +23,9 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
 # budgets given as a count of kept tokens per image
-KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner", "flowcut", "zero_tprune")
+KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")
+IN_TOWER_METHODS = ("flowcut", "zero_tprune")  # keep_tokens = the image tokens that leave the tower
+SCHEDULED_METHODS = ("pdrop", "sparsevlm", "dart", "transprune", "aim")  # their own rules below
 
 
 def pdrop_schedule(tokens: int, num_visual: int, num_layers: int) -> dict:
@@ -52,7 +54,7 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int, visi
         return pdrop_schedule(tokens, num_visual, num_layers)
     if name in KEEP_TOKENS_METHODS:
         return {"keep_tokens": tokens, **vision_layer_settings(name, vision_layers)}
-    if name == "dart":  # the reference's arithmetic keeps 4 + 8 x (T // 8) tokens, 132 for 128
+    if name in (*IN_TOWER_METHODS, "dart"):  # dart: the reference's arithmetic keeps 4 + 8 x (T // 8), 132 for 128
         return {"keep_tokens": tokens}
     if name == "sparsevlm":
         return sparsevlm_schedule(tokens, num_visual, num_layers)
@@ -62,7 +64,7 @@ def budget_kwargs(name: str, tokens: int, num_visual: int, num_layers: int, visi
         return aim_schedule(tokens, num_visual, num_layers)
     raise ValueError(
         f"no token-budget rule for pruner {name!r}; budgets apply to "
-        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, 'pdrop', 'sparsevlm', 'dart', 'transprune', 'aim'))} "
+        f"{sorted((*KEEP_RATIO_METHODS, *KEEP_TOKENS_METHODS, *IN_TOWER_METHODS, *SCHEDULED_METHODS))} "
         "(fitprune takes a FLOPs budget: see budget_flops_ratio)."
     )
 

@@ -514,7 +514,9 @@ class PruningRuntime:
                 f"the prompt holds {images} images but the vision tower ran on {survivors.shape[0]}; the runtime "
                 "cannot tell which image's cut belongs to which placeholders."
             )
-        keep = self._per_visual_slot(survivors.to(hidden.device, torch.float32), layout, 0) > 0.5
+        geometry = self._prefill.geometry
+        rows = (geometry.tower_view(), geometry.token_in_crop().clamp_min(0))  # survivors are [I, image tokens]
+        keep = self._per_visual_slot(survivors.to(hidden.device, torch.float32), layout, rows) > 0.5
         compact = self.position_policy == "compact"
         if self.mode == "drop":
             layout, hidden = apply_drop(layout, hidden, keep, compact)
