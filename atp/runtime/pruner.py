@@ -70,11 +70,18 @@ class PruneContext:
                        layer `layer` (listed in vision_probe_layers); 0 on other slots
     vision_features:   vision_features() -> [B, S, dv]: every visual slot's image feature at the
                        projector input (pruners with `needs_vision_features`); 0 elsewhere
+    vision_attention:  vision_attention(layer) -> [B, H, S0, S0] at original positions: the attention
+                       of vision layer `layer` (listed in vision_probe_layers) from visual token i to
+                       visual token j of the same tower input (tokens of P patches: mean over i's,
+                       sum over j's); 0 elsewhere
+    patch_pixels:      patch_pixels() -> [B, S0, P, C, ph, pw] at original positions: the pixel patches
+                       of each visual token (pruners with `needs_pixels`); 0 elsewhere
     project:           project(features [..., dv]) -> [..., d]: the model's multimodal projector
     input_embeds:      [B, S0, d] the LLM input embeddings in original positions (S0 >= S)
     input_visual:      [B, S0] bool image tokens, original positions
     input_instruction: [B, S0] bool instruction tokens, original positions
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
+    input_geometry:    `atp.models.adapter.VisualGeometry` of the original positions ([B, S0] fields)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
     """
@@ -94,12 +101,15 @@ class PruneContext:
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None
+    vision_attention: Callable[[int], torch.Tensor] | None = None
+    patch_pixels: Callable[[], torch.Tensor] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     input_embeds: torch.Tensor | None = None
     input_visual: torch.Tensor | None = None
     input_instruction: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     geometry: VisualGeometry | None = None
+    input_geometry: VisualGeometry | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -119,6 +129,7 @@ class TokenPruner(nn.Module):
     #: the position policy of the method's reference code (on LLaVA): "original" or "compact"
     reference_position_ids: ClassVar[str] = "original"
     needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
+    needs_pixels: ClassVar[bool] = False  # capture the vision tower's pixel_values (ctx.patch_pixels)
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)

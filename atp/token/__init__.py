@@ -14,6 +14,7 @@ from atp.token import (  # noqa: F401
     random_tokens,
     sparsevlm,
     spatial,
+    vflowopt,
     visionzip,
 )
 

@@ -27,6 +27,7 @@ PRUNERS = {
     "atp": dict(num_layers=4, layers=[1, 3]),
     "fastervlm": dict(keep_ratio=0.25),
     "visionzip": dict(keep_tokens=12),
+    "vflowopt": dict(layers=[0, 2], keep_ratios=[0.5, 0.5], t=1.0, alpha=0.3, merge_grid=2.0, setting=None),
 }
 
 
