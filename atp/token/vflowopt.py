@@ -70,7 +70,7 @@ def importance_map(
 
 
 def load_recipe(path: str | Path) -> dict:
-    """The fitted settings of a JSON written by the search job: keep_ratios, t, alpha, merge_grid, layers."""
+    """The settings of a JSON written by the search job: layers, keep_ratios, t, alpha, merge_grid, vision_layer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vflowopt: recipe file {path} does not exist; fit one with train.py job=vflowopt.")
@@ -79,7 +79,7 @@ def load_recipe(path: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"vflowopt: recipe file {path} is not valid JSON ({error}); refit it.") from error
     recipe = content.get("recipe") if isinstance(content, dict) else None
-    wanted = {"layers", "keep_ratios", "t", "alpha", "merge_grid"}
+    wanted = {"layers", "keep_ratios", "t", "alpha", "merge_grid", "vision_layer"}
     if not isinstance(recipe, dict) or not wanted <= set(recipe):
         raise ValueError(f"vflowopt: {path} holds no recipe with {sorted(wanted)}; refit it.")
     return recipe
@@ -110,8 +110,8 @@ class VFlowOpt(TokenPruner):
     ) -> None:
         fitted = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
         if fitted is not None:
-            layers, keep_ratios, t, alpha, merge_grid = (
-                fitted[k] for k in ("layers", "keep_ratios", "t", "alpha", "merge_grid")
+            layers, keep_ratios, t, alpha, merge_grid, vision_layer = (
+                fitted[k] for k in ("layers", "keep_ratios", "t", "alpha", "merge_grid", "vision_layer")
             )
             keep_tokens = None
         elif setting is not None:
