@@ -210,3 +210,64 @@ def test_keep_tokens_over_the_image_is_refused(model_factory):
     with pytest.raises(ValueError, match="keep_tokens=40 at layer 0 is more than the 16"):
         with torch.no_grad():
             model(**batch)
+
+
+def test_vflowopt_on_internvl_tiles_matches_brute_force():
+    """InternVL [ours]: a visual token holds 2x2 tower patches; its attention to another token is the mean over
+    its 4 patches' rows of the sum over the other's 4 patches, its entropy that of its 16 pixels, per tile."""
+    from tests.internvl_inputs import SIDE, internvl_batch, internvl_model, token_places
+    from tests.token.test_internvl_vision_side import patches, tower_outputs
+
+    specs = [(2, [3], 3), (3, [], 6), (1, [2, 1], 2)]
+    model = internvl_model()
+    batch = internvl_batch(specs)
+    attentions = tower_outputs(model, batch).attentions[-1].mean(1)  # [tiles, 65, 65]
+    t, alpha, ratios = 1.0, 0.3, (0.5, 0.5)
+    reference = []
+    for places in token_places(batch, specs):
+        score = {}
+        for tile in sorted({p[1] for p in places}):
+            tokens = [i for i, p in enumerate(places) if p[1] == tile]
+            cells = [patches(places[i][2], places[i][3]) for i in tokens]
+            block = [[sum(float(attentions[tile, q, k]) for q in a for k in b) / 4 for b in cells] for a in cells]
+            n = len(tokens)
+            received = [sum(block[i][j] for i in range(n)) / n for j in range(n)]
+            chosen = [i for i in range(n) if received[i] > t * sum(received) / n] or list(range(n))
+            pixels = batch["pixel_values"][tile]
+            entropy = []
+            for i in tokens:
+                row, col = places[i][2], places[i][3]
+                entropy.append(entropy_by_loops(pixels[:, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]))
+            norm = sum(math.exp(e) for e in entropy)
+            for j, i in enumerate(tokens):
+                score[i] = sum(block[c][j] for c in chosen) / len(chosen) + alpha * math.exp(entropy[j]) / norm
+        kept = list(range(len(places)))
+        stages = []
+        for ratio in ratios:
+            n = len(kept)
+            kept = sorted(sorted(kept, key=lambda i: (-score[i], i))[: n - round(n * (1 - ratio))])
+            stages.append(kept)
+        reference.append(stages)
+    assert SIDE == 8
+    build = lambda: atp.build_pruner(  # noqa: E731
+        "vflowopt", layers=[0, 2], keep_ratios=ratios, t=t, alpha=alpha, merge_grid=None, setting=None, vision_layer=-1
+    )
+    for mode in ("drop", "mask"):
+        atp.apply(model, build(), mode=mode)
+        with torch.no_grad():
+            model(**batch)
+        stats = atp.stats(model)
+        atp.remove(model)
+        for b in range(len(specs)):
+            for stage, layer in enumerate((0, 2)):
+                assert stats.kept[layer][b].tolist() == (reference[b][stage] if reference[b] else []), (mode, b, layer)
+
+
+def test_vflowopt_refuses_qwen_vl():
+    from tests.qwen_inputs import qwen_model
+
+    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+        atp.apply(
+            qwen_model("qwen2_vl"),
+            atp.build_pruner("vflowopt", layers=[0, 2], keep_ratios=[0.5, 0.5], position_ids="original"),
+        )
