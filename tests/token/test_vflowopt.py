@@ -271,3 +271,61 @@ def test_vflowopt_refuses_qwen_vl():
             qwen_model("qwen2_vl"),
             atp.build_pruner("vflowopt", layers=[0, 2], keep_ratios=[0.5, 0.5], position_ids="original"),
         )
+
+
+def test_vflowopt_generate_continues_the_recycled_prefix(model_factory):
+    """generate (KV cache, compact positions) with one recycling stage before the LLM equals greedy decoding of
+    the stock LLM on the brute-force shortened input: kept tokens and each cell's map-weighted mean in input order."""
+    samples = [(2, 2, 3), (6, 1, 1), (1, 3, 2)]
+    batch = multi_image_batch(samples, seed=9)
+    model = model_factory(attn_implementation="eager")
+    ratios, t, alpha, grid = (0.5,), 1.0, 0.3, 2.0
+    stages, hosts, scores = brute_force_vflowopt(model, batch, ratios, t, alpha, grid)
+    lm = model.model.language_model
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"])
+    features = torch.cat(list(getattr(features, "pooler_output", features))).reshape(-1, lm.config.hidden_size)
+    model.set_attn_implementation("sdpa")
+    atp.apply(model, atp.build_pruner("vflowopt", layers=[0], keep_ratios=ratios, t=t, alpha=alpha, merge_grid=grid))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)[:, -3:]
+    atp.remove(model)
+    first_image = 0
+    for b, (prefix, images, suffix) in enumerate(samples):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+        own = features[first_image * NUM_VISUAL : (first_image + images) * NUM_VISUAL]
+        first_image += images
+        score, n = scores[b], images * NUM_VISUAL
+        order = sorted(range(n), key=lambda j: (-float(score[j]), j))
+        deleted = order[n - round(n * (1 - ratios[0])) - int(n / (grid * grid)) :]
+        rows = {}
+        for j in stages[b][0]:
+            if j not in hosts[b]:
+                rows[j] = own[j]
+                continue
+            image, token = divmod(j, NUM_VISUAL)
+            cell = (token // GRID // grid, token % GRID // grid)
+            members = [
+                k
+                for k in deleted
+                if k // NUM_VISUAL == image and (k % NUM_VISUAL // GRID // grid, k % NUM_VISUAL % GRID // grid) == cell
+            ]
+            weights = torch.tensor([float(score[k]) for k in members])
+            rows[j] = (weights[:, None] / weights.sum() * own[members]).sum(0)
+        with torch.no_grad():
+            text = model.get_input_embeddings()(ids.clamp_max(VOCAB - 2))
+        pieces, number = [], 0
+        for position in range(len(ids)):
+            if int(ids[position]) != IMAGE:
+                pieces.append(text[position])
+            elif number in rows:
+                pieces.append(rows[number])
+            number += int(ids[position]) == IMAGE
+        embeds = torch.stack(pieces)[None]
+        tokens = []
+        with torch.no_grad():
+            for _ in range(3):
+                token = model.lm_head(lm(inputs_embeds=embeds).last_hidden_state)[0, -1].argmax()
+                tokens.append(int(token))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(token)[None, None]], 1)
+        assert generated[b].tolist() == tokens, b
