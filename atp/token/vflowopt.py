@@ -78,11 +78,19 @@ def load_recipe(path: str | Path) -> dict:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"vflowopt: recipe file {path} is not valid JSON ({error}); refit it.") from error
-    recipe = content.get("recipe") if isinstance(content, dict) else None
-    wanted = {"layers", "keep_ratios", "t", "alpha", "merge_grid", "vision_layer"}
-    if not isinstance(recipe, dict) or not wanted <= set(recipe):
-        raise ValueError(f"vflowopt: {path} holds no recipe with {sorted(wanted)}; refit it.")
-    return recipe
+    return checked_recipe(content.get("recipe") if isinstance(content, dict) else None, str(path))
+
+
+RECIPE_KEYS = ("layers", "keep_ratios", "t", "alpha", "merge_grid", "vision_layer")
+
+
+def checked_recipe(recipe, source: str = "the recipe") -> dict:
+    """The recipe mapping with every key the pruner needs (RECIPE_KEYS), or a clear error."""
+    if not hasattr(recipe, "keys") or not set(RECIPE_KEYS) <= set(recipe.keys()):
+        raise ValueError(
+            f"vflowopt: {source} holds no recipe with {list(RECIPE_KEYS)}; refit it (train.py job=vflowopt)."
+        )
+    return {key: recipe[key] for key in RECIPE_KEYS}
 
 
 @register
@@ -110,9 +118,7 @@ class VFlowOpt(TokenPruner):
     ) -> None:
         fitted = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
         if fitted is not None:
-            layers, keep_ratios, t, alpha, merge_grid, vision_layer = (
-                fitted[k] for k in ("layers", "keep_ratios", "t", "alpha", "merge_grid", "vision_layer")
-            )
+            layers, keep_ratios, t, alpha, merge_grid, vision_layer = checked_recipe(fitted).values()
             keep_tokens = None
         elif setting is not None:
             if setting not in SETTINGS:

@@ -485,6 +485,25 @@ def test_vflowopt_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, c
         )
     result = run_evaluation(cfg)
     assert result.method.startswith("vflowopt") and result.flops_ratio < 1.0
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={base_model}",
+                "pruner=vflowopt",
+                "pruner.vision_layer=-1",
+                "budget_tokens=64",
+                "fit_calibration_samples=4",
+                "vflowopt_calls=3",
+                "vflowopt_initial_points=2",
+                f"output_dir={tmp_path}/budget",
+                "latency_repeats=1",
+                "latency_batches=1",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    budgeted = run_evaluation(cfg)
+    assert budgeted.method == "vflowopt @ 64 tokens" and budgeted.flops_ratio < 1.0
 
 
 def test_budget_evaluations_collect_into_one_table(base_model, tmp_path):
