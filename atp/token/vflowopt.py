@@ -28,8 +28,8 @@ import torch
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, register
 from atp.token.selection import check_keep_ratio, top_k_per_sample
 
-# Published settings of the official code (LLaVA-OneVision-7B, stages before the ViT's output and LLM
-# layers 9 and 18), by the share of visual tokens kept on average: (t, alpha, merge_grid, keep_ratios).
+# Published settings of the official code (LLaVA-OneVision-7B; stages before the LLM and before LLM layers
+# 9 and 18), named by the average share of visual tokens kept: (t, alpha, merge_grid, keep_ratios).
 SETTINGS = {
     "50%": (28.683047941520474, 0.0, 11.756787150848968, (0.7233201448753168, 0.748747637472693, 0.487)),
     "25%": (34.759552803070484, 0.0, 15.580797034937687, (0.2651026358526424, 0.9833433139039235, 0.8773258179532721)),
