@@ -110,10 +110,11 @@ RAGGED = [(2, 2, 3), (6, 1, 1), (1, 3, 2)]
 
 @pytest.mark.parametrize("samples", [RAGGED, RAGGED[:1]], ids=["batch3", "batch1"])
 @pytest.mark.parametrize("grid", [None, 2.0])
-def test_vflowopt_matches_brute_force_under_sdpa_and_eager(model_factory, samples, grid):
+@pytest.mark.parametrize("ratios", [(0.5, 0.5), (0.84375, 0.5)])  # 16 x 0.15625 = 2.5: Python rounds to 2
+def test_vflowopt_matches_brute_force_under_sdpa_and_eager(model_factory, samples, grid, ratios):
     batch = multi_image_batch(samples, seed=3)
     model = model_factory(attn_implementation="eager")
-    ratios, t, alpha = (0.5, 0.5), 1.0, 0.3
+    t, alpha = 1.0, 0.3
     stages, hosts, _ = brute_force_vflowopt(model, batch, ratios, t, alpha, grid)
     build = lambda: atp.build_pruner(  # noqa: E731
         "vflowopt", layers=LAYERS, keep_ratios=ratios, t=t, alpha=alpha, merge_grid=grid, setting=None
