@@ -492,6 +492,7 @@ class PruningRuntime:
             origin=layout.index,
             geometry=state.geometry.gather(layout.index, layout.visual & layout.valid),
             input_geometry=state.geometry,
+            valid=layout.valid,
         )
 
     def _per_visual_slot(
@@ -589,7 +590,11 @@ class PruningRuntime:
             query, key = project_qk(self.adapter.layers[layer], hidden)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
-        elif layer == stage - 1 and layer in self.captures:
+        elif (
+            layer < stage
+            and layer in self.captures
+            and (layer == stage - 1 or state.layer_inputs[layer].layout is state.layout)
+        ):  # an earlier layer that saw the current slots
             capture = self.captures[layer]
             if capture.query is None or capture.key is None:
                 raise RuntimeError(f"layer {layer}'s q/k projections were not captured in this forward.")
@@ -599,7 +604,8 @@ class PruningRuntime:
         else:
             raise ValueError(
                 f"{self.pruner.name}: before layer {stage} the probe can read layer {stage} (computed on "
-                f"demand) or layer {stage - 1} if listed in probe_layers(); asked for layer {layer}."
+                f"demand), or an earlier layer listed in probe_layers() that saw the current tokens (layer "
+                f"{stage - 1}, or earlier when no stage pruned in between); asked for layer {layer}."
             )
         return self.adapter.layers[layer].self_attn, query, key, rotary, mask
 

@@ -81,6 +81,7 @@ class PruneContext:
     input_visual:      [B, S0] bool image tokens, original positions
     input_instruction: [B, S0] bool instruction tokens, original positions
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
+    valid:             [B, S] bool slots holding a real token (not padding, not a fill slot)
     input_geometry:    `atp.models.adapter.VisualGeometry` of the original positions ([B, S0] fields)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
@@ -110,6 +111,7 @@ class PruneContext:
     origin: torch.Tensor | None = None
     geometry: VisualGeometry | None = None
     input_geometry: VisualGeometry | None = None
+    valid: torch.Tensor | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""

@@ -5,6 +5,7 @@ package registers every method by name."""
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, available_pruners, build_pruner, register
 from atp.token import (  # noqa: F401
     atp,
+    catp,
     divprune,
     fastervlm,
     fastv,
