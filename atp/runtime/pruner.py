@@ -58,7 +58,8 @@ class PruneContext:
                        (LLaVA-1.5), None when images have their own grids (see `geometry`)
     mode:              "drop" or "mask"
     attention:         attention(layer, queries [B, Q]) -> [B, H, Q, S] post-softmax
-                       probabilities of decoder layer `layer` (this one or the previous one)
+                       probabilities of decoder layer `layer`: this one, or an earlier one listed in
+                       probe_layers() that saw the current slots (the previous one always does)
     attention_received: attention_received(layer, weights [B, n, S], heads="mean"|"max",
                        exclude_self=False) -> [B, n, S]: sum_i weights[b, n, i] * A[b, i, j], the
                        attention each slot j receives from weighted queries, without holding
