@@ -54,17 +54,18 @@ def icl_parts(image: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
     the last prompt token. Raises when an image's tokens are not one contiguous block."""
     sample = torch.full_like(image, -1)
     for b in range(image.shape[0]):
+        for number in image[b][image[b] >= 0].unique().tolist():
+            positions = (image[b] == number).nonzero()[:, 0]
+            if int(positions[-1] - positions[0]) + 1 != len(positions):
+                raise ValueError(
+                    f"catp: the tokens of image {number} of sample {b} are not one contiguous block; CATP needs each "
+                    "image as one run of tokens followed by its paired text (interleaved in-context prompts), which "
+                    "this input does not give."
+                )
         current = -1
         for position in range(int(last_prompt[b]) + 1):
-            number = int(image[b, position])
-            if number >= 0 and number != current:
-                if bool((image[b, :position] == number).any()):
-                    raise ValueError(
-                        f"catp: the tokens of image {number} of sample {b} are not one contiguous block; CATP "
-                        "needs each image as one run of tokens followed by its paired text (interleaved in-context "
-                        "prompts), which this model's prompt layout does not give."
-                    )
-                current = number
+            if int(image[b, position]) >= 0:
+                current = int(image[b, position])
             sample[b, position] = current
     return sample
 

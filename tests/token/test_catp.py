@@ -159,6 +159,15 @@ def test_catp_refuses_what_it_cannot_prune(model_factory):
         with torch.no_grad():
             model(**multi_image_batch([(2, 2, 1), (1, 1, 3)]))
     atp.remove(model)
+    split = multi_image_batch([(2, 2, 1)])
+    ids = split["input_ids"][0].tolist()
+    first = ids.index(IMAGE)
+    ids = ids[: first + 8] + [5, 6] + ids[first + 8 :]  # image 0's tokens split by text: not an ICL layout
+    atp.apply(model, atp.build_pruner("catp", layer=K))
+    with pytest.raises(ValueError, match="not one contiguous block"):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]), pixel_values=split["pixel_values"])
+    atp.remove(model)
     with pytest.raises(ValueError, match="K must be at most 1"):
         atp.apply(model, atp.build_pruner("catp", layer=2))
     with pytest.raises(ValueError, match="layer K must be an integer >= 1"):
