@@ -155,3 +155,26 @@ def budget_flops_ratio(tokens: int, num_visual: int, text_tokens: float, config,
     schedule = torch.tensor([[num_visual] * cut + [tokens] * (layers - cut)], dtype=torch.float64)
     pruned = prefill_flops(config, text_tokens + schedule)
     return float(pruned / prefill_flops(config, torch.full_like(schedule, text_tokens + num_visual)))
+
+
+VFLOWOPT_STAGE_FRACTIONS = (0.0, 9 / 28, 18 / 28)  # the official stages, before the LLM and LLM layers 9, 18 of 28
+
+
+def vflowopt_budget(tokens: int, num_visual: int, num_layers: int) -> dict:
+    """VFlowOpt's search settings for a retained-token budget: the official stages scaled to the model's depth,
+    the target average share `tokens / num_visual` (VFlowOpt states its budgets as the average share of visual
+    tokens over the decoder layers), and the official search box with the first stage's bounds scaled with the
+    target (official: [0.25, 0.375] for a target of 0.25, i.e. [target, 1.5 target])."""
+    if not 0 < tokens <= num_visual:
+        raise ValueError(f"a budget of {tokens} tokens must be in 1..{num_visual} (the visual tokens per image).")
+    layers = [round(fraction * num_layers) for fraction in VFLOWOPT_STAGE_FRACTIONS]
+    if len(set(layers)) < len(layers) or layers[-1] >= num_layers:
+        raise ValueError(f"vflowopt needs at least 3 decoder layers for its three stages, the model has {num_layers}.")
+    target = tokens / num_visual
+    space = {
+        "keep_ratios": [[target, min(1.0, 1.5 * target)], [0.2 / 0.375, 1.0]],
+        "t": [0.0, 50.0],
+        "merge_grid": [3.0, 24.0],
+        "alpha": [-1.0, 1.0],
+    }
+    return {"layers": layers, "target": target, "space": space}

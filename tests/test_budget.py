@@ -112,3 +112,19 @@ def test_vision_layers_scale_from_clip_l_to_the_tower():
     assert budget_kwargs("hiprune", 64, 576, 32, vision_layers=12)["object_layer"] == 5  # int(4.5 + 0.5)
     assert budget_kwargs("hiprune", 64, 576, 32, vision_layers=2)["object_layer"] == 1
     assert budget_kwargs("vispruner", 64, 576, 32, vision_layers=2) == {"keep_tokens": 64}
+
+
+def test_vflowopt_budget_scales_the_official_stages_and_box():
+    from atp.budget import vflowopt_budget
+
+    official = vflowopt_budget(144, 576, 28)
+    assert official["layers"] == [0, 9, 18] and official["target"] == 0.25
+    assert official["space"]["keep_ratios"] == [[0.25, 0.375], [0.2 / 0.375, 1.0]]  # the official box at 0.25
+    llava = vflowopt_budget(64, 576, 32)
+    assert llava["layers"] == [0, 10, 21] and llava["target"] == pytest.approx(64 / 576)
+    assert llava["space"]["keep_ratios"][0] == pytest.approx([64 / 576, 96 / 576])
+    assert vflowopt_budget(4, 16, 3)["layers"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least 3 decoder layers"):
+        vflowopt_budget(4, 16, 2)
+    with pytest.raises(ValueError, match=r"must be in 1\.\.16"):
+        vflowopt_budget(17, 16, 8)

@@ -36,7 +36,8 @@ def method_label(cfg: DictConfig, pruner) -> str:
 
 def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     """cfg.pruner with its budget arguments set for `budget_tokens` retained visual tokens;
-    fitprune first fits its recipe, to the prefill FLOPs FastV spends at that budget."""
+    fitprune first fits its recipe, to the prefill FLOPs FastV spends at that budget; vflowopt first
+    searches its settings (`vflowopt_budgeted_config`)."""
     from atp.budget import budget_flops_ratio, budget_kwargs
 
     spec = OmegaConf.to_container(cfg.pruner, resolve=False)
@@ -50,6 +51,8 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
             "Set the pruner's own budget instead (e.g. pruner.keep_ratio=0.25) and leave budget_tokens unset."
         )
     num_visual, text = grid[0] * grid[1], model.config.text_config
+    if spec.get("name") == "vflowopt":
+        return vflowopt_budgeted_config(cfg, spec, model, processor)
     if spec.get("name") != "fitprune":
         vision_layers = getattr(getattr(model.config, "vision_config", None), "num_hidden_layers", None)
         budget = budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers, vision_layers)
@@ -65,6 +68,28 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     budget = budget_flops_ratio(cfg.budget_tokens, num_visual, float(prompt_text.double().mean()), text)
     best, _ = FitPruneFitter(model, batches, budget).fit()
     return {**spec, "recipe": best.recipe}
+
+
+def vflowopt_budgeted_config(cfg: DictConfig, spec: dict, model, processor) -> dict:
+    """cfg.pruner for VFlowOpt at `budget_tokens`: the recipe its flow-guided search finds on the calibration
+    prompts for the average share budget_tokens / visual tokens (`atp.budget.vflowopt_budget`)."""
+    from atp.budget import vflowopt_budget
+    from atp.calibration.vflowopt import VFlowOptSearch
+    from atp.lit.fitprune_run import calibration_batches
+
+    num_visual, num_layers = model.config.image_seq_length, model.config.text_config.num_hidden_layers
+    settings = vflowopt_budget(cfg.budget_tokens, num_visual, num_layers)
+    batches = calibration_batches(
+        cfg.fit_calibration_json, cfg.data.image_folder, processor, cfg.fit_calibration_samples, cfg.batch_size
+    )
+    vision_layer = int(spec.get("vision_layer", -2))
+    search = VFlowOptSearch(model, batches, vision_layer=vision_layer, **settings)
+    best, _ = search.fit(int(cfg.vflowopt_calls), int(cfg.vflowopt_initial_points))
+    return {
+        "name": "vflowopt",
+        "recipe": best.recipe(settings["layers"], vision_layer),
+        "position_ids": spec.get("position_ids", "reference"),
+    }
 
 
 def run_evaluation(cfg: DictConfig) -> EvaluationResult:

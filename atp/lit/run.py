@@ -42,17 +42,22 @@ def build_datamodule(cfg: DictConfig, processor) -> LlavaDataModule:
 
 def run_job(cfg: DictConfig) -> dict:
     """What train.py runs: Lightning training of a VLM (job=train), fitting a FitPrune recipe
-    (job=fitprune), or ATP structural pruning of a causal LM (job=structural)."""
+    (job=fitprune), searching VFlowOpt settings (job=vflowopt), or ATP structural pruning of a causal LM
+    (job=structural)."""
     if cfg.job == "fitprune":
         from atp.lit.fitprune_run import run_fitprune
 
         return run_fitprune(cfg)
+    if cfg.job == "vflowopt":
+        from atp.lit.vflowopt_run import run_vflowopt
+
+        return run_vflowopt(cfg)
     if cfg.job == "structural":
         from atp.lit.structural_run import run_structural
 
         return run_structural(cfg)
     if cfg.job != "train":
-        raise ValueError(f"job must be 'train', 'fitprune' or 'structural', got {cfg.job!r}.")
+        raise ValueError(f"job must be 'train', 'fitprune', 'vflowopt' or 'structural', got {cfg.job!r}.")
     return run_training(cfg)
 
 

@@ -208,6 +208,25 @@ class VLMAdapter:
         token = geometry.token_in_crop().clamp_min(0) + self.vision_cls_offset()
         return view, token[..., None]
 
+    def patch_pixels(self, pixel_values: torch.Tensor, geometry: VisualGeometry) -> torch.Tensor:
+        """[B, S, P, C, ph, pw]: for each visual token the P pixel patches its tower tokens embedded (the
+        `tower_rows` tokens; 0 on other tokens). pixel_values: [I, C, H, W], the tower's input. Default:
+        towers whose patch tokens follow `vision_cls_offset()` in raster order over the tower input, with
+        the vision config's `patch_size`; a clear error for other pixel layouts."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel patches per visual token are not mapped for {type(self.model).__name__} (its pixel_values "
+                f"are {pixel_values.ndim}-D, not [images, C, H, W]); use a method that does not read pixel patches."
+            )
+        item, tokens = self.tower_rows(geometry)
+        size = self.model.config.vision_config.patch_size
+        height, width = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        patches = pixel_values.unfold(2, height, height).unfold(3, width, width)  # [I, C, R, Q, ph, pw]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)  # [I, R * Q, C, ph, pw] in raster order
+        number = (tokens - self.vision_cls_offset()).clamp(0, patches.shape[1] - 1)  # [B, S, P]
+        values = patches[item.clamp(0, patches.shape[0] - 1)[..., None], number]  # [B, S, P, C, ph, pw]
+        return values.masked_fill((item < 0)[..., None, None, None, None], 0.0)
+
     def projector_rows(self, geometry: VisualGeometry, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(item [B, S], row [B, S]) long: for each visual token its row in the projector input
         [items, length, dv]; item -1 on other tokens. Default: one projector input per tower view,

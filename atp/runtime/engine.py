@@ -138,6 +138,7 @@ class PruningRuntime:
                 raise ValueError(f"{pruner.name}: sub-layer layer {layer} is outside 0..{self.num_layers - 1}.")
         self.tower = TowerPruning(self.adapter, pruner) if pruner.prunes_in_tower() else None
         self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
+        self.pixel_values: torch.Tensor | None = None  # [I, C, H, W] the tower's input, for needs_pixels
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._labels: torch.Tensor | None = None
@@ -166,6 +167,8 @@ class PruningRuntime:
             self._handles.extend(self.tower.install())
         if self.pruner.needs_vision_features:
             self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
+        if self.pruner.needs_pixels:
+            hook(adapter.vision_tower, self._read_pixels)
         for index, capture in self.vision_captures.items():
             attn = adapter.vision_attention(index)
             self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
@@ -222,6 +225,7 @@ class PruningRuntime:
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
         self.projector_input = None
+        self.pixel_values = None
 
     # -- checks -------------------------------------------------------------------------
     def _check_attention(self) -> None:
@@ -255,6 +259,10 @@ class PruningRuntime:
 
     def _read_projector_input(self, _module, args):
         self.projector_input = args[0]
+        return None
+
+    def _read_pixels(self, _module, args, kwargs):
+        self.pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         return None
 
     def _arm_vision(self, start: bool) -> None:
@@ -557,6 +565,8 @@ class PruningRuntime:
             vision_attention_received=lambda layer: self._vision_attention_received(layer, layout),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
             vision_features=lambda: self._vision_features(layout),
+            vision_attention=self._vision_attention,
+            patch_pixels=self._patch_pixels,
             project=self.adapter.projector,
             input_embeds=state.embeds,
             input_visual=state.visual_index >= 0,
@@ -567,6 +577,7 @@ class PruningRuntime:
             sublayer=lambda layer: self._sublayer(index, layer, layout),
             final_norm=self.adapter.final_norm.forward,  # .forward: not the output hook `_after_norm`
             real=layout.valid,
+            input_geometry=state.geometry,
         )
 
     def _per_visual_slot(
@@ -631,6 +642,35 @@ class PruningRuntime:
         rows = self.adapter.tower_rows(self._prefill.geometry)
         return self._per_visual_slot(key, layout, rows).permute(0, 2, 1, 3)
 
+    def _vision_attention(self, layer: int) -> torch.Tensor:
+        """[B, H, S0, S0] at original positions: the attention of vision layer `layer` (softmax over all the
+        tower's tokens, [CLS] included) from visual token i to visual token j of the same tower input; a
+        visual token covering P tower patches sends the mean of its patches' rows and receives the sum over
+        its patches (P = 1: the plain entry); 0 between tokens of different tower inputs and elsewhere."""
+        query, key, attn = self._vision_capture(layer)
+        query = query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
+        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+        probs = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)  # [I, H, T, T]
+        item, tokens = self.adapter.tower_rows(self._prefill.geometry)  # [B, S0], [B, S0, P]
+        index = item.clamp(0, probs.shape[0] - 1)[:, :, None]
+        pairs = 0.0
+        for p in range(tokens.shape[-1]):
+            for q in range(tokens.shape[-1]):
+                pairs = pairs + probs[index, :, tokens[:, :, None, p], tokens[:, None, :, q]]  # [B, S0, S0, H]
+        same = (item[:, :, None] == item[:, None, :]) & (item >= 0)[:, :, None]
+        return (pairs / tokens.shape[-1]).masked_fill(~same[..., None], 0.0).permute(0, 3, 1, 2)
+
+    def _patch_pixels(self) -> torch.Tensor:
+        """[B, S0, P, C, ph, pw] at original positions: each visual token's pixel patches (adapter.patch_pixels)."""
+        if not self.pruner.needs_pixels:
+            raise ValueError(f"{self.pruner.name}: set needs_pixels = True to read pixel patches.")
+        if self.pixel_values is None:
+            raise RuntimeError("the vision tower's pixel_values were not captured: this forward had no image.")
+        try:
+            return self.adapter.patch_pixels(self.pixel_values, self._prefill.geometry)
+        except ValueError as error:
+            raise ValueError(f"{self.pruner.name}: {error}") from None
+
     def _vision_features(self, layout: Layout) -> torch.Tensor:
         """[B, S, dv]: each visual slot's image feature as the projector received it."""
         if not self.pruner.needs_vision_features:
@@ -651,7 +691,11 @@ class PruningRuntime:
             query, key = project_qk(self.adapter.layers[layer], hidden)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
-        elif layer == stage - 1 and layer in self.captures:
+        elif (
+            layer < stage
+            and layer in self.captures
+            and (layer == stage - 1 or state.layer_inputs[layer].layout is state.layout)
+        ):  # an earlier layer that saw the current slots
             capture = self.captures[layer]
             if capture.query is None or capture.key is None:
                 raise RuntimeError(f"layer {layer}'s q/k projections were not captured in this forward.")
@@ -661,7 +705,8 @@ class PruningRuntime:
         else:
             raise ValueError(
                 f"{self.pruner.name}: before layer {stage} the probe can read layer {stage} (computed on "
-                f"demand) or layer {stage - 1} if listed in probe_layers(); asked for layer {layer}."
+                f"demand), or an earlier layer listed in probe_layers() that saw the current tokens (layer "
+                f"{stage - 1}, or earlier when no stage pruned in between); asked for layer {layer}."
             )
         return self.adapter.layers[layer].self_attn, query, key, rotary, mask
 
@@ -716,6 +761,7 @@ class PruningRuntime:
             capture.armed = False
             capture.clear()
         self.projector_input = None
+        self.pixel_values = None
         state.embeds = None
         state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]

@@ -60,7 +60,8 @@ class PruneContext:
                        (LLaVA-1.5), None when images have their own grids (see `geometry`)
     mode:              "drop" or "mask"
     attention:         attention(layer, queries [B, Q], temperature=1.0) -> [B, H, Q, S] post-softmax
-                       probabilities of decoder layer `layer` (this one or the previous one);
+                       probabilities of decoder layer `layer`: this one, or an earlier one listed in
+                       probe_layers() that saw the current slots (the previous one always does);
                        softmax(logits / temperature) with another temperature
     attention_received: attention_received(layer, weights [B, n, S], heads="mean"|"max",
                        exclude_self=False) -> [B, n, S]: sum_i weights[b, n, i] * A[b, i, j], the
@@ -77,11 +78,18 @@ class PruneContext:
                        layer `layer` (listed in vision_probe_layers); 0 on other slots
     vision_features:   vision_features() -> [B, S, dv]: every visual slot's image feature at the
                        projector input (pruners with `needs_vision_features`); 0 elsewhere
+    vision_attention:  vision_attention(layer) -> [B, H, S0, S0] at original positions: the attention
+                       of vision layer `layer` (listed in vision_probe_layers) from visual token i to
+                       visual token j of the same tower input (tokens of P patches: mean over i's,
+                       sum over j's); 0 elsewhere
+    patch_pixels:      patch_pixels() -> [B, S0, P, C, ph, pw] at original positions: the pixel patches
+                       of each visual token (pruners with `needs_pixels`); 0 elsewhere
     project:           project(features [..., dv]) -> [..., d]: the model's multimodal projector
     input_embeds:      [B, S0, d] the LLM input embeddings in original positions (S0 >= S)
     input_visual:      [B, S0] bool image tokens, original positions
     input_instruction: [B, S0] bool instruction tokens, original positions
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
+    input_geometry:    `atp.models.adapter.VisualGeometry` of the original positions ([B, S0] fields)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
     keys:              keys(layer) -> [B, H, S, hd] float32 keys of decoder layer `layer` (this one or
@@ -112,6 +120,8 @@ class PruneContext:
     vision_attention_received: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None
+    vision_attention: Callable[[int], torch.Tensor] | None = None
+    patch_pixels: Callable[[], torch.Tensor] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     input_embeds: torch.Tensor | None = None
     input_visual: torch.Tensor | None = None
@@ -122,6 +132,7 @@ class PruneContext:
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     real: torch.Tensor | None = None
     sublayer: Callable[[int], torch.Tensor] | None = None
+    input_geometry: VisualGeometry | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -180,6 +191,7 @@ class TokenPruner(nn.Module):
     #: the position policy of the method's reference code (on LLaVA): "original" or "compact"
     reference_position_ids: ClassVar[str] = "original"
     needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
+    needs_pixels: ClassVar[bool] = False  # capture the vision tower's pixel_values (ctx.patch_pixels)
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)

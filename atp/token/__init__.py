@@ -6,6 +6,7 @@ from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner, availab
 from atp.token import (  # noqa: F401
     aim,
     atp,
+    catp,
     cdpruner,
     dart,
     divprune,
@@ -21,6 +22,7 @@ from atp.token import (  # noqa: F401
     sparsevlm,
     spatial,
     transprune,
+    vflowopt,
     visionzip,
     vispruner,
     vtc_cls,

@@ -35,6 +35,8 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "atp_llava_next": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava_next",
     "fitprune_llava_next": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=fitprune_llava_next",
+    "vflowopt_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
+    r"experiment=vflowopt_llava",
 }
 TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen")  # build their model from scratch
 TINY_MODEL = [
@@ -119,6 +121,8 @@ def test_every_experiment_composes_and_runs_fast_dev_run(experiment, base_model,
         overrides.append(f"model.path={base_model}")
     if experiment.startswith("fitprune"):
         overrides += ["fit.calibration_samples=4", "fit.flops_budget=0.9"]
+    if experiment.startswith("vflowopt"):
+        overrides += ["fit.calibration_samples=4", "fit.calls=2", "fit.initial_points=1"]
     run_job(compose_train(overrides))
 
 
@@ -450,6 +454,64 @@ def test_fitprune_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, m
         )
     result = run_evaluation(cfg)
     assert result.method.startswith("fitprune") and result.flops_ratio < 1.0
+
+
+def test_vflowopt_job_writes_a_recipe_that_evaluate_runs(base_model, tmp_path, capsys):
+    """train.py experiment=vflowopt_shapes -> recipe.json -> evaluate.py pruner=vflowopt pruner.recipe=..."""
+    from atp.lit.evaluate_run import run_evaluation
+
+    data = tmp_path / "data"
+    overrides = [
+        "experiment=vflowopt_shapes",
+        f"model.path={base_model}",
+        f"output_dir={tmp_path}/fit",
+        "fit.calibration_samples=5",
+        "fit.batch_size=4",
+        "fit.calls=4",
+        "fit.initial_points=2",
+        "logger=csv",
+        *tiny_data(data),
+    ]
+    content = run_job(compose_train(overrides))
+    recipe = tmp_path / "fit" / "recipe.json"
+    assert json.loads(recipe.read_text()) == content
+    assert content["calibration_samples"] == 5 and len(content["trials"]) == 4
+    assert content["similarity"] == max(t["similarity"] for t in content["trials"])
+    assert "VFlowOpt setting for an average share of 0.250" in capsys.readouterr().out
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={base_model}",
+                "pruner=vflowopt",
+                f"pruner.recipe={recipe}",
+                f"output_dir={tmp_path}/eval",
+                "latency_repeats=1",
+                "latency_batches=1",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    result = run_evaluation(cfg)
+    assert result.method.startswith("vflowopt") and result.flops_ratio < 1.0
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"model_path={base_model}",
+                "pruner=vflowopt",
+                "pruner.vision_layer=-1",
+                "budget_tokens=64",
+                "fit_calibration_samples=4",
+                "vflowopt_calls=3",
+                "vflowopt_initial_points=2",
+                f"output_dir={tmp_path}/budget",
+                "latency_repeats=1",
+                "latency_batches=1",
+                *tiny_data(data)[:-3],
+            ],
+        )
+    budgeted = run_evaluation(cfg)
+    assert budgeted.method == "vflowopt @ 64 tokens" and budgeted.flops_ratio < 1.0
 
 
 def test_budget_evaluations_collect_into_one_table(base_model, tmp_path):

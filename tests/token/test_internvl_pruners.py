@@ -37,7 +37,10 @@ PRUNERS = {
     "cdpruner": dict(keep_tokens=12),
     "flowcut": dict(keep_tokens=12),
     "zero_tprune": dict(keep_tokens=12),
+    "vflowopt": dict(layers=[0, 2], keep_ratios=[0.5, 0.5], t=1.0, alpha=0.3, merge_grid=2.0, setting=None),
+    "catp": dict(keep_ratio=0.25, layer=1),
 }
+SEVERAL_IMAGES = [(2, [1, 2], 3), (3, [], 6), (1, [1, 1], 2)]  # CATP: in-context prompts, same tiles as above
 GRID = "one image's fixed grid"
 IN_TOWER = "pruning inside the vision tower is not supported"
 REFUSED = {
@@ -58,6 +61,7 @@ def test_the_table_covers_every_registered_pruner():
 def test_every_pruner_runs_and_drop_equals_mask(name):
     model = internvl_model()
     specs = [spec for spec in ONE_IMAGE_EACH if spec[1] or name != "fitprune"]  # a recipe's counts need images
+    specs = SEVERAL_IMAGES if name == "catp" else specs
     batch = internvl_batch(specs)
     pruner = atp.build_pruner(name, **PRUNERS[name]).eval()  # ATP: hard decisions in both modes
     if name in REFUSED:  # at atp.apply or at the forward
