@@ -54,7 +54,9 @@ def command(args: argparse.Namespace, name: str, model_args: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     if not args.pretrained:
-        raise SystemExit("give --pretrained <a save_pretrained VLM directory> (the unpruned model and the methods' base).")
+        raise SystemExit(
+            "give --pretrained <a save_pretrained VLM directory> (the unpruned model and the methods' base)."
+        )
     todo = jobs(args)
     if args.list:
         for index, (name, model_args) in enumerate(todo):
@@ -62,7 +64,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.index is not None:
         if not 0 <= args.index < len(todo):
-            raise SystemExit(f"--index {args.index} is outside 0..{len(todo) - 1} ({len(todo)} jobs; --list shows them).")
+            raise SystemExit(
+                f"--index {args.index} is outside 0..{len(todo) - 1} ({len(todo)} jobs; --list shows them)."
+            )
         todo = [todo[args.index]]
     for name, model_args in todo:
         cmd = command(args, name, model_args)

@@ -156,7 +156,7 @@ class AtpLmms(lmms):
         self.tokenizer.padding_side = "left"  # batched generation continues every prompt at the same column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        runtime = atp.runtime_of(self.model)
+        runtime = getattr(self.model, "_atp_runtime", None)  # None: the stock model (as atp.evaluation reads it)
         self.pruner, self.mode = (runtime.pruner, runtime.mode) if runtime is not None else (None, None)
         self.adapter = get_adapter(self.model)
         self.text_config = self.model.config.get_text_config()
@@ -177,7 +177,8 @@ class AtpLmms(lmms):
         for visual in visuals or []:
             if not isinstance(visual, Image.Image):
                 raise ValueError(
-                    f"task {task!r} gives a {type(visual).__name__} visual (doc {doc_id}); the atp model takes images only."
+                    f"task {task!r} gives a {type(visual).__name__} visual (doc {doc_id}); "
+                    "the atp model takes images only."
                 )
             flat.append(visual.convert("RGB"))
         return flat
@@ -278,7 +279,9 @@ class AtpLmms(lmms):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             self._account(batch[0].args[4], inputs, [r.args[3] for r in batch])
-            decoded = self.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            decoded = self.tokenizer.batch_decode(
+                generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
             for index, text in zip(chunk, decoded):
                 for stop in until:
                     if stop and stop in text:
@@ -310,7 +313,9 @@ class AtpLmms(lmms):
                 start = ids.shape[1] - int(lengths[b]) + int(prompt_lengths[b])  # left-padded
                 labels[b, start:] = ids[b, start:]
             if bool((labels == -100).all(1).any()):
-                raise ValueError("a loglikelihood continuation is empty after tokenisation; the task's target is blank.")
+                raise ValueError(
+                    "a loglikelihood continuation is empty after tokenisation; the task's target is blank."
+                )
             logits = self.model(**inputs, labels=labels).logits.float()
             log_probs = logits[:, :-1].log_softmax(-1)
             target_ids, scored = ids[:, 1:], labels[:, 1:] != -100

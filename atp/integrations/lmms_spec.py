@@ -228,7 +228,10 @@ class TaskAccounting:
         }
         if latency is not None:
             result.update(
-                latency_ratio=latency.median, latency_low=latency.low, latency_high=latency.high, latency_rounds=latency.rounds
+                latency_ratio=latency.median,
+                latency_low=latency.low,
+                latency_high=latency.high,
+                latency_rounds=latency.rounds,
             )
         return result
 

@@ -108,7 +108,10 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     columns["image"] = [{"bytes": _png(image), "path": None} for image in columns["image"]]
     features = Features(
-        {key: ImageFeature() if key == "image" else Value("int64" if key == "num_objects" else "string") for key in columns}
+        {
+            key: ImageFeature() if key == "image" else Value("int64" if key == "num_objects" else "string")
+            for key in columns
+        }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict(columns, features=features).to_parquet(str(path))
@@ -179,7 +182,9 @@ def write_pope_task(
         raise ValueError(f"POPE answers are 'yes' or 'no'; got {bad}.")
     out = Path(out).resolve()
     parquet = write_parquet(out / f"{task}.parquet", rows)
-    text = POPE_YAML.format(task=task, parquet=parquet, max_new_tokens=max_new_tokens, post_prompt=json.dumps(post_prompt)[1:-1])
+    text = POPE_YAML.format(
+        task=task, parquet=parquet, max_new_tokens=max_new_tokens, post_prompt=json.dumps(post_prompt)[1:-1]
+    )
     (out / f"{task}.yaml").write_text(text)
     return out
 

@@ -23,8 +23,17 @@ from tests.conftest import make_batch
 def test_model_args_are_read_as_lmms_eval_hands_them():
     # lmms-eval turns numbers into int / float and passes batch_size as a string, lists as text
     spec = parse_model_args(
-        {"pretrained": "/m", "pruner": "pdrop", "pruner.layers": "[1,2]", "pruner.keep_ratios": "[0.5, 0.25]",
-         "batch_size": "3", "device": "cpu", "max_batch_size": None, "mode": "mask", "latency_batches": 0}
+        {
+            "pretrained": "/m",
+            "pruner": "pdrop",
+            "pruner.layers": "[1,2]",
+            "pruner.keep_ratios": "[0.5, 0.25]",
+            "batch_size": "3",
+            "device": "cpu",
+            "max_batch_size": None,
+            "mode": "mask",
+            "latency_batches": 0,
+        }
     )
     assert spec.pretrained == "/m" and spec.pruner == "pdrop" and spec.mode == "mask"
     assert spec.pruner_kwargs == {"layers": [1, 2], "keep_ratios": [0.5, 0.25]}
@@ -56,7 +65,11 @@ def test_bad_model_args_name_the_key_and_the_fix(kwargs, message):
 
 def brute_force_macs(n: int, s: DecoderShape) -> int:
     """Prefill MACs of one layer with n tokens, from the formula in atp/metrics/accounting.py's docstring."""
-    return n * s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads) + 2 * n * n * s.heads * s.head_dim + 3 * n * s.hidden * s.mlp
+    return (
+        n * s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads)
+        + 2 * n * n * s.heads * s.head_dim
+        + 3 * n * s.hidden * s.mlp
+    )
 
 
 def test_task_accounting_equals_a_recomputation_from_the_stats(model_factory):
@@ -86,7 +99,9 @@ def test_task_accounting_equals_a_recomputation_from_the_stats(model_factory):
     assert summary["kv_ratio"] == pytest.approx(kv / kv_unpruned, rel=1e-12)  # bytes per token cancel
     assert summary["avg_visual_tokens"] == pytest.approx(sum(sum(r) / layers for r in all_visual) / 4)
     assert summary["input_visual_tokens"] == pytest.approx(sum(r[0] for r in all_visual) / 4)
-    assert summary["visual_tokens_per_layer"] == pytest.approx([sum(r[i] for r in all_visual) / 4 for i in range(layers)])
+    assert summary["visual_tokens_per_layer"] == pytest.approx(
+        [sum(r[i] for r in all_visual) / 4 for i in range(layers)]
+    )
     assert summary["latency_ratio"] is None  # pruned, not measured
     assert [s["doc_id"] for s in account.samples] == ["0-0", "0-1", "0-2", "1-0"]
     with pytest.raises(ValueError, match="atp.stats is from another call"):
@@ -122,16 +137,35 @@ def write_run(folder, method, budget, scores, accounting):
 
 
 def account(tokens, flops, latency):
-    return {"num_samples": 10, "avg_visual_tokens": tokens, "input_visual_tokens": 576.0, "flops_ratio": flops,
-            "kv_ratio": flops, "visual_tokens_per_layer": [], "latency_ratio": latency, "latency_low": None,
-            "latency_high": None, "latency_rounds": 0}
+    return {
+        "num_samples": 10,
+        "avg_visual_tokens": tokens,
+        "input_visual_tokens": 576.0,
+        "flops_ratio": flops,
+        "kv_ratio": flops,
+        "visual_tokens_per_layer": [],
+        "latency_ratio": latency,
+        "latency_low": None,
+        "latency_high": None,
+        "latency_rounds": 0,
+    }
 
 
 def test_suite_table_merges_runs_in_the_budgets_format(tmp_path):
-    write_run(tmp_path / "unpruned", "unpruned", None, {"pope": ("pope_f1_score", 0.8), "mme": ("mme_perception_score", 1500.0)},
-              {"pope": account(576.0, 1.0, 1.0), "mme": account(576.0, 1.0, 1.0)})
-    write_run(tmp_path / "fastv_64", "fastv @ 64 tokens", 64, {"pope": ("pope_f1_score", 0.6), "mme": ("mme_perception_score", 1000.0)},
-              {"pope": account(100.0, 0.3, 0.5), "mme": account(120.0, 0.5, 0.7)})
+    write_run(
+        tmp_path / "unpruned",
+        "unpruned",
+        None,
+        {"pope": ("pope_f1_score", 0.8), "mme": ("mme_perception_score", 1500.0)},
+        {"pope": account(576.0, 1.0, 1.0), "mme": account(576.0, 1.0, 1.0)},
+    )
+    write_run(
+        tmp_path / "fastv_64",
+        "fastv @ 64 tokens",
+        64,
+        {"pope": ("pope_f1_score", 0.6), "mme": ("mme_perception_score", 1000.0)},
+        {"pope": account(100.0, 0.3, 0.5), "mme": account(120.0, 0.5, 0.7)},
+    )
     rows, retention = merge([tmp_path / "fastv_64", tmp_path / "unpruned"])
     assert [r.method for r in rows] == ["unpruned", "fastv @ 64 tokens"]
     fastv = rows[1]
