@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="run the jobs (all, or --index I)")
     r.add_argument("--pretrained", default=None, help="the base model (save_pretrained directory)")
     r.add_argument("--export", default=None, help="an ATP export of that base (one more row)")
-    r.add_argument("--methods", default="fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,random")
+    r.add_argument("--methods", default="fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random")
     r.add_argument("--budgets", default="192,128,64")
     r.add_argument("--tasks", default="atp_llava_seven", help="lmms-eval tasks or groups, comma-separated")
     r.add_argument("--include_path", action="append", default=[], help="more task folders (e.g. a local task)")

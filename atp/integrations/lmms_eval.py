@@ -242,11 +242,11 @@ class AtpLmms(lmms):
         super().clean()
 
     # -- requests --------------------------------------------------------------------
-    def _batches(self, requests: list[Instance]):
-        """Indices of `requests` in batches of batch_size, grouped by task and generation settings."""
+    def _batches(self, requests: list[Instance], by_settings: bool = True):
+        """Indices of `requests` in batches of batch_size, grouped by task (and generation settings)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            settings = request.args[1]
+            settings = request.args[1] if by_settings else None
             key = json.dumps(settings, sort_keys=True, default=str) if isinstance(settings, dict) else repr(settings)
             groups[(request.args[4], key)].append(index)
         for indices in groups.values():
@@ -293,7 +293,7 @@ class AtpLmms(lmms):
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for chunk in self._batches(requests):
+        for chunk in self._batches(requests, by_settings=False):
             batch = [requests[i] for i in chunk]
             prompts, full, images = [], [], []
             for request in batch:

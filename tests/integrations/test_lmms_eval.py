@@ -93,6 +93,8 @@ def assets(tmp_path_factory):
     save_model(root / "other", tiny_testbed(processor, hidden=64, seed=1), processor)
     export = save_pruned(root / "export", model, processor, atp.build_pruner("atp", num_layers=4, layers=[1, 2]))
     rows = pope_rows(SAMPLES, seed=3)
+    for index, row in enumerate(rows):  # ragged prompts: 0, 2 or 4 more words
+        row["question"] = "now the " * (index % 3) + row["question"]
     write_pope_task(root / "tasks", rows, max_new_tokens=1)
     data = write_dataset(root / "shapes", {"test": (8, 7, 1)})
     write_shapes_task(root / "tasks", data / "test.json", data / "images")
@@ -315,3 +317,39 @@ def test_the_cli_runs_the_plugin_and_fails_loudly_on_bad_input(assets, tmp_path,
     atp.apply(model, atp.build_pruner("fastv", layer=1, keep_ratio=0.25))
     answers, _ = reference(model, assets["processor"], assets["rows"])
     assert [logged[i] for i in range(SAMPLES)] == answers
+
+
+def test_loglikelihood_of_the_continuation_equals_the_stock_forward(assets):
+    """The `none` pruner (the full runtime, nothing pruned) at batch size 2 with ragged prompts: the
+    continuation's log-probability equals the stock HF forward's on the prompt alone, one at a time."""
+    from lmms_eval.api.instance import Instance
+
+    from atp.integrations.lmms_eval import AtpLmms
+
+    lm = AtpLmms(pretrained=str(assets["model"]), pruner="none", batch_size="2", device="cpu", latency_batches=0)
+    rows = assets["rows"][:3]
+    lm.task_dict = {"t": {"test": {i: row for i, row in enumerate(rows)}}}
+    requests = [
+        Instance(
+            "loglikelihood",
+            (row["question"], " " + answer, lambda doc: [doc["image"]], i, "t", "test"),
+            0,
+            {"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, row in enumerate(rows)
+        for answer in ("yes", "no")
+    ]
+    results = lm.loglikelihood(requests)
+    model = tiny_testbed(assets["processor"])
+    yes, no = assets["processor"].tokenizer.convert_tokens_to_ids(["yes", "no"])
+    for i, row in enumerate(rows):
+        inputs = evaluate_py_inputs(assets["processor"], row["question"], row["image"])
+        with torch.no_grad():
+            log_probs = model(**inputs).logits[0, -1].log_softmax(-1)
+        for j, token in enumerate((yes, no)):
+            total, greedy = results[2 * i + j]
+            assert total == pytest.approx(float(log_probs[token]), abs=1e-4)
+            assert greedy == (int(log_probs.argmax()) == token)
+    assert lm.finish_accounting()["tasks"]["t"]["num_samples"] == 6
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        lm.generate_until_multi_round(requests)
