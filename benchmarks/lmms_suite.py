@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,21 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
     return rows
 
 
+def task_folder(args: argparse.Namespace) -> Path:
+    """One folder for lmms-eval's --include_path (it takes one): the suite's group and copies of
+    the --include_path folders (local tasks name their data by absolute path)."""
+    if not args.include_path:
+        return TASKS_DIR
+    merged = args.out / "tasks"
+    for index, folder in enumerate([TASKS_DIR, *args.include_path]):
+        shutil.copytree(folder, merged / str(index), dirs_exist_ok=True)
+    return merged
+
+
 def command(args: argparse.Namespace, name: str, model_args: str) -> list[str]:
     out = args.out / name
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "atp", "--model_args", f"{model_args},output_dir={out}"]
-    cmd += ["--tasks", args.tasks, "--include_path", ",".join(str(p) for p in [TASKS_DIR, *args.include_path])]
+    cmd += ["--tasks", args.tasks, "--include_path", str(task_folder(args))]
     cmd += ["--batch_size", str(args.batch_size), "--device", args.device, "--output_path", str(out)]
     cmd += ["--log_samples", "--verbosity", "DEBUG"]
     if args.limit is not None:

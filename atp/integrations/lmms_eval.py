@@ -133,7 +133,7 @@ def cli_output_dir(argv: list[str]) -> Path | None:
     from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
     from lmms_eval.utils import sanitize_model_name
 
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--output_path", default=None)
     parser.add_argument("--model_args", default="")
     known, _ = parser.parse_known_args(argv)
