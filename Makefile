@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-newest setup-oldest versions lock test bench quickstart compare budgets smollm2 structural structural-seeds
+.PHONY: setup setup-newest setup-oldest setup-lmms test-lmms versions lock test bench quickstart compare budgets smollm2 structural structural-seeds
 
 setup:  ## fresh virtual environment with the exact versions of the last green CI (constraints.txt, torch CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ OLDEST ?= transformers==5.23.0 peft==0.18.0 lightning==2.6.0
 setup-oldest:  ## VENV (new, or the newest leg's) moved to the ranges' lower bounds for the libraries atp hooks into
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints-newest.txt -e ".[dev]" $(OLDEST)
+
+LMMS_VENV ?= .venv-lmms
+setup-lmms:  ## a separate venv with the lmms extra (lmms-eval 0.7.3, ~1.5 GB more): atp's pins, filelock<4, Hydra's antlr 4.9, no PyPI torchvision
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install -c constraints.txt -e ".[dev]"
+	$(LMMS_VENV)/bin/pip install -c constraints-lmms.txt -e ".[dev,lmms]"
+	$(LMMS_VENV)/bin/pip install "antlr4-python3-runtime==4.9.3"  # lmms-eval's latex2sympy2 pins 4.7.2, which breaks Hydra
+	$(LMMS_VENV)/bin/pip uninstall -y torchvision  # PyPI's is a CUDA build: transformers' image code fails beside CPU torch
+
+test-lmms:  ## the lmms-eval plugin's offline tests (after make setup-lmms; minutes on CPU)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(LMMS_VENV)/bin/python -m pytest -q tests/integrations
 
 versions:  ## the versions of the libraries atp hooks into, as installed in VENV
 	@$(BIN)/python -c "import importlib.metadata as m; print('  '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'lightning')))"

@@ -87,9 +87,9 @@ def save_pruned(
     return Path(directory)
 
 
-def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """(model, processor) with the exported pruner attached in `mode` (drop by default); processor
-    is None when the export was saved without one."""
+def read_export(path: str | Path) -> tuple[dict, Path]:
+    """(the export's atp_config.json as a dict, the base model's directory) of an export at `path`;
+    a clear error for a directory that is not an export, a corrupt config or another format."""
     directory = Path(path)
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
@@ -98,16 +98,21 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
         )
     try:
         config = json.loads(config_file.read_text())
-        name, kwargs, base = config["pruner"], config["kwargs"], config["base_model"]
+        base = config["base_model"]
+        _ = config["pruner"], config["kwargs"]  # required keys
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{config_file} is corrupt ({error}); re-export the checkpoint.") from error
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads format {FORMAT_VERSION}.")
-    base_path = directory / base if not Path(base).is_absolute() else Path(base)
-    with_processor = bool(config.get("processor", True))  # exports before the field always held one
-    model, _ = load_vlm(str(base_path), dtype, attn_implementation, with_processor=False)
-    processor = load_processor(base_path) if with_processor else None
-    pruner = build_pruner(name, **kwargs)
+    return config, (directory / base if not Path(base).is_absolute() else Path(base))
+
+
+def load_export_pruner(path: str | Path) -> TokenPruner:
+    """The export's pruner, built from its config and holding its weights (not attached to a model)."""
+    directory = Path(path)
+    config, _ = read_export(directory)
+    name = config["pruner"]
+    pruner = build_pruner(name, **config["kwargs"])
     weights = directory / WEIGHTS_NAME
     expected = pruner.state_dict()
     if expected:
@@ -124,5 +129,16 @@ def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", at
                 f"{sorted(mismatched | (set(state) - set(expected)))[:5]}). Was the export edited or mixed up?"
             )
         pruner.load_state_dict(state)
-    attach.apply(model, pruner.eval(), mode=mode)
+    return pruner.eval()
+
+
+def load_pruned(path: str | Path, mode: str = "drop", dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """(model, processor) with the exported pruner attached in `mode` (drop by default); processor
+    is None when the export was saved without one."""
+    config, base_path = read_export(path)
+    pruner = load_export_pruner(path)  # before the base model loads: a bad export fails at once
+    with_processor = bool(config.get("processor", True))  # exports before the field always held one
+    model, _ = load_vlm(str(base_path), dtype, attn_implementation, with_processor=False)
+    processor = load_processor(base_path) if with_processor else None
+    attach.apply(model, pruner, mode=mode)
     return model, processor

@@ -7,6 +7,7 @@ runs `atp/__init__.py` before any `atp.x`) are not edges.
 
 Layers, top to bottom (a module may import its own layer and the layers below it):
 
+    integrations  atp.integrations.*                         other tools' entry points (lmms-eval's model plugin)
     lit      atp.lit.*                                       Lightning jobs and modules
     api      atp (the package facade), atp.export, atp.evaluation, atp.budget
     methods  atp.token.*, atp.structural.*, atp.calibration.*
@@ -27,8 +28,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LAYERS = ("models", "runtime", "methods", "api", "lit")  # bottom to top
+LAYERS = ("models", "runtime", "methods", "api", "lit", "integrations")  # bottom to top
 PREFIXES = {  # longest matching prefix wins
+    "atp.integrations": "integrations",
     "atp.lit": "lit",
     "atp": "api",  # the package facade itself (exact name only, see layer_of)
     "atp.export": "api",
