@@ -41,8 +41,9 @@ lock:  ## rewrite constraints.txt from a fresh environment at the newest version
 	  .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf .venv-lock
 
-test:  ## the whole suite (CPU, minutes)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+TEST_WORKERS ?= auto
+test:  ## the whole suite (CPU, minutes), one pytest-xdist worker per core (TEST_WORKERS=0: one process)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench:  ## prefill speed table (README)
 	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5

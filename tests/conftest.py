@@ -10,7 +10,8 @@ import torch
 from atp.models.tiny import tiny_llava
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one torch thread per pytest-xdist worker (make test runs one worker per core), two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 GRID = 4  # 4x4 = 16 visual tokens per image in the tiny models
 NUM_VISUAL = GRID * GRID
