@@ -38,6 +38,7 @@ from PIL import Image
 
 import atp
 from atp.budget import budget_kwargs
+from atp.data.processor import load_processor
 from atp.export import load_export_pruner, read_export
 from atp.integrations.lmms_spec import ModelSpec, TaskAccounting, parse_model_args, spec_record
 from atp.latency import Contender, interleaved_prefill_times, latency_ratios
@@ -113,7 +114,9 @@ def load_model(spec: ModelSpec):
             raise ValueError(f"export {spec.export} holds no processor; give pretrained=<the base model directory>.")
         pruner = atp.runtime_of(model).pruner
     else:
-        model, processor = load_vlm(spec.pretrained, spec.dtype, spec.attn_implementation)
+        model, _ = load_vlm(spec.pretrained, spec.dtype, spec.attn_implementation, with_processor=False)
+        get_adapter(model)  # an unsupported family stops here, naming the supported ones
+        processor = load_processor(spec.pretrained)
         if spec.export:
             check_export_base(spec.export, model)
             pruner = load_export_pruner(spec.export)

@@ -272,17 +272,20 @@ def lmms_cli(assets, model_args: str, out: Path, batch_size: int = 3) -> subproc
 
 @pytest.fixture(scope="module")
 def unsupported_model(assets):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    """A tiny PaliGemma: an image-text-to-text family that atp's runtime has no adapter for."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
 
-    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    vision = CLIPVisionConfig(
+    text = GemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
-    config = LlavaNextConfig(
-        text_config=text, vision_config=vision, image_token_index=63, image_grid_pinpoints=[[28, 28]]
-    )
-    path = assets["root"] / "llava_next"
-    LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    path = assets["root"] / "paligemma"
+    PaliGemmaForConditionalGeneration(
+        PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=63)
+    ).save_pretrained(path)
     return path
 
 
@@ -301,7 +304,7 @@ def test_the_cli_runs_the_plugin_and_fails_loudly_on_bad_input(assets, tmp_path,
         "unknown pruner": "unknown pruner 'nosuch'; available pruners:",
         "missing model": "config.json missing",
         "another base": "made for another base model",
-        "unsupported family": "atp token pruning does not support LlavaNextForConditionalGeneration",
+        "unsupported family": "atp token pruning does not support PaliGemmaForConditionalGeneration",
     }
     for name, message in expected.items():
         assert codes[name] != 0 and message in logs[name], (name, codes[name], logs[name][-2000:])
