@@ -18,6 +18,26 @@ from transformers import (
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
+def tiny_text_settings(
+    vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, num_kv_heads: int
+) -> dict:
+    """The text-config settings every tiny VLM shares: the sizes given, ids 0/1/2 pad/bos/eos,
+    4,096 positions, an LM head of its own."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
 def tiny_llava_config(
     text: str = "llama",
     *,
@@ -48,19 +68,7 @@ def tiny_llava_config(
         patch_size=patch_size,
         projection_dim=vision_hidden,
     )
-    text_kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    text_kwargs = tiny_text_settings(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     if text == "qwen2":
         text_kwargs["use_sliding_window"] = False
     if text == "mistral":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from atp.models.tiny import tiny_text_settings
+
 TEXT_FAMILIES = ("qwen2", "qwen3", "llama")
 
 
@@ -38,17 +40,7 @@ def tiny_internvl_config(
         raise ValueError(f"text {text!r} is not one of {TEXT_FAMILIES}")
     text_config = dict(
         model_type=text,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **tiny_text_settings(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads),
     )
     if text == "qwen3":
         text_config["head_dim"] = hidden_size // num_heads

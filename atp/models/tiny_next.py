@@ -20,6 +20,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from atp.models.tiny import tiny_text_settings
+
 NEXT_FAMILIES = {
     "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
     "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
@@ -58,19 +60,7 @@ def tiny_llava_next_config(
         image_size=crop,
         patch_size=patch_size,
     )
-    text_kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    text_kwargs = tiny_text_settings(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     common = dict(
         image_token_id=vocab_size - 1,
         image_grid_pinpoints=[[rows * crop, cols * crop] for rows, cols in pinpoints],

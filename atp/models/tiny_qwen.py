@@ -17,6 +17,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from atp.models.tiny import tiny_text_settings
+
 QWEN_FAMILIES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
@@ -50,18 +52,8 @@ def tiny_qwen_vl_config(
     if sum(mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2 = {head_dim // 2}.")
     text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
+        **tiny_text_settings(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
     )
     vision = dict(
         depth=vision_layers,
