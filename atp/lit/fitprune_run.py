@@ -78,8 +78,8 @@ def write_json_atomically(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_fitprune(cfg: DictConfig) -> dict:
-    """Fit, print, log and save the recipe; returns the JSON content written."""
+def calibration_setup(cfg: DictConfig) -> tuple:
+    """(model in eval mode on cfg.fit.device, calibration batches) of a fitting job (`cfg.fit`)."""
     check_assets(cfg, needs=("calibration",))
     model, processor = build_model(cfg)
     model.to(resolve_device(cfg.fit.get("device", "auto"))).eval()
@@ -88,6 +88,12 @@ def run_fitprune(cfg: DictConfig) -> dict:
     batches = calibration_batches(
         fit.calibration_json, cfg.data.image_folder, processor, fit.calibration_samples, fit.batch_size
     )
+    return model, batches
+
+
+def run_fitprune(cfg: DictConfig) -> dict:
+    """Fit, print, log and save the recipe; returns the JSON content written."""
+    model, batches = calibration_setup(cfg)
     start = time.perf_counter()
     fitter = FitPruneFitter(model, batches, cfg.fit.flops_budget)
     best, trials = fitter.fit()

@@ -14,22 +14,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from atp.calibration.vflowopt import VFlowOptSearch, average_share
-from atp.lit.builders import build_loggers, build_model, check_assets
-from atp.lit.data import prepare_configured_data
-from atp.lit.fitprune_run import calibration_batches, write_json_atomically
-from atp.models.build import resolve_device
+from atp.lit.builders import build_loggers
+from atp.lit.fitprune_run import calibration_setup, write_json_atomically
 
 
 def run_vflowopt(cfg: DictConfig) -> dict:
     """Search, print, log and save the best setting; returns the JSON content written."""
-    check_assets(cfg, needs=("calibration",))
-    model, processor = build_model(cfg)
-    model.to(resolve_device(cfg.fit.get("device", "auto"))).eval()
-    prepare_configured_data(cfg.data)
+    model, batches = calibration_setup(cfg)
     fit = cfg.fit
-    batches = calibration_batches(
-        fit.calibration_json, cfg.data.image_folder, processor, fit.calibration_samples, fit.batch_size
-    )
     start = time.perf_counter()
     space = OmegaConf.to_container(fit.space, resolve=True) if fit.get("space") is not None else None
     search = VFlowOptSearch(
