@@ -80,7 +80,7 @@ class A2SFLayer(DynamicLayer):
         self.history: list[torch.Tensor] = []  # slots kept after each forward (record=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append [B, H_kv, Q, hd] keys/values; returns everything cached (scoring and eviction follow the attention)."""
+        """Append [B, H_kv, Q, hd] keys/values; returns all cached (scoring and eviction follow the attention)."""
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         batch, heads, queries = key_states.shape[:3]
         new = torch.arange(self.cumulative_length, self.cumulative_length + queries, device=key_states.device)
@@ -116,7 +116,7 @@ class A2SFLayer(DynamicLayer):
         if self.record:
             self.history.append(self.slots.clone())
 
-    def gather_mask(self, mask: torch.Tensor | None, queries: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    def gather_mask(self, mask: torch.Tensor | None, queries: int, num_heads: int) -> torch.Tensor:
         """[B, H, Q, L + Q]: the model's mask over all appended slots (+ this forward's Q), at the cached slots."""
         batch, kv_heads, _ = self.slots.shape
         total = self.cumulative_length + queries
@@ -245,7 +245,9 @@ class A2SFCache(Cache):
             return None  # the cache still holds every slot: the model's own mask is right
         hidden = self._hidden(args, kwargs)
         num_heads = module.q_proj.out_features // module.head_dim
-        kwargs["attention_mask"] = layer.gather_mask(kwargs.get("attention_mask"), hidden.shape[1], num_heads, hidden.dtype)
+        kwargs["attention_mask"] = layer.gather_mask(
+            kwargs.get("attention_mask"), hidden.shape[1], num_heads, hidden.dtype
+        )
         return args, kwargs
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
