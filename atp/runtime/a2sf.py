@@ -245,9 +245,7 @@ class A2SFCache(Cache):
             return None  # the cache still holds every slot: the model's own mask is right
         hidden = self._hidden(args, kwargs)
         num_heads = module.q_proj.out_features // module.head_dim
-        kwargs["attention_mask"] = layer.gather_mask(
-            kwargs.get("attention_mask"), hidden.shape[1], num_heads, hidden.dtype
-        )
+        kwargs["attention_mask"] = layer.gather_mask(kwargs.get("attention_mask"), hidden.shape[1], num_heads)
         return args, kwargs
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
