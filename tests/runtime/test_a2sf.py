@@ -219,3 +219,25 @@ def test_unsupported_attention_and_beam_search_raise():
     model = causal_lm("eager")
     with A2SFCache(model, budget=8, forgetting_factor=0.5) as cache, pytest.raises(NotImplementedError, match="beam"):
         model.generate(**text_batch(), num_beams=2, max_new_tokens=2, pad_token_id=0, **cache_kwargs(cache))
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_composes_with_a_token_pruner_in_prefill(model_factory, attn, mode):
+    """FastV prunes visual tokens in prefill, A2SF evicts during decode: with a budget above every
+    layer's length the tokens equal the pruner alone; with a small one every layer stays within it."""
+    import atp
+
+    torch.manual_seed(0)
+    model = model_factory(attn_implementation=attn).eval()
+    batch = make_batch([(2, 3), (6, 1), (1, 7)])
+    atp.apply(model, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), mode=mode)
+    pruned_only = greedy(model, batch)
+    tokens, cache = a2sf_generate(model, batch, budget=256, alpha=0.5, recent=1)
+    assert torch.equal(tokens, pruned_only)
+    prompt_tokens = [int(n) for n in atp.stats(model).tokens.max(0).values]  # per layer, drop mode's layout
+    if mode == "drop":
+        assert cache.sizes()[0] == prompt_tokens  # each layer cached what it saw
+    tokens, cache = a2sf_generate(model, batch, budget=8, alpha=0.5, recent=1)
+    assert all(size == 8 for step in cache.sizes() for size in step)
+    assert tokens.shape == pruned_only.shape and not torch.equal(tokens, pruned_only)
+    atp.remove(model)
