@@ -75,12 +75,19 @@ class A2SFLayer(DynamicLayer):
         self.cumulative_length = 0  # entries ever appended (the slots 0..cumulative_length-1)
         self.slots: torch.Tensor | None = None  # [B, H_kv, L] long
         self.scores: torch.Tensor | None = None  # [B, H_kv, L] float32
+        self.pending = False  # entries appended but not yet scored (the forward hook has not run)
         self.evicted = False  # True once some entry has left: the model's masks no longer match the layout
         self.sizes: list[int] = []  # cached entries after each forward
         self.history: list[torch.Tensor] = []  # slots kept after each forward (record=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H_kv, Q, hd] keys/values; returns all cached (scoring and eviction follow the attention)."""
+        if self.pending:
+            raise RuntimeError(
+                "this A2SFCache was not scored after its last forward: its hooks are not on the model running it "
+                "(or were closed). Create the cache with the model that generates, inside a `with` block."
+            )
+        self.pending = True
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         batch, heads, queries = key_states.shape[:3]
         new = torch.arange(self.cumulative_length, self.cumulative_length + queries, device=key_states.device)
@@ -112,6 +119,7 @@ class A2SFLayer(DynamicLayer):
             self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
             self.slots, self.scores = self.slots.gather(2, kept), self.scores.gather(2, kept)
             self.evicted = True
+        self.pending = False
         self.sizes.append(self.slots.shape[-1])
         if self.record:
             self.history.append(self.slots.clone())

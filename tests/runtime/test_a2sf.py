@@ -241,3 +241,13 @@ def test_composes_with_a_token_pruner_in_prefill(model_factory, attn, mode):
     assert all(size == 8 for step in cache.sizes() for size in step)
     assert tokens.shape == pruned_only.shape and not torch.equal(tokens, pruned_only)
     atp.remove(model)
+
+
+def test_a_cache_without_its_hooks_raises_instead_of_growing():
+    model, other = causal_lm("eager"), causal_lm("eager")
+    with A2SFCache(model, budget=4, forgetting_factor=0.5) as cache, pytest.raises(RuntimeError, match="not scored"):
+        greedy(other, text_batch(), **cache_kwargs(cache))
+    cache = A2SFCache(model, budget=4, forgetting_factor=0.5)
+    cache.close()
+    with pytest.raises(RuntimeError, match="hooks are not on the model"):
+        greedy(model, text_batch(), **cache_kwargs(cache))
