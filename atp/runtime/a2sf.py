@@ -41,6 +41,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from atp.models.hf_compat import cache_of
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+SCORE_CHUNK_ELEMENTS = 2**24  # attention probabilities held at once while scoring a prefill
 
 
 def check_settings(budget: int, forgetting_factor: float, recent: int) -> None:
@@ -164,21 +165,31 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _as_additive(mask: torch.Tensor | None, queries: int, keys: int, device, dtype: torch.dtype) -> torch.Tensor:
-    """The mask as the eager attention adds it: [B|1, 1|H, Q, K] float (0 visible, min hidden)."""
-    if mask is None:
-        causal = torch.arange(keys, device=device)[None, :] <= torch.arange(queries, device=device)[:, None] + (
-            keys - queries
-        )
-        mask = causal[None, None]
+def _mask_rows(mask: torch.Tensor | None, rows: slice, queries: int, keys: int, device) -> torch.Tensor:
+    """Rows `rows` of the layer's mask [B|1, 1|H, Q, K]; None (sdpa's causal shortcut) becomes the causal
+    mask it stands for (the Q queries are the last Q of the K slots)."""
+    if mask is not None:
+        return mask[:, :, rows]
+    query = torch.arange(rows.start, rows.stop, device=device)[:, None] + (keys - queries)
+    return (torch.arange(keys, device=device)[None, :] <= query)[None, None]
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as the eager attention adds it: float, 0 visible, the dtype's min hidden."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
 
-def attention_probs(module: nn.Module, hidden: torch.Tensor, rotary: tuple, keys: torch.Tensor, mask) -> torch.Tensor:
+def attention_probs(
+    module: nn.Module, hidden: torch.Tensor, rotary: tuple, keys: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """[B, H, Q, K] post-softmax attention of the layer's queries over `keys` [B, H_kv, K, hd] (already
-    rotated, as cached), with HF eager attention's arithmetic."""
+    rotated, as cached), with HF eager attention's arithmetic.
+
+    hidden: [B, Q, d] the attention's input rows; rotary: (cos, sin) [B, Q, hd] of those rows;
+    mask:   [B|1, 1|H, Q, K] bool (True visible) or additive float
+    """
     batch, queries, _ = hidden.shape
     query = module.q_proj(hidden).view(batch, queries, -1, module.head_dim).transpose(1, 2)
     if getattr(module, "q_norm", None) is not None:
@@ -187,7 +198,7 @@ def attention_probs(module: nn.Module, hidden: torch.Tensor, rotary: tuple, keys
     query, _ = apply_rotary_pos_emb(query, query, cos, sin)
     keys = repeat_kv(keys, query.shape[1] // keys.shape[1])
     weights = torch.matmul(query, keys.transpose(2, 3)) * module.scaling
-    weights = weights + _as_additive(mask, queries, keys.shape[2], hidden.device, weights.dtype)
+    weights = weights + _as_additive(mask, weights.dtype)
     return torch.softmax(weights, dim=-1, dtype=torch.float32)
 
 
@@ -263,16 +274,27 @@ class A2SFCache(Cache):
         hidden = self._hidden(args, kwargs)
         queries, keys = hidden.shape[1], layer.keys.shape[2]
         mask = kwargs.get("attention_mask")
+        batch, kv_heads = hidden.shape[0], layer.keys.shape[1]
+        num_heads = module.q_proj.out_features // module.head_dim
+        cos, sin = kwargs["position_embeddings"]
+        step = max(1, SCORE_CHUNK_ELEMENTS // (batch * num_heads * keys))  # query rows scored at once
+        received = torch.zeros(batch, num_heads, keys, dtype=torch.float32, device=hidden.device)
         with torch.no_grad():
-            probs = attention_probs(module, hidden, kwargs["position_embeddings"], layer.keys, mask)  # [B,H,Q,K]
-            additive = _as_additive(mask, queries, keys, hidden.device, torch.float32)
-            diagonal = torch.arange(queries, device=hidden.device)
-            own = additive[:, 0, diagonal, diagonal + keys - queries]  # [B|1, Q] a row's own slot
-            visible = own > torch.finfo(additive.dtype).min / 2
-            decay = layer.forgetting_factor ** torch.arange(queries - 1, -1, -1, device=hidden.device)
-            weights = (decay * visible).float().expand(hidden.shape[0], queries)  # [B, Q]
-            received = torch.einsum("bq,bhqk->bhk", weights, probs)  # [B, H, K]
-            kv_heads = layer.keys.shape[1]
-            received = received.view(received.shape[0], kv_heads, -1, keys).sum(2)  # [B, H_kv, K]
+            for start in range(0, queries, step):
+                rows = slice(start, min(start + step, queries))
+                row_mask = _mask_rows(mask, rows, queries, keys, hidden.device)  # [B|1, 1|H, r, K]
+                probs = attention_probs(module, hidden[:, rows], (cos[:, rows], sin[:, rows]), layer.keys, row_mask)
+                own = torch.arange(rows.start, rows.stop, device=hidden.device) + keys - queries
+                own_entry = row_mask[:, 0, torch.arange(own.numel()), own]  # [B|1, r] each row's own slot
+                # padding rows (their own slot masked) add nothing
+                visible = (
+                    own_entry if own_entry.dtype == torch.bool else own_entry > torch.finfo(own_entry.dtype).min / 2
+                )
+                decay = layer.forgetting_factor ** (
+                    queries - 1 - torch.arange(rows.start, rows.stop, device=hidden.device)
+                )
+                weights = (decay * visible).float().expand(batch, -1)  # [B, r]
+                received += torch.einsum("bq,bhqk->bhk", weights, probs)
+            received = received.view(batch, kv_heads, -1, keys).sum(2)  # [B, H_kv, K]
             layer.accumulate(received, queries)
             layer.evict()

@@ -251,3 +251,14 @@ def test_a_cache_without_its_hooks_raises_instead_of_growing():
     cache.close()
     with pytest.raises(RuntimeError, match="hooks are not on the model"):
         greedy(model, text_batch(), **cache_kwargs(cache))
+
+
+def test_prefill_scored_in_row_chunks_matches_brute_force(monkeypatch):
+    import atp.runtime.a2sf as a2sf
+
+    monkeypatch.setattr(a2sf, "SCORE_CHUNK_ELEMENTS", 200)  # a few query rows at a time
+    model, batch = causal_lm("sdpa"), text_batch()
+    tokens, cache = a2sf_generate(model, batch, budget=6, alpha=0.3, recent=1)
+    ref_tokens, ref_kept = brute_force(causal_lm("eager"), batch, 6, 0.3, 1)
+    assert cache_kept(cache) == ref_kept
+    assert torch.equal(tokens, ref_tokens)
