@@ -15,7 +15,7 @@ import torch
 from atp.models.causal import tiny_causal_lm
 from atp.models.hf_compat import cache_kwargs
 from atp.runtime.a2sf import A2SFCache
-from tests.conftest import make_batch, single
+from tests.conftest import IMAGE, make_batch, single
 
 STEPS = 8
 
@@ -53,8 +53,10 @@ def a2sf_generate(model, inputs, budget, alpha, recent):
     return tokens, cache
 
 
-def brute_force(model, inputs, budget, alpha, recent):
-    """(tokens [B, STEPS], kept[forward][layer][b][g] sorted slot lists) by the documented rule."""
+def brute_force(model, inputs, budget, alpha, recent, hidden=lambda layer, b: ()):
+    """(tokens [B, STEPS], kept[forward][layer][b][g] sorted slot lists) by the documented rule.
+
+    hidden(layer, b): positions no row may attend to in that layer (a token pruner's mask mode)."""
     modules = attention_modules(model)
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
@@ -75,7 +77,7 @@ def brute_force(model, inputs, budget, alpha, recent):
                 for h in range(heads):
                     for i in range(n):
                         for k in range(i + 1):
-                            if not pad[b, k]:
+                            if not pad[b, k] or k in hidden(layer, b):
                                 continue
                             if i < prompt or k == i or k in allowed[layer, b, h // group, i]:
                                 mask[b, h, i, k] = 0.0
@@ -103,7 +105,7 @@ def brute_force(model, inputs, budget, alpha, recent):
                     for k in list(s):
                         s[k] *= alpha ** len(rows)
                     for i in rows:
-                        if not pad[b, i]:
+                        if not pad[b, i] or i in hidden(layer, b):
                             continue
                         weight = alpha ** (rows[-1] - i)
                         for k in range(i + 1):
@@ -262,3 +264,30 @@ def test_prefill_scored_in_row_chunks_matches_brute_force(monkeypatch):
     ref_tokens, ref_kept = brute_force(causal_lm("eager"), batch, 6, 0.3, 1)
     assert cache_kept(cache) == ref_kept
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_with_a_mask_mode_pruner_matches_brute_force(model_factory, attn):
+    """FastV (mask mode) hides the visual tokens it prunes from layer 2 on; A2SF then evicts by the
+    same rule: the brute force hides exactly those tokens in layers >= 2 and otherwise runs as above."""
+    import atp
+
+    torch.manual_seed(0)
+    model = model_factory(attn_implementation=attn).eval()
+    torch.manual_seed(0)
+    reference_model = model_factory(attn_implementation="eager").eval()
+    batch = make_batch([(2, 3), (1, 1), (3, 0)])
+    for inputs in (single(batch, 0), batch):
+        atp.apply(model, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), mode="mask")
+        tokens, cache = a2sf_generate(model, inputs, budget=9, alpha=0.7, recent=2)
+        kept = atp.stats(model).kept[2]
+        atp.remove(model)
+        pruned = []
+        for b in range(inputs["input_ids"].shape[0]):
+            image = (inputs["input_ids"][b] == IMAGE).nonzero()[:, 0].tolist()
+            pruned.append({image[j] for j in range(len(image)) if j not in set(kept[b].tolist())})
+        ref_tokens, ref_kept = brute_force(
+            reference_model, inputs, 9, 0.7, 2, hidden=lambda layer, b: pruned[b] if layer >= 2 else ()
+        )
+        assert cache_kept(cache) == ref_kept
+        assert torch.equal(tokens, ref_tokens)
