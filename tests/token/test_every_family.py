@@ -67,6 +67,28 @@ REFUSED: dict[tuple[str, str], str] = {
 }
 
 
+# The visual tokens each sample keeps after the last stage, from each method's documented budget rule:
+# a share of the sample's content tokens, a fixed count, or (FitPrune) the recipe's deletions. Left out:
+# rules whose count depends on the scores (sparsevlm's recycling, dart's pivots, aim's merges, vflowopt's
+# recycled cells, atp's learned thresholds).
+FINAL_SHARE = {"none": 1, "random": 0.5, "fastv": 0.25, "pdrop": 0.25, "transprune": 0.25, "divprune": 0.25}
+FINAL_SHARE |= {"spatial": 0.25, "fastervlm": 0.25, "catp": 0.25}
+FINAL_TOKENS = {name: 8 for name in ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")}
+FINAL_TOKENS |= {"flowcut": 8, "zero_tprune": 8}
+
+
+def expected_final(name: str, content: int) -> int | None:
+    if content == 0:
+        return 0
+    if name in FINAL_SHARE:
+        return int(content * FINAL_SHARE[name])  # whole numbers here: contents are multiples of 4
+    if name in FINAL_TOKENS:
+        return min(content, FINAL_TOKENS[name])
+    if name == "fitprune":
+        return content - sum(PRUNERS["fitprune"]["recipe"].values())
+    return None
+
+
 def refused(family: str, name: str) -> str | None:
     return REFUSED.get((family, name))
 
@@ -163,6 +185,9 @@ def test_every_pruner_runs_or_refuses_clearly(family, name):
     assert torch.isfinite(logits["drop"]).all() and torch.isfinite(logits["mask"]).all()
     assert stats["drop"].num_visual.tolist() == content
     assert torch.equal(stats["drop"].visual_tokens, stats["mask"].visual_tokens)
+    final = [expected_final(name, n) for n in content]
+    if None not in final:
+        assert stats["drop"].visual_tokens[:, -1].tolist() == final
     with_image = stats["drop"].num_visual > 0
     if name not in ALL_CLAUSE:
         assert (stats["drop"].visual_tokens[with_image, -1] < stats["drop"].num_visual[with_image]).all()
