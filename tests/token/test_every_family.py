@@ -52,7 +52,7 @@ PRUNERS = {
 ALL_CLAUSE = ("none", "atp")  # none keeps everything; ATP's untrained modules keep (almost) everything
 
 GRID = "one image's fixed grid"
-IN_TOWER = "pruning inside the vision tower is not supported"
+IN_TOWER = "pruning inside the vision tower is not supported for .*: "
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 NO_FIXED_GRID = ("llava_next", "internvl")  # crops / tiles of their own grids (OneVision, Qwen: no [CLS] first)
 FIXED_GRID_METHODS = ("aim", "hiprune", "holov", "vispruner")
