@@ -231,9 +231,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         embeddings = self.vision_transformer.embeddings
         if getattr(embeddings, "class_embedding", None) is None:
             raise ValueError(
-                f"this method scores tokens by the vision tower's [CLS] attention, but {type(self.model).__name__}'s "
-                f"tower ({type(self.vision_tower).__name__}) has no [CLS] token. Use a method that does not need one "
-                "(fastv, pdrop, sparsevlm, divprune, random, spatial, fitprune, atp) with this model."
+                "this method reads the vision tower's attention per image with its [CLS] token first, but "
+                f"{type(self.model).__name__}'s tower ({type(self.vision_tower).__name__}) has no [CLS] token. Use a "
+                "method that does not need one (fastv, pdrop, sparsevlm, divprune, random, spatial, fitprune, atp)."
             )
         return super().vision_cls_offset()
 
