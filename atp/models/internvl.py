@@ -83,6 +83,15 @@ class InternVLAdapter(VLMAdapter):
             )
         return 1
 
+    def tower_layout(self):
+        """Refused: each LLM token is one 2x2 pixel-shuffle block of tower patches (of a tile), so a
+        cut between tower layers would have to keep or remove whole blocks; no rule here defines that."""
+        raise ValueError(
+            f"pruning inside the vision tower is not supported for {type(self.model).__name__}: each image token "
+            "is a pixel shuffle of 2x2 tower patches of one tile, which a cut between tower layers would split. "
+            "Use a method that prunes at the LLM input or inside the LLM."
+        )
+
     # -- tiles ---------------------------------------------------------------------------
     @cached_property
     def tile_patches(self) -> torch.Tensor:

@@ -52,6 +52,16 @@ class LlavaNextAdapter(LlavaAdapter):
     def fixed_grid(self) -> None:
         return None
 
+    def tower_layout(self):
+        """Refused: the tower runs every image as several crops (base view and anyres grid) that the
+        model then unpads and, on OneVision, may resample; one cut per tower input would set a
+        budget per crop and map its survivors through the unpadding, which no rule here defines."""
+        raise ValueError(
+            f"pruning inside the vision tower is not supported for {type(self.model).__name__}: the tower runs "
+            "each image as several crops (base view and anyres grid) that the model unpads before the LLM. Use a "
+            "method that prunes at the LLM input or inside the LLM."
+        )
+
     # -- reading the layout ----------------------------------------------------------------
     def instance_hooks(self) -> list[Any]:
         return [InstanceMethodWrapper(self.model.model, "get_image_features", self._record_encoding)]
@@ -221,9 +231,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         embeddings = self.vision_transformer.embeddings
         if getattr(embeddings, "class_embedding", None) is None:
             raise ValueError(
-                f"this method scores tokens by the vision tower's [CLS] attention, but {type(self.model).__name__}'s "
-                f"tower ({type(self.vision_tower).__name__}) has no [CLS] token. Use a method that does not need one "
-                "(fastv, pdrop, sparsevlm, divprune, random, spatial, fitprune, atp) with this model."
+                "this method reads the vision tower's attention per image with its [CLS] token first, but "
+                f"{type(self.model).__name__}'s tower ({type(self.vision_tower).__name__}) has no [CLS] token. Use a "
+                "method that does not need one (fastv, pdrop, sparsevlm, divprune, random, spatial, fitprune, atp)."
             )
         return super().vision_cls_offset()
 

@@ -57,9 +57,9 @@ class QwenVLAdapter(VLMAdapter):
 
     def vision_cls_offset(self) -> int:
         raise ValueError(
-            f"this method scores tokens by the vision tower's [CLS] attention, but {type(self.model).__name__}'s "
-            "vision tower has no [CLS] token (its patches go straight to the 2x2 merger). Use a method that "
-            "does not need one (fastv, pdrop, sparsevlm, divprune, random, fitprune) with this model."
+            "this method reads the vision tower's attention per image with its [CLS] token first, but "
+            f"{type(self.model).__name__}'s vision tower has no [CLS] token (its patches go straight to the 2x2 "
+            "merger). Use a method that does not need one (fastv, pdrop, sparsevlm, divprune, random, fitprune)."
         )
 
     def tower_layout(self):

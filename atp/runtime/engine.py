@@ -93,6 +93,7 @@ class _Prefill:
         self.sublayer: dict[int, dict[str, torch.Tensor]] = {}  # layer -> part -> [B, S] by original position
         self.tower_survivors: torch.Tensor | None = None  # [I, image tokens] bool, what the tower's cuts kept
         self.vision_tokens: torch.Tensor | None = None  # [I, tower layers] real tokens each tower layer ran on
+        self.structural: torch.Tensor | None = None  # [B, S] placeholders without image content (newlines)
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -333,6 +334,7 @@ class PruningRuntime:
         self._prefill = _Prefill(
             layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
+        self._prefill.structural = structural & valid
         if self.tower is not None:
             survivors, vision_tokens, seconds = self.tower.take_survivors()
             if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
@@ -578,6 +580,7 @@ class PruningRuntime:
             final_norm=self.adapter.final_norm.forward,  # .forward: not the output hook `_after_norm`
             real=layout.valid,
             input_geometry=state.geometry,
+            input_structural=state.structural,
         )
 
     def _per_visual_slot(

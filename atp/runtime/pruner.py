@@ -90,6 +90,8 @@ class PruneContext:
     input_instruction: [B, S0] bool instruction tokens, original positions
     origin:            [B, S] long original position of the token in each slot (0 in fill slots)
     input_geometry:    `atp.models.adapter.VisualGeometry` of the original positions ([B, S0] fields)
+    input_structural:  [B, S0] bool image placeholders without image content (LLaVA-NeXT's newline
+                       tokens), original positions; never visual, never pruned
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
     keys:              keys(layer) -> [B, H, S, hd] float32 keys of decoder layer `layer` (this one or
@@ -133,6 +135,7 @@ class PruneContext:
     real: torch.Tensor | None = None
     sublayer: Callable[[int], torch.Tensor] | None = None
     input_geometry: VisualGeometry | None = None
+    input_structural: torch.Tensor | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""

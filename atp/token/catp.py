@@ -47,16 +47,20 @@ def greedy_selection(tokens: torch.Tensor, text: torch.Tensor, count: int, weigh
     return torch.tensor(chosen, dtype=torch.long, device=tokens.device)
 
 
-def icl_parts(image: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
+def icl_parts(image: torch.Tensor, last_prompt: torch.Tensor, structural: torch.Tensor | None = None) -> torch.Tensor:
     """[B, S0] long: the in-context sample (numbered by its image) of each prompt token at original positions:
     an image's tokens and the text after it up to the next image; -1 before the first image and after the
     prompt. image: [B, S0] long image number of each image token (-1 elsewhere); last_prompt: [B] position of
-    the last prompt token. Raises when an image's tokens are not one contiguous block."""
+    the last prompt token; structural: [B, S0] bool placeholders without content (newline tokens inside an
+    image's block) or None. Raises when an image's tokens (with the structural ones among them) are not one
+    contiguous block."""
     sample = torch.full_like(image, -1)
+    structural = torch.zeros_like(image, dtype=torch.bool) if structural is None else structural
     for b in range(image.shape[0]):
         for number in image[b][image[b] >= 0].unique().tolist():
             positions = (image[b] == number).nonzero()[:, 0]
-            if int(positions[-1] - positions[0]) + 1 != len(positions):
+            span = slice(int(positions[0]), int(positions[-1]) + 1)
+            if not bool(((image[b, span] == number) | structural[b, span]).all()):
                 raise ValueError(
                     f"catp: the tokens of image {number} of sample {b} are not one contiguous block; CATP needs each "
                     "image as one run of tokens followed by its paired text (interleaved in-context prompts), which "
@@ -112,7 +116,7 @@ class CATP(TokenPruner):
                 f"per sample: {images}. Use a single-image method for single-image prompts."
             )
         last_prompt = torch.gather(ctx.origin, 1, ctx.last_prompt[:, None])[:, 0]
-        sample = icl_parts(image, last_prompt)  # [B, S0]
+        sample = icl_parts(image, last_prompt, ctx.input_structural)  # [B, S0]
         query = sample.max(1).values[:, None]  # [B, 1] the query sample's number (its image's)
         if ctx.layer == 0:
             return self._stage1(ctx, image, sample)

@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import atp
+from atp.token.catp import icl_parts
 from tests.conftest import IMAGE, NUM_VISUAL
 from tests.token.test_baselines import input_embeddings
 from tests.token.test_vflowopt import multi_image_batch
@@ -203,3 +204,15 @@ def test_catp_on_qwen_vl_images_of_their_own_grids():
             icd + stage1[-1],
             icd + query,
         ], b
+
+
+def test_icl_parts_lets_structural_tokens_sit_inside_an_image_block():
+    """LLaVA-NeXT's newline tokens close every row inside an image's block: the block is still one run of
+    tokens; text inside it is not. Expected parts written out by hand."""
+    # bos, image 0 (two content tokens, a newline, one content token), text, image 1 (one token), text
+    image = torch.tensor([[-1, 0, 0, -1, 0, -1, 1, -1]])
+    newline = torch.tensor([[False, False, False, True, False, False, False, False]])
+    parts = icl_parts(image, torch.tensor([7]), newline)
+    assert parts.tolist() == [[-1, 0, 0, 0, 0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="image 0 of sample 0 are not one contiguous block"):
+        icl_parts(image, torch.tensor([7]))  # without the flag position 3 is text inside the block

@@ -1,9 +1,8 @@
-"""Every pruner on tiny InternVL runs (drop and mask agree) or refuses clearly; ATP trains and prunes;
-FitPrune fits a recipe that meets its FLOPs budget."""
+"""ATP trains and prunes on tiny InternVL, FitPrune fits a recipe that meets its FLOPs budget, SAP follows each
+tile's grid. (Every pruner runs or refuses clearly: tests/token/test_every_family.py.)"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.testing import assert_close
 
@@ -11,79 +10,9 @@ import atp
 from atp.calibration.fitprune import FitPruneFitter
 from atp.models import get_adapter
 from atp.token.atp import SAP_FLOOR, SAP_LEVELS, ATPPruner, atp_losses, sap_scores_at
-from tests.internvl_inputs import IMAGE, PER_TILE, internvl_batch, internvl_model, token_places
+from tests.internvl_inputs import IMAGE, internvl_batch, internvl_model, token_places
 
 ONE_IMAGE_EACH = [(2, [3], 3), (3, [], 6), (1, [2], 2)]  # 48, 0 and 32 image tokens
-
-PRUNERS = {
-    "none": {},
-    "random": dict(layers=[1], keep_ratio=0.5),
-    "fastv": dict(layer=2, keep_ratio=0.25),
-    "pdrop": dict(layers=[1, 2], keep_ratios=[0.5, 0.25]),
-    "sparsevlm": dict(layers=[1, 2], keep_tokens=[16, 8]),
-    "divprune": dict(keep_ratio=0.25),
-    "spatial": dict(keep_ratio=0.25),
-    "fitprune": dict(recipe={0: 4, 1: 4}),
-    "atp": dict(num_layers=4, layers=[1, 3]),
-    "fastervlm": dict(keep_ratio=0.25),
-    "visionzip": dict(keep_tokens=12),
-    "dart": dict(layer=2, keep_tokens=12),
-    "transprune": dict(layers=[1, 2, 3], transition_layers=[0, 1, 2], keep_ratios=[0.875, 0.625, 0.25]),
-    "aim": dict(merge_removals=[8, 4], start_layer=1, step=0.5),
-    "vispruner": dict(keep_tokens=12),
-    "vtc_cls": dict(keep_tokens=12, start_layer=1),
-    "hiprune": dict(keep_tokens=12, object_layer=1),
-    "holov": dict(keep_tokens=12),
-    "cdpruner": dict(keep_tokens=12),
-    "flowcut": dict(keep_tokens=12),
-    "zero_tprune": dict(keep_tokens=12),
-    "vflowopt": dict(layers=[0, 2], keep_ratios=[0.5, 0.5], t=1.0, alpha=0.3, merge_grid=2.0, setting=None),
-    "catp": dict(keep_ratio=0.25, layer=1),
-}
-SEVERAL_IMAGES = [(2, [1, 2], 3), (3, [], 6), (1, [1, 1], 2)]  # CATP: in-context prompts, same tiles as above
-GRID = "one image's fixed grid"
-IN_TOWER = "pruning inside the vision tower is not supported"
-REFUSED = {
-    "aim": GRID,
-    "vispruner": GRID,
-    "holov": GRID,
-    "hiprune": GRID,
-    "flowcut": IN_TOWER,
-    "zero_tprune": IN_TOWER,
-}  # what the error names
-
-
-def test_the_table_covers_every_registered_pruner():
-    assert sorted(PRUNERS) == atp.available_pruners()
-
-
-@pytest.mark.parametrize("name", sorted(PRUNERS))
-def test_every_pruner_runs_and_drop_equals_mask(name):
-    model = internvl_model()
-    specs = [spec for spec in ONE_IMAGE_EACH if spec[1] or name != "fitprune"]  # a recipe's counts need images
-    specs = SEVERAL_IMAGES if name == "catp" else specs
-    batch = internvl_batch(specs)
-    pruner = atp.build_pruner(name, **PRUNERS[name]).eval()  # ATP: hard decisions in both modes
-    if name in REFUSED:  # at atp.apply or at the forward
-        with pytest.raises(ValueError, match=REFUSED[name]), torch.no_grad():
-            atp.apply(model, pruner, mode="drop")
-            model(**batch)
-        return
-    logits, stats = {}, {}
-    for mode in ("drop", "mask"):
-        atp.apply(model, pruner, mode=mode)
-        with torch.no_grad():
-            logits[mode] = model(**batch).logits[:, -1]
-        stats[mode] = atp.stats(model)
-    assert torch.isfinite(logits["drop"]).all()
-    images = [3 * PER_TILE, 0, 2 * PER_TILE] if len(specs) == 3 else [3 * PER_TILE, 2 * PER_TILE]
-    assert stats["drop"].num_visual.tolist() == images
-    assert torch.equal(stats["drop"].visual_tokens, stats["mask"].visual_tokens)
-    with_image = stats["drop"].num_visual > 0
-    if name not in ("none", "atp"):  # ATP's untrained modules keep (almost) everything
-        assert (stats["drop"].visual_tokens[with_image, -1] < stats["drop"].num_visual[with_image]).all()
-    if name != "visionzip":  # merged tokens differ from the mask path's kept originals by design
-        assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-5)
 
 
 def test_atp_trains_a_few_steps_then_prunes_in_drop_mode():
