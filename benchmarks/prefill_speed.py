@@ -458,7 +458,7 @@ NOTES = (
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=(*STACKS, "all"), default="all", help="which language stack")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (the 7B models have 28-32)")
@@ -473,7 +473,7 @@ def main() -> None:
         metavar=("THETA_R", "THETA_S"),
         help="constant ATP thresholds (0.6: the SAP branch keeps the stride-4 grid)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     repeats = 1 if args.smoke else args.repeats
     names = STACKS if args.stack == "all" else (args.stack,)
     for name in names:
