@@ -24,7 +24,6 @@ ROW_NAMES = [
     "fastv K=2, reference scoring (eager, output_attentions)",
     "pdrop",
     "atp (fixed thresholds)",
-    "stock HF, eager, output_attentions",
 ]
 
 
