@@ -33,8 +33,10 @@ lock:  ## rewrite constraints.txt from a fresh environment at the newest version
 test:  ## the whole suite (CPU, minutes)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
-bench:  ## prefill speed table (README)
-	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5
+bench:  ## prefill speed tables (README): Qwen2.5-VL-7B, LLaVA-1.5-7B and LLaVA-NeXT-7B layer shapes, 4 layers each (~50 min on 2 busy cores)
+	$(BIN)/python benchmarks/prefill_speed.py --stack qwen2_5_vl --layers 4 --repeats 3
+	$(BIN)/python benchmarks/prefill_speed.py --stack llava15 --layers 4 --repeats 3
+	$(BIN)/python benchmarks/prefill_speed.py --stack llava_next --layers 4 --repeats 2
 
 QUICK_BASE_STEPS ?= 140
 QUICK_ATP_STEPS ?= 50
