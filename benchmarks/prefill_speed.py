@@ -286,25 +286,42 @@ def configurations(stack: Stack, layers: int, keep_ratio: float, atp_theta: tupl
 # -- timing ---------------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One measured configuration; `stats` is None for the stock model."""
+    """One measured configuration, one entry per timed forward; `stats` is None for the stock model.
+
+    seconds: the language model's prefill (wall), from its pre-hook (before the runtime's) to its
+             output, the runtime's hooks and the pruner's scoring included: what the analytic
+             FLOPs count; cpu_seconds: the same span in process CPU time (all threads);
+             forward_seconds: the whole HF forward (vision tower, projector, LM, LM head)
+    """
 
     name: str
     attn: str
-    seconds: list[float]
-    scoring: list[float]
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    forward_seconds: list[float] = field(default_factory=list)
+    scoring: list[float] = field(default_factory=list)
     stats: atp.PruningStats | None = None
 
 
-class TowerTimer:
-    """Wall time of the vision tower in each forward (pre/post forward hooks)."""
+class SpanTimer:
+    """Wall and process-CPU seconds of each call of `module` (a pre-hook that runs before any
+    other, a forward hook after the module's output)."""
 
-    def __init__(self, tower: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module) -> None:
         self.seconds: list[float] = []
-        self._start = 0.0
+        self.cpu_seconds: list[float] = []
+        self._start = (0.0, 0.0)
         self._handles = [
-            tower.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter())),
-            tower.register_forward_hook(lambda *_: self.seconds.append(time.perf_counter() - self._start)),
+            module.register_forward_pre_hook(self._begin, prepend=True),
+            module.register_forward_hook(self._end),
         ]
+
+    def _begin(self, *_) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def _end(self, *_) -> None:
+        self.seconds.append(time.perf_counter() - self._start[0])
+        self.cpu_seconds.append(time.process_time() - self._start[1])
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -337,17 +354,20 @@ def run_stack(
     keep_ratio: float = 0.25,
     atp_theta: tuple[float, float] | None = None,
 ) -> StackResult:
-    """Time every configuration of `stack`, interleaved: one warm-up forward of the stock model,
-    then `repeats` rounds. atp_theta: ATP's constant thresholds (default: the stack's)."""
+    """Time every configuration of `stack`: one warm-up forward of the stock model, then `repeats`
+    rounds, interleaved, every other round in reverse order (a load that drifts during a round
+    then weighs on both ends alike). atp_theta: ATP's constant thresholds (default: the stack's)."""
     model = stack.build(layers, "sdpa")
     configs = configurations(stack, layers, keep_ratio, atp_theta or stack.atp_theta)
-    rows = [Row(c.name, c.attn, [], []) for c in configs]
-    tower = TowerTimer(get_adapter(model).vision_tower)
+    rows = [Row(c.name, c.attn) for c in configs]
+    adapter = get_adapter(model)
+    tower, language_model = SpanTimer(adapter.vision_tower), SpanTimer(adapter.language_model)
     with torch.inference_mode():
         model(**stack.inputs)  # warm-up
         tower.seconds.clear()
-        for _ in progress(range(repeats), f"{stack.name}: timing rounds"):
-            for config, row in zip(configs, rows):
+        for repeat in progress(range(repeats), f"{stack.name}: timing rounds"):
+            order = list(zip(configs, rows))
+            for config, row in order if repeat % 2 == 0 else order[::-1]:
                 atp.remove(model)
                 set_text_attention(model, config.attn)
                 if config.pruner is not None:
@@ -356,7 +376,9 @@ def run_stack(
                     config.pruner.attach(model)
                 start = time.perf_counter()
                 model(**stack.inputs, output_attentions=config.output_attentions)
-                row.seconds.append(time.perf_counter() - start)
+                row.forward_seconds.append(time.perf_counter() - start)
+                row.seconds.append(language_model.seconds[-1])
+                row.cpu_seconds.append(language_model.cpu_seconds[-1])
                 if isinstance(config.pruner, EagerReferenceFastV):
                     config.pruner.detach()
                 if config.pruner is not None:
@@ -364,6 +386,7 @@ def run_stack(
                 row.scoring.append(row.stats.scoring_seconds if row.stats is not None else 0.0)
     atp.remove(model)
     tower.remove()
+    language_model.remove()
     return StackResult(stack, layers, repeats, keep_ratio, rows, tower.seconds, model.config.text_config)
 
 
@@ -372,10 +395,12 @@ COLUMNS = (
     "method",
     "attention",
     "visual tokens/layer",
-    "prefill s",
+    "LM prefill s",
     "measured speedup",
     "analytic speedup",
     "measured/analytic",
+    "CPU-time speedup",
+    "whole-forward speedup",
     "scoring overhead",
     "scoring overhead at full depth",
     "KV cache",
@@ -384,22 +409,27 @@ COLUMNS = (
 
 @dataclass
 class TableRow:
-    """The numbers of one printed row (speedups relative to the first row: stock HF, SDPA)."""
+    """The numbers of one printed row; speedups relative to the first row (stock HF, SDPA), medians."""
 
     name: str
     attn: str
     visual_tokens: float  # mean over decoder layers of the visual tokens processed
-    seconds: float  # median prefill
-    measured: float
+    seconds: float  # the language model's prefill, wall
+    measured: float  # of the language model's wall time
     analytic: float  # 1 / atp.metrics.cost_report(...).flops_ratio
-    overhead: float | None  # median scoring seconds / median unpruned prefill, in %
+    cpu_measured: float  # of the language model's process CPU time
+    forward_measured: float  # of the whole forward's wall time (tiny vision tower included)
+    overhead: float | None  # scoring seconds / the stock language model's prefill, in %
     overhead_full_depth: float | None  # the same probes over a prefill of the 7B model's depth, in %
     kv_ratio: float
 
 
 def table_rows(result: StackResult) -> list[TableRow]:
     """Medians, measured and analytic speedups (atp's accounting on each row's atp.stats)."""
-    base = statistics.median(result.rows[0].seconds)
+    stock = result.rows[0]
+    base, base_cpu, base_forward = (
+        statistics.median(x) for x in (stock.seconds, stock.cpu_seconds, stock.forward_seconds)
+    )
     depth = result.stack.full_layers / result.layers
     out = []
     for row in result.rows:
@@ -412,7 +442,11 @@ def table_rows(result: StackResult) -> list[TableRow]:
             visual = float(row.stats.average_visual_tokens()[0])
             overhead = 100 * statistics.median(row.scoring) / base
             full = overhead / depth
-        out.append(TableRow(row.name, row.attn, visual, median, base / median, analytic, overhead, full, kv))
+        cpu = base_cpu / statistics.median(row.cpu_seconds)
+        forward = base_forward / statistics.median(row.forward_seconds)
+        out.append(
+            TableRow(row.name, row.attn, visual, median, base / median, analytic, cpu, forward, overhead, full, kv)
+        )
     return out
 
 
@@ -443,27 +477,34 @@ def format_table(result: StackResult, load: tuple[float, float, float] | None = 
         full = "-" if r.overhead_full_depth is None else f"{r.overhead_full_depth:.2f} %"
         lines.append(
             f"| {r.name} | {r.attn} | {r.visual_tokens:.1f} | {r.seconds:.3f} | {r.measured:.2f}x | {r.analytic:.2f}x "
-            f"| {r.measured / r.analytic:.3f} | {overhead} | {full} | {100 * r.kv_ratio:.1f} % |"
+            f"| {r.measured / r.analytic:.3f} | {r.cpu_measured:.2f}x | {r.forward_measured:.2f}x | {overhead} "
+            f"| {full} | {100 * r.kv_ratio:.1f} % |"
         )
     ours = next(r for r in rows if r.name.startswith("fastv") and "atp" in r.name)
     reference = next(r for r in rows if "reference" in r.name)
     common, kept = kept_agreement(result)
     tower = statistics.median(result.tower_seconds)
+    forward = statistics.median(result.rows[0].forward_seconds)
     lines += [
         "",
         f"FastV in atp runs {reference.seconds / ours.seconds:.2f}x faster than FastV scored as the references do "
         f"(eager attention, output_attentions); both keep {kept} tokens, {common} of them the same.",
-        f"Vision tower (tiny, in every measured prefill, not in the analytic speedup): {tower:.3f} s, "
-        f"{100 * tower / rows[0].seconds:.1f} % of the stock prefill.",
+        f"Vision tower (tiny, in the whole forward only): {tower:.3f} s, {100 * tower / forward:.1f} % of the stock "
+        f"forward ({forward:.3f} s).",
+        "LM prefill s per round, in configuration order: "
+        + "; ".join(" / ".join(f"{t:.2f}" for t in row.seconds) for row in result.rows),
     ]
     return "\n".join(lines)
 
 
 NOTES = (
-    "Speedups relative to stock HF with SDPA. Analytic: prefill FLOPs of the decoder stack by atp's accounting "
+    "Speedups relative to stock HF with SDPA, medians. Measured: wall time of the language model's forward "
+    "(decoder stack, the runtime's hooks and the pruner's scoring, final norm; what the analytic FLOPs count); "
+    "CPU-time: the same span in process CPU time; whole-forward: the full HF forward (tiny vision tower, "
+    "projector, LM head on one token). Analytic: prefill FLOPs of the decoder stack by atp's accounting "
     "(atp.metrics.cost_report on atp.stats). Scoring overhead: time inside the pruner (scores, probes, ATP's MLPs) "
-    "as % of the unpruned prefill; at full depth: the same seconds over a prefill of the 7B model's depth "
-    "(prefill time scaled by full / benchmarked layers). KV cache: bytes after prefill relative to unpruned."
+    "as % of the stock language model's prefill; at full depth: the same seconds over a prefill of the 7B model's "
+    "depth (prefill time scaled by full / benchmarked layers). KV cache: bytes after prefill relative to unpruned."
 )
 
 

@@ -60,6 +60,8 @@ def test_table_rows_match_atp_stats_and_the_documented_flops_rule(results, name)
     rows = prefill_speed.table_rows(result)
     assert [r.name for r in rows] == ROW_NAMES
     base = statistics.median(result.rows[0].seconds)
+    for measured in result.rows:  # the language model's span lies inside the whole forward
+        assert all(0 < lm <= whole for lm, whole in zip(measured.seconds, measured.forward_seconds))
     num_visual = result.stack.num_visual
     for row, measured in zip(rows, result.rows):
         assert row.measured == pytest.approx(base / statistics.median(measured.seconds))
@@ -94,7 +96,8 @@ def test_printed_table_is_the_rows(results, name):
         assert float(cells[2]) == pytest.approx(row.visual_tokens, abs=0.05)
         assert float(cells[5].rstrip("x")) == pytest.approx(row.analytic, abs=0.005)
         assert float(cells[6]) == pytest.approx(row.measured / row.analytic, abs=0.0005)
-        assert (cells[7] == "-") == (row.overhead is None)
+        assert float(cells[7].rstrip("x")) == pytest.approx(row.cpu_measured, abs=0.005)
+        assert (cells[9] == "-") == (row.overhead is None)
     common, kept = prefill_speed.kept_agreement(result)
     assert f"both keep {kept} tokens, {common} of them the same" in text
     assert "load average 1.00 / 2.00 / 3.00" in text
