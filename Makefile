@@ -45,8 +45,10 @@ TEST_WORKERS ?= auto
 test:  ## the whole suite (CPU, minutes), one pytest-xdist worker per core (TEST_WORKERS=0: one process)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-bench:  ## prefill speed table (README)
-	$(BIN)/python benchmarks/prefill_speed.py --layers 8 --repeats 5
+bench:  ## prefill speed tables (README): Qwen2.5-VL-7B, LLaVA-1.5-7B and LLaVA-NeXT-7B layer shapes, 4 layers each (~50 min on 2 busy cores)
+	$(BIN)/python benchmarks/prefill_speed.py --stack qwen2_5_vl --layers 4 --repeats 3
+	$(BIN)/python benchmarks/prefill_speed.py --stack llava15 --layers 4 --repeats 3
+	$(BIN)/python benchmarks/prefill_speed.py --stack llava_next --layers 4 --repeats 2
 
 QUICK_BASE_STEPS ?= 140
 QUICK_ATP_STEPS ?= 50

@@ -35,7 +35,14 @@ from atp.models import get_adapter
 from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
-from atp.runtime.probe import ProjectionCapture, attention_received, attention_rows, project_qk, rotated_keys
+from atp.runtime.probe import (
+    ProjectionCapture,
+    attention_received,
+    attention_rows,
+    attention_rows_of,
+    project_qk,
+    rotated_keys,
+)
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
 from atp.runtime.stage import (
@@ -687,11 +694,14 @@ class PruningRuntime:
             raise ValueError(f"{self.pruner.name}: {error}") from None
         return self._per_visual_slot(features, layout, rows)
 
-    def _probe_inputs(self, stage: int, hidden: torch.Tensor, layer: int) -> tuple:
-        """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`."""
+    def _probe_inputs(
+        self, stage: int, hidden: torch.Tensor, layer: int, query_slots: torch.Tensor | None = None
+    ) -> tuple:
+        """(attention module, q, k, rotary, mask) of layer `layer` for a pruner before layer `stage`;
+        for the layer about to run with `query_slots` [B, Q], q holds those slots' rows only."""
         state = self._prefill
         if layer == stage:
-            query, key = project_qk(self.adapter.layers[layer], hidden)
+            query, key = project_qk(self.adapter.layers[layer], hidden, query_slots)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
         elif (
@@ -717,6 +727,8 @@ class PruningRuntime:
         self, stage: int, hidden: torch.Tensor, layer: int, queries: torch.Tensor, temperature: float = 1.0
     ) -> torch.Tensor:
         """Rows of layer `layer`'s attention for a pruner running before layer `stage`."""
+        if layer == stage:  # project the queries of the wanted rows only
+            return attention_rows_of(*self._probe_inputs(stage, hidden, layer, queries), queries, temperature)
         return attention_rows(*self._probe_inputs(stage, hidden, layer), queries, temperature)
 
     def _sublayer(self, stage: int, layer: int, layout: Layout) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
 
 class ProjectionCapture:
@@ -71,38 +71,73 @@ def attention_rows(
     queries: [B, Q] long slots whose rows are wanted
     returns  [B, H, Q, S] float32
     """
-    keys = rotated_keys(attn, key, rotary, query.shape[-1] // attn.head_dim)
-    return _rows(attn, query, keys, rotary, mask, queries, temperature)
+    return attention_rows_of(attn, gather_slots(query, queries), key, rotary, mask, queries, temperature)
+
+
+def attention_rows_of(
+    attn: nn.Module,
+    query_rows: torch.Tensor,
+    key: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    queries: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`attention_rows` given only the q_proj outputs of the wanted slots (query_rows [B, Q, H * hd],
+    the rows of `queries` [B, Q]): a probe of the layer about to run projects just those rows."""
+    keys = _grouped_keys(attn, key, rotary)
+    return _rows(attn, query_rows, keys, rotary, mask, queries, temperature)
+
+
+def gather_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[B, S, D] -> [B, Q, D]: the rows of `slots` [B, Q] long."""
+    return torch.gather(x, 1, slots[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def rotated_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple, num_heads: int) -> torch.Tensor:
-    """[B, H, S, hd] float32 keys as the layer's attention uses them (k norm, RoPE, GQA repeat)."""
+    """[B, H, S, hd] float32 keys as the layer's attention uses them (k norm, RoPE), repeated to the
+    `num_heads` query heads (GQA)."""
+    keys = _grouped_keys(attn, key, rotary)
+    return repeat_kv(keys, num_heads // keys.shape[1])
+
+
+def _grouped_keys(attn: nn.Module, key: torch.Tensor, rotary: tuple) -> torch.Tensor:
+    """[B, H_kv, S, hd] float32 keys as the layer's attention uses them (k norm, RoPE), not repeated
+    over the query heads of a group (GQA): `_rows` multiplies each group's queries with its keys."""
     k = _split_heads(key, attn.head_dim)
     if getattr(attn, "k_norm", None) is not None:
         k = attn.k_norm(k)
     cos, sin = rotary
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    return repeat_kv(k, num_heads // k.shape[1]).float()
+    return k.float()
 
 
 def _rows(
-    attn: nn.Module, query: torch.Tensor, keys: torch.Tensor, rotary: tuple, mask, queries, temperature: float = 1.0
+    attn: nn.Module,
+    query_rows: torch.Tensor,
+    keys: torch.Tensor,
+    rotary: tuple,
+    mask,
+    queries,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """`attention_rows` given the keys from `rotated_keys`: [B, H, Q, S] float32."""
-    rows = torch.gather(query, 1, queries[..., None].expand(-1, -1, query.shape[-1]))
-    q = _split_heads(rows, attn.head_dim)
+    """Attention probabilities [B, H, Q, S] float32 of the query slots `queries` [B, Q] whose q_proj
+    outputs are `query_rows` [B, Q, H * hd], against `_grouped_keys` [B, H_kv, S, hd];
+    softmax(logits / temperature) for another temperature than 1."""
+    q = _split_heads(query_rows, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
-    cos, sin = rotary
-    index = queries[..., None].expand(-1, -1, cos.shape[-1])
-    q, _ = apply_rotary_pos_emb(q, q, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
-    scores = torch.matmul(q.float(), keys.transpose(2, 3)) * attn.scaling
-    row_mask = torch.gather(mask, 2, queries[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
-    logits = scores + row_mask.float()
-    return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    cos, sin = (gather_slots(part, queries)[:, None] for part in rotary)  # [B, 1, Q, hd]
+    q = q * cos + rotate_half(q) * sin
+    batch, heads, count, head_dim = q.shape
+    groups, length = keys.shape[1], keys.shape[2]
+    q = (q.float() * attn.scaling).reshape(batch, groups, heads // groups * count, head_dim)  # heads in group order
+    scores = torch.matmul(q, keys.transpose(2, 3)).view(batch, heads, count, length)
+    scores += torch.gather(mask, 2, queries[:, None, :, None].expand(-1, 1, -1, length)).float()
+    return torch.softmax(scores if temperature == 1.0 else scores / temperature, dim=-1)
 
 
-QUERY_CHUNK_ELEMENTS = 2**21  # attention probabilities held at once by `attention_received`
+QUERY_CHUNK_ELEMENTS = 2**24  # attention probabilities held at once by `attention_received` (64 MB in fp32)
 HEAD_REDUCTIONS = ("mean", "max")
 
 
@@ -124,7 +159,8 @@ def attention_received(
     with A the post-softmax probabilities reduced over heads by `heads` ("mean" or "max").
     weights: [B, n, S] per query slot (0: not a query); the other arguments as `attention_rows`.
     Rows whose weight is 0 in every sample are not computed; the others are computed
-    `chunk_elements` probabilities (default QUERY_CHUNK_ELEMENTS) at a time.
+    `chunk_elements` probabilities (default QUERY_CHUNK_ELEMENTS) at a time, each chunk only
+    against the keys its rows can see (the mask's causal reach: the rest are exactly 0).
     """
     if heads not in HEAD_REDUCTIONS:
         raise ValueError(f"heads must be one of {HEAD_REDUCTIONS}, got {heads!r}.")
@@ -133,19 +169,40 @@ def attention_received(
     rows = weights.ne(0).any(1).any(0).nonzero()[:, 0]  # [R] query slots with a weight somewhere
     num_heads = query.shape[-1] // attn.head_dim
     step = max(1, (chunk_elements or QUERY_CHUNK_ELEMENTS) // (batch * num_heads * length))
-    keys = rotated_keys(attn, key, rotary, num_heads)  # once for all chunks
+    keys = _grouped_keys(attn, key, rotary)  # once for all chunks
+    reach = _key_reach(mask)  # [B, S]: a query row sees no key at or past its reach (causal)
     received = weights.new_zeros(weights.shape)
     diagonal = weights.new_zeros(batch, length)  # A[b, j, j] on computed rows
     for start in range(0, rows.numel(), step):
         chunk = rows[start : start + step]  # [C]
-        probs = _rows(attn, query, keys, rotary, mask, chunk[None].expand(batch, -1))  # [B, H, C, S]
-        probs = probs.mean(1) if heads == "mean" else probs.amax(1)  # [B, C, S]
-        received += torch.bmm(weights[:, :, chunk], probs)
-        diagonal[:, chunk] = probs.gather(2, chunk[None, :, None].expand(batch, -1, 1))[..., 0]
+        slots = chunk[None].expand(batch, -1)
+        end = max(int(reach[:, chunk].max()), int(chunk.max()) + 1)  # keys past `end` get probability 0
+        probs = _rows(attn, gather_slots(query, slots), keys[:, :, :end], rotary, mask[..., :end], slots)
+        on_diagonal = probs.gather(3, chunk[None, None, :, None].expand(batch, num_heads, -1, 1))[..., 0]  # [B, H, C]
+        if heads == "mean":  # sum_i w_i mean_h A[h, i, j] as one product over (head, query) pairs
+            weight = weights[:, :, chunk].repeat(1, 1, num_heads) / num_heads  # [B, n, H * C]
+            received[..., :end] += torch.bmm(weight, probs.view(batch, -1, end))
+            diagonal[:, chunk] = on_diagonal.mean(1)
+        else:
+            received[..., :end] += torch.bmm(weights[:, :, chunk], probs.amax(1))
+            diagonal[:, chunk] = on_diagonal.amax(1)
     return received - weights * diagonal[:, None] if exclude_self else received
 
 
-def project_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q/k projections a decoder layer would compute from `hidden` ([B, S, d])."""
+def _key_reach(mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] long: for each query row of the additive mask [B, 1, S, S], one past the last key it
+    can see (keys at or past it are masked: the probabilities there are exactly 0)."""
+    visible = mask[:, 0] > torch.finfo(mask.dtype).min / 2  # [B, S, S]; -inf and finfo.min are masked
+    last_from_end = visible.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.where(visible.any(-1), mask.shape[-1] - last_from_end, 0)
+
+
+def project_qk(
+    layer: nn.Module, hidden: torch.Tensor, query_slots: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k projections a decoder layer would compute from `hidden` ([B, S, d]): keys [B, S, H_kv * hd]
+    of every slot; queries [B, S, H * hd], or [B, Q, H * hd] of `query_slots` [B, Q] only (a probe
+    that wants a few rows does not pay for the query projection of every token)."""
     normed = layer.input_layernorm(hidden)
-    return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
+    rows = normed if query_slots is None else gather_slots(normed, query_slots)
+    return layer.self_attn.q_proj(rows), layer.self_attn.k_proj(normed)
