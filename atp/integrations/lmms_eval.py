@@ -206,8 +206,8 @@ class AtpLmms(lmms):
         if self.pruner is not None:
             account.add_pruned(self.text_config, atp.stats(self.model), doc_ids)
         else:
-            visual = self.adapter.image_token_mask(inputs["input_ids"], None) & inputs["attention_mask"].bool()
-            account.add_unpruned(visual.sum(1), doc_ids)
+            # as the runtime counts them: structural placeholders (LLaVA-NeXT's newlines) are no visual tokens
+            account.add_unpruned(self.adapter.visual_token_counts(inputs), doc_ids)
         if len(self._timing[task]) < self.spec.latency_batches:
             self._timing[task].append({k: v for k, v in inputs.items() if k != "labels"})
 
