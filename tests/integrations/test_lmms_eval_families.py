@@ -210,3 +210,21 @@ def test_the_stock_model_counts_the_visual_tokens_of_the_family_rule(family, tmp
     assert task["flops_ratio"] == 1.0 and task["kv_ratio"] == 1.0 and task["latency_ratio"] == 1.0
     samples = [json.loads(line) for line in next(tmp_path.glob("atp_samples_pope_shapes_*.jsonl")).open()]
     assert {s["doc_id"]: s["input_visual_tokens"] for s in samples} == dict(enumerate(contents))
+
+
+def test_budget_tokens_needs_one_visual_token_count_per_image():
+    """budget_tokens=B is B of an image's visual tokens: on LLaVA-1.5 its tower's grid (FastV keeps
+    B / grid tokens); refused on the families whose images have their own counts, LLaVA-NeXT included
+    (whose config still carries an `image_seq_length`, 576, that is no image's count)."""
+    from atp.integrations.lmms_eval import build_spec_pruner
+    from atp.integrations.lmms_spec import parse_model_args
+    from atp.models.tiny import tiny_llava
+
+    spec = parse_model_args({"pretrained": "/m", "pruner": "fastv", "budget_tokens": 8})
+    llava = tiny_llava()
+    side = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
+    assert build_spec_pruner(spec, llava).budget.keep_ratio == pytest.approx(8 / side**2)
+    for build, _ in FAMILIES.values():
+        model, _ = build()
+        with pytest.raises(ValueError, match="budget_tokens needs a fixed number of visual tokens per image"):
+            build_spec_pruner(spec, model)
