@@ -228,3 +228,42 @@ def test_budget_tokens_needs_one_visual_token_count_per_image():
         model, _ = build()
         with pytest.raises(ValueError, match="budget_tokens needs a fixed number of visual tokens per image"):
             build_spec_pruner(spec, model)
+
+
+def test_loglikelihood_at_batch_3_equals_the_stock_forward(family):
+    """The `none` pruner (the full runtime, nothing pruned) at batch size 3 with ragged prompts and
+    images: each one-word continuation's log-probability and greedy flag equal the stock HF forward's
+    on that prompt alone (chat template, one image part, the question; then the answer word)."""
+    from lmms_eval.api.instance import Instance
+
+    from atp.integrations.lmms_eval import AtpLmms
+
+    lm = AtpLmms(pretrained=str(family["model"]), pruner="none", batch_size=3, device="cpu", latency_batches=0)
+    rows = [family["rows"][i] for i in (0, 3, 5)]  # three image sizes, three prompt lengths
+    lm.task_dict = {"t": {"test": dict(enumerate(rows))}}
+    answers = ("yes", "no")
+    requests = [
+        Instance(
+            "loglikelihood",
+            (row["question"], " " + answer, lambda doc: [doc["image"]], i, "t", "test"),
+            0,
+            {"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for answer in answers
+        for i, row in enumerate(rows)
+    ]
+    results = lm.loglikelihood(requests)
+    model, processor = family["build"]()
+    for j, answer in enumerate(answers):
+        for i, row in enumerate(rows):
+            content = [{"type": "image"}, {"type": "text", "text": row["question"].strip()}]
+            prompt = processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            inputs = processor(text=[prompt + " " + answer], images=[row["image"].convert("RGB")], return_tensors="pt")
+            assert int(inputs["input_ids"][0, -1]) == processor.tokenizer.convert_tokens_to_ids(answer)
+            with torch.no_grad():
+                log_probs = model(**inputs).logits[0, -2].log_softmax(-1)
+            total, greedy = results[j * len(rows) + i]
+            assert total == pytest.approx(float(log_probs[inputs["input_ids"][0, -1]]), abs=1e-4)
+            assert greedy == (int(log_probs.argmax()) == int(inputs["input_ids"][0, -1]))
