@@ -94,13 +94,16 @@ def build_spec_pruner(spec: ModelSpec, model) -> atp.TokenPruner | None:
     kwargs = dict(spec.pruner_kwargs)
     text = model.config.get_text_config()
     if spec.budget_tokens is not None:
-        num_visual = getattr(model.config, "image_seq_length", None)
-        if num_visual is None:
+        # the adapter's grid, not config.image_seq_length: LLaVA-NeXT's config carries one (576) that is
+        # no image's count (anyres), InternVL's is per tile, not per image
+        grid = get_adapter(model).fixed_grid
+        if grid is None:
             raise ValueError(
                 f"budget_tokens needs a fixed number of visual tokens per image; {type(model).__name__} has none "
                 "(per-image grids). Give the pruner's own budget arguments instead (e.g. pruner.keep_ratio=0.25)."
             )
-        kwargs.update(budget_kwargs(spec.pruner, spec.budget_tokens, int(num_visual), text.num_hidden_layers))
+        num_visual = grid[0] * grid[1]
+        kwargs.update(budget_kwargs(spec.pruner, spec.budget_tokens, num_visual, text.num_hidden_layers))
     if "num_layers" in inspect.signature(pruner_class(spec.pruner).__init__).parameters:
         kwargs.setdefault("num_layers", text.num_hidden_layers)
     return atp.build_pruner(spec.pruner, **kwargs)
@@ -206,8 +209,8 @@ class AtpLmms(lmms):
         if self.pruner is not None:
             account.add_pruned(self.text_config, atp.stats(self.model), doc_ids)
         else:
-            visual = self.adapter.image_token_mask(inputs["input_ids"], None) & inputs["attention_mask"].bool()
-            account.add_unpruned(visual.sum(1), doc_ids)
+            # as the runtime counts them: structural placeholders (LLaVA-NeXT's newlines) are no visual tokens
+            account.add_unpruned(self.adapter.visual_token_counts(inputs), doc_ids)
         if len(self._timing[task]) < self.spec.latency_batches:
             self._timing[task].append({k: v for k, v in inputs.items() if k != "labels"})
 

@@ -9,7 +9,8 @@ model_args (lmms-eval's `--model_args a=1,b=2`; the CLI adds batch_size and devi
                               pretrained= is also given (then the export must be for that base)
     pruner=<name>             a registered pruner (`atp.available_pruners()`), with
     pruner.<arg>=<value>      its constructor arguments (lists as [1,3]), or
-    budget_tokens=<n>         the budget arguments for n retained visual tokens (`atp.budget`)
+    budget_tokens=<n>         the budget arguments for n retained visual tokens (`atp.budget`); families
+                              with one grid per image only (LLaVA-1.5), refused where images have their own counts
     mode=drop|mask, dtype=float32|bfloat16|float16, device=auto|cpu|cuda:0, attn_implementation=sdpa|eager
     batch_size=<n>            prompts per generate call (ragged prompts are left-padded)
     max_new_tokens=<n>        default when the task does not set it (lmms-eval's tasks do)
