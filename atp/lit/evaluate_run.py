@@ -52,7 +52,7 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
         )
     num_visual, text = grid[0] * grid[1], model.config.text_config
     if spec.get("name") == "vflowopt":
-        return vflowopt_budgeted_config(cfg, spec, model, processor)
+        return vflowopt_budgeted_config(cfg, spec, model, processor, num_visual)
     if spec.get("name") != "fitprune":
         vision_layers = getattr(getattr(model.config, "vision_config", None), "num_hidden_layers", None)
         budget = budget_kwargs(spec["name"], cfg.budget_tokens, num_visual, text.num_hidden_layers, vision_layers)
@@ -70,14 +70,14 @@ def budgeted_pruner_config(cfg: DictConfig, model, processor) -> dict:
     return {**spec, "recipe": best.recipe}
 
 
-def vflowopt_budgeted_config(cfg: DictConfig, spec: dict, model, processor) -> dict:
+def vflowopt_budgeted_config(cfg: DictConfig, spec: dict, model, processor, num_visual: int) -> dict:
     """cfg.pruner for VFlowOpt at `budget_tokens`: the recipe its flow-guided search finds on the calibration
     prompts for the average share budget_tokens / visual tokens (`atp.budget.vflowopt_budget`)."""
     from atp.budget import vflowopt_budget
     from atp.calibration.vflowopt import VFlowOptSearch
     from atp.lit.fitprune_run import calibration_batches
 
-    num_visual, num_layers = model.config.image_seq_length, model.config.text_config.num_hidden_layers
+    num_layers = model.config.text_config.num_hidden_layers
     settings = vflowopt_budget(cfg.budget_tokens, num_visual, num_layers)
     batches = calibration_batches(
         cfg.fit_calibration_json, cfg.data.image_folder, processor, cfg.fit_calibration_samples, cfg.batch_size

@@ -123,7 +123,7 @@ class VLMTrainingModule(L.LightningModule):
             return
         if not isinstance(self.pruner, ATPPruner):
             return
-        visual = getattr(self.model.config, "image_seq_length", None)  # None: each image has its own count
+        visual = self._fixed_visual_tokens()
         if visual is None:
             if not 0 < target <= 1:
                 raise ValueError(
@@ -137,12 +137,19 @@ class VLMTrainingModule(L.LightningModule):
                 "(e.g. 0.25) or a count no larger than that."
             )
 
+    def _fixed_visual_tokens(self) -> int | None:
+        """Visual tokens per image where every image has the same count (one fixed grid: LLaVA-1.5),
+        else None (LLaVA-NeXT's crops, Qwen-VL's and InternVL's own counts); not the config's
+        `image_seq_length`, which LLaVA-NeXT sets to 576 whatever the image."""
+        grid = get_adapter(self.model).fixed_grid
+        return None if grid is None else grid[0] * grid[1]
+
     def scheduled_target(self) -> float:
         """target_tokens at this training step, in its own units (a fraction or a count)."""
         final = self.hparams.target_tokens
         if self.hparams.target_warmup <= 0:
             return final
-        start = 1.0 if final <= 1 else float(self.model.config.image_seq_length)
+        start = 1.0 if final <= 1 else float(self._fixed_visual_tokens())
         warmup_steps = self.hparams.target_warmup * self.trainer.estimated_stepping_batches
         return start + min(1.0, self.global_step / max(warmup_steps, 1.0)) * (final - start)
 

@@ -4,6 +4,7 @@ and then prunes in drop mode, where drop equals mask at every kept position and 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
@@ -67,3 +68,13 @@ def test_atp_trains_then_prunes_in_drop_mode_on_llava_next():
         for number in stats["drop"].kept[3][b].tolist():
             keep[b, positions[number]] = True
     assert_close(logits["drop"][keep], logits["mask"][keep], rtol=1e-4, atol=1e-5)
+
+
+def test_an_absolute_atp_target_is_refused_on_llava_next():
+    """LLaVA-NeXT's config says image_seq_length=576 whatever the image; a token count target would be
+    measured against that, so only a fraction of each sample's content tokens is accepted."""
+    model = next_model("llava_next")
+    assert model.config.image_seq_length == 576
+    with pytest.raises(ValueError, match="gives each image its own number of visual tokens"):
+        VLMTrainingModule(model, mid_range_pruner(), train_parts="pruner", target_tokens=36)
+    VLMTrainingModule(model, mid_range_pruner(), train_parts="pruner", target_tokens=0.25)  # a fraction is fine
