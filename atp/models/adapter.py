@@ -11,7 +11,10 @@ what differs is how images become tokens and how positions work. An adapter answ
   * which image placeholder tokens are structural (`structural_tokens`: LLaVA-NeXT's
     `image_newline`), which the runtime never prunes nor counts as visual tokens, and what of
     the multimodal model's call inputs it needs to know that (`read_inputs`);
-  * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none);
+  * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none),
+    how to read its q/k (`vision_attention`, `vision_query_key`), and which tower tokens and
+    projector-input rows each visual token covers (`tower_rows`, `projector_rows`: one per
+    token on LLaVA, a crop's own outputs on LLaVA-NeXT, 2 x 2 patches on InternVL);
   * how the tower's token sequence maps to the LLM's image tokens, for pruning inside the tower
     (`tower_layout`; raises where the family's tower cannot be pruned between layers);
   * how position ids are split into the 1-D text position (`[B, S]`, used for position
