@@ -9,9 +9,10 @@ is in the measured numbers and not in the analytic ones, which errs against the 
   llava15     LlavaForConditionalGeneration, Vicuna-7B's layer shapes (hidden 4096, MLP 11008,
               32 heads), a 336 px image: 24 x 24 = 576 visual tokens, LLaVA-1.5's template
   llava_next  the same class and shapes at 672 px: 48 x 48 = 2,304 visual tokens, the count of
-              a LLaVA-NeXT-7B anyres image (base view + crops + newlines). atp has no LLaVA-NeXT
-              adapter yet, so this is a LLaVA-1.5 model with NeXT's token count (one grid, no
-              newline tokens)
+              a LLaVA-NeXT-7B anyres image (base view + crops + newlines): a LLaVA-1.5 model with
+              NeXT's token count (one grid, no newline tokens), the LLM's cost of such an image
+              without the anyres layout (a real LlavaNextForConditionalGeneration stack is not
+              in this benchmark yet)
   qwen2_5_vl  Qwen2_5_VLForConditionalGeneration, Qwen2.5-VL-7B's layer shapes (hidden 3584,
               MLP 18944, 28 query / 4 KV heads, M-RoPE), one image of 72 x 72 tower patches:
               36 x 36 = 1,296 visual tokens after the 2x2 merger, Qwen's chat template
@@ -125,7 +126,7 @@ def llava_stack(name: str, image_size: int, full_layers: int, smoke: bool) -> St
     else:
         title = (
             f"LLaVA-NeXT-7B's layer shapes (Vicuna-7B) with an anyres image's token count: a LLaVA-1.5 model class "
-            f"at {image_size} px, {num_visual} visual tokens in one grid (no LLaVA-NeXT adapter in atp yet)"
+            f"at {image_size} px, {num_visual} visual tokens in one grid (not a real anyres layout)"
         )
     return Stack(name, title, full_layers, num_visual, build, inputs)
 
