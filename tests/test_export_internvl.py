@@ -3,29 +3,13 @@ kept tokens and greedy tokens as the model the export was written from (a [CLS]-
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 import atp
-from atp.export import load_pruned, save_pruned
-from atp.token.atp import ATPPruner
+from tests.export_round_trip import check_export_round_trip, pruning_atp
 from tests.internvl_inputs import internvl_batch, internvl_model
 
 ONE_IMAGE_EACH = [(2, [3], 3), (3, [], 6), (1, [2], 2)]  # 3 tiles, none, 2 tiles
-
-
-def pruning_atp() -> ATPPruner:
-    """An ATP pruner in a "trained" state that prunes: thresholds inside the score range."""
-    torch.manual_seed(0)
-    pruner = ATPPruner(num_layers=4, layers=[1, 3], hidden=16).eval()
-    with torch.no_grad():
-        for module in pruner.modules_by_layer.values():
-            module.redundancy_head.bias.fill_(0.2)
-            module.spatial_head.bias.fill_(1.0)
-            module.trunk[0].weight.normal_()
-    return pruner
 
 
 PRUNERS = {
@@ -37,25 +21,4 @@ PRUNERS = {
 
 @pytest.mark.parametrize("name", sorted(PRUNERS))
 def test_internvl_export_round_trip(name, tmp_path):
-    model = internvl_model()
-    batch = internvl_batch(ONE_IMAGE_EACH)
-    pruner = PRUNERS[name]()
-    atp.apply(model, pruner, mode="drop")
-    with torch.no_grad():
-        expected = model(**batch).logits
-    kept = atp.stats(model).kept
-    visual = atp.stats(model).visual_tokens
-    generated = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert int(visual[:, -1].sum()) < int(atp.stats(model).num_visual.sum())  # really prunes
-    atp.remove(model)
-    export = save_pruned(tmp_path / "export", model, None, pruner)
-    assert json.loads((export / "atp_config.json").read_text())["pruner"] == name
-    loaded, processor = load_pruned(export)
-    assert processor is None and type(loaded) is type(model) and atp.runtime_of(loaded).mode == "drop"
-    with torch.no_grad():
-        got = loaded(**batch).logits
-    assert torch.equal(got, expected)
-    assert torch.equal(atp.stats(loaded).visual_tokens, visual)
-    for layer in kept:
-        assert all(torch.equal(a, b) for a, b in zip(kept[layer], atp.stats(loaded).kept[layer]))
-    assert torch.equal(loaded.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False), generated)
+    check_export_round_trip(internvl_model(), internvl_batch(ONE_IMAGE_EACH), PRUNERS[name](), tmp_path / "export")
