@@ -8,13 +8,9 @@ from torch.testing import assert_close
 
 import atp
 from tests.conftest import IMAGE, make_batch, single
+from tests.runtime.family_checks import random_pruner
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
-
-
-def random_pruner(**kwargs):
-    kwargs = {"layers": [1, 3], "keep_ratio": [0.5, 0.5], "seed": 3, **kwargs}
-    return atp.build_pruner("random", **kwargs)
 
 
 def kept_positions(batch, stats, layer_count):

@@ -12,32 +12,17 @@ from torch.testing import assert_close
 import atp
 from atp.token.selection import kept_count
 from tests.internvl_inputs import IMAGE, PER_TILE, TEXTS, internvl_batch, internvl_model, token_places
+from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
 
 TWO_TILINGS = [(2, [3], 3), (4, [1], 5)]  # two prompts, images of 3 tiles (2 + thumbnail) and 1 tile
 RAGGED = [(2, [3], 3), (3, [], 6), (1, [2], 2)]  # 48, 0 and 32 image tokens
-
-
-def random_pruner():
-    return atp.build_pruner("random", layers=[1, 3], keep_ratio=[0.5, 0.5], seed=3)
-
-
-def greedy(model, batch, tokens: int = 8, **kwargs):
-    return model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_none_equals_stock_forward_and_generate(text, attn):
     model = internvl_model(text, attn)
     batch = internvl_batch(TWO_TILINGS)
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        stock = model(**batch).logits
-        stock_generated = greedy(model, batch)
-        atp.apply(model, atp.build_pruner("none"))
-        ours = model(**batch).logits
-    assert_close(ours[real], stock[real], rtol=0, atol=0)
-    assert atp.stats(model).visual_tokens[:, 0].tolist() == [3 * PER_TILE, PER_TILE]
-    assert torch.equal(greedy(model, batch), stock_generated)
+    assert check_none_equals_stock(model, batch) == [3 * PER_TILE, PER_TILE]
 
 
 def test_none_runs_through_the_runtime():

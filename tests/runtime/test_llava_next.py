@@ -14,17 +14,10 @@ from torch.testing import assert_close
 import atp
 from atp.models import get_adapter
 from tests.next_inputs import FAMILIES, GRID, IMAGE, SQUARE, TALL, WIDE, next_batch, next_model, stock_reference
+from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
 
 TWO_ASPECTS = [(2, [WIDE], 3), (4, [SQUARE], 2)]  # 1 x 2 crops (rows unpadded) and 2 x 2 crops
 RAGGED = [(2, [WIDE], 3), (3, [], 6), (1, [TALL], 2)]  # an image, none, an image with unpadded columns
-
-
-def random_pruner():
-    return atp.build_pruner("random", layers=[1, 3], keep_ratio=[0.5, 0.5], seed=3)
-
-
-def greedy(model, batch, tokens: int = 8, **kwargs):
-    return model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,15 +76,7 @@ def test_onevision_resampled_grid_is_described_as_its_own_grid():
 def test_none_equals_stock_forward_and_generate(family, attn):
     model = next_model(family, attn)
     batch = next_batch(model, TWO_ASPECTS)
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        stock = model(**batch).logits
-        stock_generated = greedy(model, batch)
-        atp.apply(model, atp.build_pruner("none"))
-        ours = model(**batch).logits
-    assert_close(ours[real], stock[real], rtol=0, atol=0)
-    assert atp.stats(model).visual_tokens[:, 0].tolist() == [32, 80]
-    assert torch.equal(greedy(model, batch), stock_generated)
+    assert check_none_equals_stock(model, batch) == [32, 80]
 
 
 def kept_positions(batch, reference, stats) -> torch.Tensor:

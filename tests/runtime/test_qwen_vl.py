@@ -9,32 +9,17 @@ from torch.testing import assert_close
 import atp
 from atp.token.selection import kept_count
 from tests.qwen_inputs import FAMILIES, IMAGE, qwen_batch, qwen_model
+from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
 
 TWO_SIZES = [(2, [(4, 6)], 3), (4, [(6, 4)], 5)]  # two prompts, images of different sizes
 RAGGED = [(2, [(4, 6), (4, 4)], 3), (3, [], 6), (1, [(6, 4)], 2)]  # two images, none, one
-
-
-def random_pruner():
-    return atp.build_pruner("random", layers=[1, 3], keep_ratio=[0.5, 0.5], seed=3)
-
-
-def greedy(model, batch, tokens: int = 8, **kwargs):
-    return model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_none_equals_stock_forward_and_generate(family, attn):
     model = qwen_model(family, attn)
     batch = qwen_batch(TWO_SIZES)
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        stock = model(**batch).logits
-        stock_generated = greedy(model, batch)
-        atp.apply(model, atp.build_pruner("none"))
-        ours = model(**batch).logits
-    assert_close(ours[real], stock[real], rtol=0, atol=0)
-    assert atp.stats(model).visual_tokens[:, 0].tolist() == [6, 6]
-    assert torch.equal(greedy(model, batch), stock_generated)
+    assert check_none_equals_stock(model, batch) == [6, 6]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
