@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.testing import assert_close
 
@@ -33,3 +35,25 @@ def check_none_equals_stock(model, batch) -> list[int]:
     counted = atp.stats(model).visual_tokens[:, 0].tolist()
     assert torch.equal(greedy(model, batch), stock_generated)
     return counted
+
+
+def cosine_distance(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def divprune_by_loops(tokens: list[list[float]], count: int) -> list[int]:
+    """DivPrune's max-min rule as plain loops over one sample's token vectors: distance 1 - cosine;
+    first the token farthest from its nearest neighbour, then repeatedly the token whose distance to
+    the chosen set (its minimum distance to a chosen token) is largest, until `count` are chosen.
+    Ties: the earlier token. Returns the chosen indices in order."""
+    n = len(tokens)
+    if n == 0:
+        return []
+    distance = [[cosine_distance(tokens[i], tokens[j]) for j in range(n)] for i in range(n)]
+    nearest = [min(distance[i][j] for j in range(n) if j != i) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(chosen) < count:
+        to_set = {i: min(distance[i][c] for c in chosen) for i in range(n) if i not in chosen}
+        chosen.append(max(to_set, key=lambda i: (to_set[i], -i)))
+    return sorted(chosen)

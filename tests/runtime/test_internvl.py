@@ -3,8 +3,6 @@ against mask, ragged batches against batch-1 runs, FastV and DivPrune against br
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.testing import assert_close
@@ -12,7 +10,7 @@ from torch.testing import assert_close
 import atp
 from atp.token.selection import kept_count
 from tests.internvl_inputs import IMAGE, PER_TILE, TEXTS, internvl_batch, internvl_model, token_places
-from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
+from tests.runtime.family_checks import check_none_equals_stock, divprune_by_loops, greedy, random_pruner
 
 TWO_TILINGS = [(2, [3], 3), (4, [1], 5)]  # two prompts, images of 3 tiles (2 + thumbnail) and 1 tile
 RAGGED = [(2, [3], 3), (3, [], 6), (1, [2], 2)]  # 48, 0 and 32 image tokens
@@ -138,31 +136,15 @@ def test_fastv_keeps_what_eager_attentions_say(text):
             atp.remove(model)
 
 
-def cosine_distance(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
 def brute_force_divprune(model, batch, keep_ratio: float) -> list[list[int]]:
-    """DivPrune's max-min rule as loops over the stock model's LLM input embeddings (hidden_states[0]):
-    distance 1 - cosine; first the token farthest from its nearest neighbour, then repeatedly the token
-    farthest from the chosen set; keep round(N * ratio). Ties: the earlier token."""
+    """DivPrune's max-min rule (`divprune_by_loops`) over the stock model's LLM input embeddings
+    (hidden_states[0]) of each sample's image tokens; keep round(N * ratio)."""
     with torch.no_grad():
         embeds = model(**batch, output_hidden_states=True).hidden_states[0]
     kept = []
     for b in range(batch["input_ids"].shape[0]):
         tokens = [embeds[b, p].double().tolist() for p in (batch["input_ids"][b] == IMAGE).nonzero()[:, 0].tolist()]
-        n = len(tokens)
-        if n == 0:
-            kept.append([])
-            continue
-        distance = [[cosine_distance(tokens[i], tokens[j]) for j in range(n)] for i in range(n)]
-        nearest = [min(distance[i][j] for j in range(n) if j != i) for i in range(n)]
-        chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
-        while len(chosen) < int(kept_count(torch.tensor([n]), keep_ratio)[0]):
-            to_set = {i: min(distance[i][c] for c in chosen) for i in range(n) if i not in chosen}
-            chosen.append(max(to_set, key=lambda i: (to_set[i], -i)))
-        kept.append(sorted(chosen))
+        kept.append(divprune_by_loops(tokens, int(kept_count(torch.tensor([len(tokens)]), keep_ratio)[0])))
     return kept
 
 

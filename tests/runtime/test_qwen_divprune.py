@@ -3,46 +3,28 @@ a brute-force max-min selection over HF's own LLM input embeddings keeps, in a r
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import atp
 from atp.token.selection import kept_count
 from tests.qwen_inputs import IMAGE, qwen_batch, qwen_model
+from tests.runtime.family_checks import divprune_by_loops
 
 RAGGED = [(2, [(8, 8), (4, 6)], 3), (3, [], 6), (1, [(6, 4)], 2)]  # 22, 0 and 6 image tokens
 KEEP_RATIO = 0.3
 
 
-def cosine_distance(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
 def brute_force_divprune(model, batch) -> list[list[int]]:
-    """DivPrune's documented rule as loops over the stock model's LLM input embeddings
-    (`output_hidden_states[0]`): distance 1 - cosine between a sample's image tokens; first the token
-    farthest from its nearest neighbour, then repeatedly the token whose distance to the chosen set
-    (its minimum distance to a chosen token) is largest; keep round(N * ratio). Ties: the earlier token."""
+    """DivPrune's documented rule (`divprune_by_loops`) over the stock model's LLM input embeddings
+    (`output_hidden_states[0]`) of each sample's image tokens; keep round(N * ratio)."""
     with torch.no_grad():
         embeds = model(**batch, output_hidden_states=True).hidden_states[0]
     kept = []
     for b in range(batch["input_ids"].shape[0]):
         positions = (batch["input_ids"][b] == IMAGE).nonzero()[:, 0].tolist()
         tokens = [embeds[b, p].double().tolist() for p in positions]
-        n = len(tokens)
-        if n == 0:
-            kept.append([])
-            continue
-        distance = [[cosine_distance(tokens[i], tokens[j]) for j in range(n)] for i in range(n)]
-        nearest = [min(distance[i][j] for j in range(n) if j != i) for i in range(n)]
-        chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
-        while len(chosen) < int(kept_count(torch.tensor([n]), KEEP_RATIO)[0]):
-            to_set = {i: min(distance[i][c] for c in chosen) for i in range(n) if i not in chosen}
-            chosen.append(max(to_set, key=lambda i: (to_set[i], -i)))
-        kept.append(sorted(chosen))
+        kept.append(divprune_by_loops(tokens, int(kept_count(torch.tensor([len(tokens)]), KEEP_RATIO)[0])))
     return kept
 
 

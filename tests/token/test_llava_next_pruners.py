@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 import atp
 from tests.next_inputs import FAMILIES, GRID, SQUARE, TALL, WIDE, next_batch, next_model, stock_reference
+from tests.runtime.family_checks import divprune_by_loops
 
 SPECS = [(2, [WIDE], 3), (4, [SQUARE], 2), (1, [TALL], 2)]
 
@@ -70,11 +71,6 @@ def test_fastv_keeps_what_eager_attentions_say(family, attn):
         assert run_kept(model, batch, atp.build_pruner("fastv", layer=2, keep_ratio=0.25), 2, mode) == expected
 
 
-def cosine_distance(a, b) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_divprune_keeps_what_the_brute_force_keeps(family):
     model = next_model(family)
@@ -83,14 +79,7 @@ def test_divprune_keeps_what_the_brute_force_keeps(family):
     expected = []
     for b, positions in enumerate(reference["content"]):
         tokens = [reference["embeds"][b, p].double().tolist() for p in positions]
-        n = len(tokens)
-        distance = [[cosine_distance(tokens[i], tokens[j]) for j in range(n)] for i in range(n)]
-        nearest = [min(distance[i][j] for j in range(n) if j != i) for i in range(n)]
-        chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
-        while len(chosen) < kept_count(n, 0.3):
-            to_set = {i: min(distance[i][c] for c in chosen) for i in range(n) if i not in chosen}
-            chosen.append(max(to_set, key=lambda i: (to_set[i], -i)))
-        expected.append(sorted(chosen))
+        expected.append(divprune_by_loops(tokens, kept_count(len(tokens), 0.3)))
     assert run_kept(model, batch, atp.build_pruner("divprune", keep_ratio=0.3), 0) == expected
 
 
