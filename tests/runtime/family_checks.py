@@ -57,3 +57,36 @@ def divprune_by_loops(tokens: list[list[float]], count: int) -> list[int]:
         to_set = {i: min(distance[i][c] for c in chosen) for i in range(n) if i not in chosen}
         chosen.append(max(to_set, key=lambda i: (to_set[i], -i)))
     return sorted(chosen)
+
+
+def check_generate_identical_across_modes_and_cache(model, batch, tokens: int = 10) -> None:
+    """`random_pruner()` gives the same greedy tokens in drop and mask mode, with the KV cache and
+    without, and different ones from the stock model (the pruner really acts)."""
+    outputs = {}
+    for mode in ("drop", "mask"):
+        atp.apply(model, random_pruner(), mode=mode)
+        for use_cache in (True, False):
+            outputs[mode, use_cache] = greedy(model, batch, tokens, use_cache=use_cache)
+    reference = outputs["drop", True]
+    assert reference.shape[1] == batch["input_ids"].shape[1] + tokens
+    for key, generated in outputs.items():
+        assert torch.equal(generated, reference), key
+    atp.remove(model)
+    assert not torch.equal(greedy(model, batch, tokens), reference)
+
+
+def check_ragged_equals_batch_of_one(model, batch, singles: list[dict], mode: str) -> None:
+    """With `random_pruner()` in `mode`, each sample of the ragged `batch` gets the last-position
+    logits, kept tokens and greedy tokens it gets alone (`singles[b]`: the same sample as a batch of one)."""
+    atp.apply(model, random_pruner(), mode=mode)
+    with torch.no_grad():
+        batched = model(**batch).logits[:, -1]
+        batched_kept = atp.stats(model).kept
+        for b, single in enumerate(singles):
+            alone = model(**single).logits[:, -1]
+            assert_close(alone[0], batched[b], rtol=1e-4, atol=1e-5)
+            for layer, kept in atp.stats(model).kept.items():
+                assert torch.equal(kept[0], batched_kept[layer][b])
+    together = greedy(model, batch)[:, -8:]
+    for b, single in enumerate(singles):
+        assert torch.equal(greedy(model, single)[0, -8:], together[b])

@@ -10,7 +10,13 @@ from torch.testing import assert_close
 import atp
 from atp.token.selection import kept_count
 from tests.internvl_inputs import IMAGE, PER_TILE, TEXTS, internvl_batch, internvl_model, token_places
-from tests.runtime.family_checks import check_none_equals_stock, divprune_by_loops, greedy, random_pruner
+from tests.runtime.family_checks import (
+    check_generate_identical_across_modes_and_cache,
+    check_none_equals_stock,
+    check_ragged_equals_batch_of_one,
+    divprune_by_loops,
+    random_pruner,
+)
 
 TWO_TILINGS = [(2, [3], 3), (4, [1], 5)]  # two prompts, images of 3 tiles (2 + thumbnail) and 1 tile
 RAGGED = [(2, [3], 3), (3, [], 6), (1, [2], 2)]  # 48, 0 and 32 image tokens
@@ -64,37 +70,13 @@ def test_random_drop_equals_mask_at_every_kept_position(attn):
 
 
 def test_random_greedy_generate_identical_across_modes_and_cache(attn):
-    model = internvl_model("qwen2", attn)
-    batch = internvl_batch(RAGGED)
-    outputs = {}
-    for mode in ("drop", "mask"):
-        atp.apply(model, random_pruner(), mode=mode)
-        for use_cache in (True, False):
-            outputs[mode, use_cache] = greedy(model, batch, 10, use_cache=use_cache)
-    reference = outputs["drop", True]
-    assert reference.shape[1] == batch["input_ids"].shape[1] + 10
-    for key, generated in outputs.items():
-        assert torch.equal(generated, reference), key
-    atp.remove(model)
-    assert not torch.equal(greedy(model, batch, 10), reference)  # the pruner really acted
+    check_generate_identical_across_modes_and_cache(internvl_model("qwen2", attn), internvl_batch(RAGGED))
 
 
 @pytest.mark.parametrize("mode", ["drop", "mask"])
 def test_random_ragged_batch_equals_batch_of_one(mode):
-    model = internvl_model()
-    batch = internvl_batch(RAGGED)
-    atp.apply(model, random_pruner(), mode=mode)
-    with torch.no_grad():
-        batched = model(**batch).logits[:, -1]
-        batched_kept = atp.stats(model).kept
-        for b in range(len(RAGGED)):
-            alone = model(**internvl_batch([RAGGED[b]], seeds=[b])).logits[:, -1]
-            assert_close(alone[0], batched[b], rtol=1e-4, atol=1e-5)
-            for layer, kept in atp.stats(model).kept.items():
-                assert torch.equal(kept[0], batched_kept[layer][b])
-    together = greedy(model, batch)[:, -8:]
-    for b in range(len(RAGGED)):
-        assert torch.equal(greedy(model, internvl_batch([RAGGED[b]], seeds=[b]))[0, -8:], together[b])
+    singles = [internvl_batch([spec], seeds=[b]) for b, spec in enumerate(RAGGED)]
+    check_ragged_equals_batch_of_one(internvl_model(), internvl_batch(RAGGED), singles, mode)
 
 
 def top_numbers(scores: list[float], count: int) -> list[int]:

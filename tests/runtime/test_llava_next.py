@@ -14,7 +14,12 @@ from torch.testing import assert_close
 import atp
 from atp.models import get_adapter
 from tests.next_inputs import FAMILIES, GRID, IMAGE, SQUARE, TALL, WIDE, next_batch, next_model, stock_reference
-from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
+from tests.runtime.family_checks import (
+    check_generate_identical_across_modes_and_cache,
+    check_none_equals_stock,
+    check_ragged_equals_batch_of_one,
+    random_pruner,
+)
 
 TWO_ASPECTS = [(2, [WIDE], 3), (4, [SQUARE], 2)]  # 1 x 2 crops (rows unpadded) and 2 x 2 crops
 RAGGED = [(2, [WIDE], 3), (3, [], 6), (1, [TALL], 2)]  # an image, none, an image with unpadded columns
@@ -119,35 +124,14 @@ def test_random_drop_equals_mask_and_newlines_stay_in_every_layer(family, attn):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_greedy_generate_identical_across_modes_and_cache(family):
     model = next_model(family)
-    batch = next_batch(model, RAGGED)
-    outputs = {}
-    for mode in ("drop", "mask"):
-        atp.apply(model, random_pruner(), mode=mode)
-        for use_cache in (True, False):
-            outputs[mode, use_cache] = greedy(model, batch, 10, use_cache=use_cache)
-    reference = outputs["drop", True]
-    for key, generated in outputs.items():
-        assert torch.equal(generated, reference), key
-    atp.remove(model)
-    assert not torch.equal(greedy(model, batch, 10), reference)  # the pruner really acted
+    check_generate_identical_across_modes_and_cache(model, next_batch(model, RAGGED))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_ragged_batch_equals_batch_of_one(family):
     model = next_model(family)
-    batch = next_batch(model, RAGGED)
-    atp.apply(model, random_pruner(), mode="drop")
-    with torch.no_grad():
-        batched = model(**batch).logits[:, -1]
-        batched_kept = atp.stats(model).kept
-        for b in range(len(RAGGED)):
-            alone = model(**next_batch(model, [RAGGED[b]], seeds=[b])).logits[:, -1]
-            assert_close(alone[0], batched[b], rtol=1e-4, atol=1e-5)
-            for layer, kept in atp.stats(model).kept.items():
-                assert torch.equal(kept[0], batched_kept[layer][b])
-    together = greedy(model, batch)[:, -8:]
-    for b in range(len(RAGGED)):
-        assert torch.equal(greedy(model, next_batch(model, [RAGGED[b]], seeds=[b]))[0, -8:], together[b])
+    singles = [next_batch(model, [spec], seeds=[b]) for b, spec in enumerate(RAGGED)]
+    check_ragged_equals_batch_of_one(model, next_batch(model, RAGGED), singles, "drop")
 
 
 def test_images_without_image_sizes_are_refused_clearly():

@@ -9,7 +9,13 @@ from torch.testing import assert_close
 import atp
 from atp.token.selection import kept_count
 from tests.qwen_inputs import FAMILIES, IMAGE, qwen_batch, qwen_model
-from tests.runtime.family_checks import check_none_equals_stock, greedy, random_pruner
+from tests.runtime.family_checks import (
+    check_generate_identical_across_modes_and_cache,
+    check_none_equals_stock,
+    check_ragged_equals_batch_of_one,
+    greedy,
+    random_pruner,
+)
 
 TWO_SIZES = [(2, [(4, 6)], 3), (4, [(6, 4)], 5)]  # two prompts, images of different sizes
 RAGGED = [(2, [(4, 6), (4, 4)], 3), (3, [], 6), (1, [(6, 4)], 2)]  # two images, none, one
@@ -73,38 +79,14 @@ def test_random_drop_equals_mask_at_every_kept_position(family, attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_greedy_generate_identical_across_modes_and_cache(family, attn):
-    model = qwen_model(family, attn)
-    batch = qwen_batch(RAGGED)
-    outputs = {}
-    for mode in ("drop", "mask"):
-        atp.apply(model, random_pruner(), mode=mode)
-        for use_cache in (True, False):
-            outputs[mode, use_cache] = greedy(model, batch, 10, use_cache=use_cache)
-    reference = outputs["drop", True]
-    assert reference.shape[1] == batch["input_ids"].shape[1] + 10
-    for key, generated in outputs.items():
-        assert torch.equal(generated, reference), key
-    atp.remove(model)
-    assert not torch.equal(greedy(model, batch, 10), reference)  # the pruner really acted
+    check_generate_identical_across_modes_and_cache(qwen_model(family, attn), qwen_batch(RAGGED))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["drop", "mask"])
 def test_random_ragged_batch_equals_batch_of_one(family, mode):
-    model = qwen_model(family)
-    batch = qwen_batch(RAGGED)
-    atp.apply(model, random_pruner(), mode=mode)
-    with torch.no_grad():
-        batched = model(**batch).logits[:, -1]
-        batched_kept = atp.stats(model).kept
-        for b in range(len(RAGGED)):
-            alone = model(**qwen_batch([RAGGED[b]], seeds=[b])).logits[:, -1]
-            assert_close(alone[0], batched[b], rtol=1e-4, atol=1e-5)
-            for layer, kept in atp.stats(model).kept.items():
-                assert torch.equal(kept[0], batched_kept[layer][b])
-    together = greedy(model, batch)[:, -8:]
-    for b in range(len(RAGGED)):
-        assert torch.equal(greedy(model, qwen_batch([RAGGED[b]], seeds=[b]))[0, -8:], together[b])
+    singles = [qwen_batch([spec], seeds=[b]) for b, spec in enumerate(RAGGED)]
+    check_ragged_equals_batch_of_one(qwen_model(family), qwen_batch(RAGGED), singles, mode)
 
 
 def brute_force_fastv(model, batch, layer: int, keep_ratio: float) -> list[torch.Tensor]:
