@@ -278,7 +278,8 @@ class TokenPruner(nn.Module):
 
     def vision_prune_layers(self, tower: TowerLayout) -> tuple[int, ...]:
         """Vision-tower layers before which `prune_vision` runs (strictly increasing, each in
-        1..tower.feature_layers - 1 so that the cut changes the features the projector reads)."""
+        1..tower.feature_layers so that the cut changes the features the projector reads; a cut
+        before layer feature_layers (< depth) selects among the very features the projector reads)."""
         return ()
 
     def prune_vision(self, ctx: TowerContext) -> torch.Tensor:

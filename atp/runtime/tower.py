@@ -86,10 +86,10 @@ class TowerPruning:
                     f"valid cuts are before layers 0..{layout.depth - 1}). Choose a smaller layer."
                 )
         for stage in self.stages:
-            if stage >= layout.feature_layers:
+            if stage > layout.feature_layers:
                 raise ValueError(
                     f"{name}: a cut before vision layer {stage} cannot change what the projector reads (the "
-                    f"output of layer {layout.feature_layers - 1}); cut before layers 0..{layout.feature_layers - 1}."
+                    f"output of layer {layout.feature_layers - 1}); cut before layers 0..{layout.feature_layers}."
                 )
 
     # -- install ------------------------------------------------------------------------
@@ -223,10 +223,10 @@ class TowerPruning:
         runs = len(state.layer_index)
         if runs != layout.depth:
             raise RuntimeError(f"the vision tower ran {runs} of its {layout.depth} layers; expected all of them.")
-        final_index, final_valid = (
-            state.layer_index[layout.feature_layers - 1],
-            state.layer_valid[layout.feature_layers - 1],
-        )
+        # the tokens entering layer feature_layers: those of the features the projector reads, less a
+        # cut made on those features (before layer feature_layers, when the tower has that layer)
+        final = min(layout.feature_layers, layout.depth - 1)
+        final_index, final_valid = state.layer_index[final], state.layer_valid[final]
         images = final_index.shape[0]
         kept = torch.zeros(images, layout.tokens, dtype=torch.bool, device=final_index.device)
         kept.scatter_(1, torch.where(final_valid, final_index, 0), final_valid)

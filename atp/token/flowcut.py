@@ -3,7 +3,8 @@ Efficient Vision-Language Models"; code TungChintao/FlowCut): progressive cuts i
 tower, scored by the information that flows through the [CLS] token.
 
 After every tower layer i before the last cut (in our terms: before layer k = i + 1, for
-k = 1..last, last = the last layer whose output the projector reads, 22 of 24 on CLIP-L), for
+k = 1..last, last = the last layer whose output the projector reads, 22 of 24 on CLIP-L; on a
+tower whose projector reads layer 0's output, last = 1: one cut on those very features [ours]), for
 each image still holding more than its target of patches, with A the post-softmax attention and
 V the value vectors of layer i (current tokens only):
 
@@ -70,7 +71,9 @@ class FlowCut(TokenPruner):
         self.share_count = bool(share_count)
 
     def _last(self, tower: TowerLayout) -> int:
-        return tower.feature_layers - 1 if self.last_layer is None else self.last_layer
+        """The layer before which the last cut runs: by default the layer whose output the projector
+        reads ([code]); before layer 1 when that is layer 0 (no earlier layer's attention to read) [ours]."""
+        return max(tower.feature_layers - 1, 1) if self.last_layer is None else self.last_layer
 
     def vision_prune_layers(self, tower: TowerLayout) -> tuple[int, ...]:
         if tower.prefix < 1:

@@ -4,7 +4,8 @@ vision tower, first by importance on the attention graph, then by similarity. No
 published; the rule follows the paper, and what it leaves open is marked [ours] in docs/methods.md.
 
 Before each tower layer k in `layers` (default [ours]: a quarter, a half and three quarters of the
-layers whose output the projector reads: 5, 11, 17 on CLIP-L), with A the post-softmax attention
+layers whose output the projector reads: 5, 11, 17 on CLIP-L; each at least 1, so a tower whose
+projector reads layer 0's output gets one cut, before layer 1, on those features), with A the post-softmax attention
 and K the keys of layer k - 1 (current tokens only), each image goes from n to g patches, g from
 a geometric schedule ending at the budget [ours]: g_i = round(P * (t / P)^(i / m)) for cut i of m.
 d = n - g tokens go, s = min(round(similarity_share * d), g) of them in the S-stage [ours]:

@@ -18,7 +18,14 @@ PRUNER_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "pruner"
 
 
 @pytest.mark.parametrize(
-    "name,scaled", [("vtc_cls", {"start_layer": 0}), ("hiprune", {"object_layer": 1}), ("vispruner", {})]
+    "name,scaled",
+    [
+        ("vtc_cls", {"start_layer": 0}),
+        ("hiprune", {"object_layer": 1}),
+        ("vispruner", {}),
+        ("flowcut", {}),  # in-tower: the testbed's 2-layer tower, read at layer 0, is cut before layer 1
+        ("zero_tprune", {}),
+    ],
 )
 def test_budget_tokens_scale_vision_layers_to_the_tower(name, scaled):
     model = tiny_llava(grid=GRID, vocab_size=VOCAB, vision_layers=2)

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaForConditionalGeneration
 
 import atp
 from atp.metrics import EncoderShape, cost_report, encoder_layer_macs
 from atp.models import get_adapter
+from atp.models.tiny import tiny_llava_config
 from atp.runtime.pruner import TokenPruner
 from tests.conftest import IMAGE, NUM_VISUAL, VOCAB, make_batch, single
 
@@ -45,6 +47,8 @@ CUTS = {
     1: [[0, 1, 2, 5, 7, 9, 11, 14, 15], [3, 4, 8, 10, 12, 13], [0, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 15]],
     3: [[1, 5, 9, 14, 15], [4, 12], [0, 3, 6, 8, 9, 13, 15]],
 }
+# the same, the second cut before layer 4: on the output of layer 3, the very features the projector reads
+CUTS_ON_FEATURES = {1: CUTS[1], DEPTH - 1: CUTS[3]}
 
 
 def stock_tower_on_kept(model, pixel_values, cuts: dict[int, list[int]]) -> list[torch.Tensor]:
@@ -70,15 +74,16 @@ def per_image(cuts, image):
     return {layer: lists[image] for layer, lists in cuts.items()}
 
 
-def test_tower_output_equals_stock_layers_on_the_kept_sequence(model_factory, attn):
+@pytest.mark.parametrize("cuts", [CUTS, CUTS_ON_FEATURES], ids=["before_layer_3", "before_layer_4"])
+def test_tower_output_equals_stock_layers_on_the_kept_sequence(model_factory, attn, cuts):
     model = model_factory(attn_implementation=attn, vision_layers=DEPTH)
     batch = make_batch(RAGGED, seed=3)
-    atp.apply(model, FixedCut(CUTS))
+    atp.apply(model, FixedCut(cuts))
     with torch.no_grad():
         out = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
     atp.remove(model)
     for image in range(3):
-        expected = stock_tower_on_kept(model, batch["pixel_values"][image : image + 1], per_image(CUTS, image))
+        expected = stock_tower_on_kept(model, batch["pixel_values"][image : image + 1], per_image(cuts, image))
         assert len(out.hidden_states) == len(expected) == DEPTH + 1
         for entry, (reference, index) in enumerate(expected):
             got = out.hidden_states[entry][image]  # [17, dv] on the full grid
@@ -87,23 +92,27 @@ def test_tower_output_equals_stock_layers_on_the_kept_sequence(model_factory, at
             assert bool((got[cut] == 0).all()), (entry, image)
 
 
-def test_pruned_llava_equals_stock_llm_on_the_kept_features(model_factory, attn):
+@pytest.mark.parametrize("cuts", [CUTS, CUTS_ON_FEATURES], ids=["before_layer_3", "before_layer_4"])
+def test_pruned_llava_equals_stock_llm_on_the_kept_features(model_factory, attn, cuts):
     model = model_factory(attn_implementation=attn, vision_layers=DEPTH)
     batch = make_batch(RAGGED, seed=3)
     lm, projector = model.model.language_model, model.model.multi_modal_projector
+    last = max(cuts)
     expected_logits = []
     for b in range(3):
         sample = single(batch, b)
-        states = stock_tower_on_kept(model, sample["pixel_values"], per_image(CUTS, b))
+        states = stock_tower_on_kept(model, sample["pixel_values"], per_image(cuts, b))
         features, index = states[DEPTH - 1]  # the output of layer 3 = hidden_states[-2]
+        rows = [slot for slot, token in enumerate(index) if token >= 1 and token - 1 in cuts[last][b]]
+        assert len(rows) == len(cuts[last][b])
         with torch.no_grad():
-            visual = projector(features[0, 1:])
+            visual = projector(features[0, rows])
             text = model.get_input_embeddings()(sample["input_ids"][0])
             image = (sample["input_ids"][0] == IMAGE).nonzero()[:, 0]
             embeds = torch.cat([text[: image[0]], visual, text[image[-1] + 1 :]])[None]
             expected_logits.append(model.lm_head(lm(inputs_embeds=embeds).last_hidden_state)[0, -1])
     for mode in ("drop", "mask"):
-        atp.apply(model, FixedCut(CUTS), mode=mode)
+        atp.apply(model, FixedCut(cuts), mode=mode)
         projected = []  # what the projector really receives (registered after atp's own hooks)
         handle = projector.register_forward_pre_hook(lambda _m, args: projected.append(tuple(args[0].shape)))
         with torch.no_grad():
@@ -111,13 +120,13 @@ def test_pruned_llava_equals_stock_llm_on_the_kept_features(model_factory, attn)
         handle.remove()
         stats = atp.stats(model)
         atp.remove(model)
-        assert projected == [(3, max(len(kept) for kept in CUTS[3]), 32)]  # survivors only, padded to 7
+        assert projected == [(3, max(len(kept) for kept in cuts[last]), 32)]  # survivors only, padded to 7
         for b in range(3):
-            assert stats.kept[0][b].tolist() == CUTS[3][b], (mode, b)
-            assert stats.visual_tokens[b].tolist() == [len(CUTS[3][b])] * 4
+            assert stats.kept[0][b].tolist() == cuts[last][b], (mode, b)
+            assert stats.visual_tokens[b].tolist() == [len(cuts[last][b])] * 4
             assert_close(logits[b], expected_logits[b], rtol=1e-4, atol=1e-5)
         assert stats.vision_tokens.tolist() == [
-            [17, 1 + len(CUTS[1][b]), 1 + len(CUTS[1][b])] + [1 + len(CUTS[3][b])] * 2 for b in range(3)
+            [17] + [1 + len(cuts[max(c for c in cuts if c <= layer)][b]) for layer in range(1, DEPTH)] for b in range(3)
         ]
         assert stats.vision_input_tokens == NUM_VISUAL + 1
 
@@ -160,8 +169,10 @@ def test_errors_for_bad_tower_cuts(model_factory):
     model = model_factory(vision_layers=DEPTH)
     with pytest.raises(ValueError, match="past the tower's depth"):
         atp.apply(model, FixedCut({DEPTH: [[0]]}))
+    reads_layer_2 = tiny_llava_config(grid=4, vocab_size=VOCAB, vision_layers=DEPTH)
+    reads_layer_2.vision_feature_layer = -3  # hidden_states[-3]: the output of layer 2 of 5
     with pytest.raises(ValueError, match="cannot change what the projector reads"):
-        atp.apply(model, FixedCut({DEPTH - 1: [[0]]}))
+        atp.apply(LlavaForConditionalGeneration(reads_layer_2).eval(), FixedCut({DEPTH - 1: [[0]]}))
     with pytest.raises(ValueError, match="past the tower's depth"):
         atp.apply(model, atp.build_pruner("flowcut", keep_tokens=4, last_layer=DEPTH + 2))
     batch = make_batch(RAGGED[:1], seed=3)

@@ -16,6 +16,7 @@ from tests.conftest import IMAGE, NUM_VISUAL, VOCAB, make_batch, single
 
 RAGGED = [(2, 3), (6, 1), (1, 7)]
 DEPTH = 8  # LLaVA reads the output of layer 6: FlowCut scores before layers 1..6, cuts before 2, 4 and 6
+SHORT = 2  # the testbed's tower: LLaVA reads the output of layer 0, so the one cut is before layer 1, on those features
 
 
 def sharpened(model):
@@ -32,7 +33,8 @@ def brute_force_flowcut(model, pixel_values, keep: int, forced_prune: dict | Non
     documented rule written as loops over HF's eager CLIP attention (set_attn_implementation('eager'))."""
     tower = model.model.vision_tower
     layers = tower.encoder.layers
-    last = len(layers) - 2  # the last cut: before the layer whose output LLaVA reads (hidden_states[-2])
+    read = len(layers) - 2  # LLaVA reads the output of this layer (hidden_states[-2])
+    last = max(read, 1)  # the last cut: before that layer; before layer 1 when it is layer 0
     prune_counts, tokens = {}, []
     with torch.no_grad():
         sequence = tower.pre_layrnorm(tower.embeddings(pixel_values))
@@ -71,13 +73,13 @@ def brute_force_flowcut(model, pixel_values, keep: int, forced_prune: dict | Non
                     ranked = sorted(range(1, n + 1), key=lambda j: (-flow[index[j]], j))[:count]
                     chosen = [0] + sorted(ranked)
                     sequence, index = sequence[:, chosen], [index[j] for j in chosen]
+            if k == read + 1:  # what the projector receives: the output of `read`, less a cut right after it
+                features = sequence[0, 1:]
             tokens.append(len(index))
             normed = layer.layer_norm1(sequence)
             _, attention = layer.self_attn(normed)  # eager: post-softmax weights [1, H, T, T]
             values = layer.self_attn.v_proj(normed).unflatten(-1, (layer.self_attn.num_heads, -1)).transpose(1, 2)
             sequence = layer(sequence, None)
-            if k == last:
-                features = sequence[0, 1:]
     return [i - 1 for i in index[1:]], prune_counts, tokens, features
 
 
@@ -99,13 +101,16 @@ def run_reference(model, batch, keep, share_count=False):
     return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results], logits
 
 
-@pytest.mark.parametrize("share_count", [False, True])
-def test_flowcut_matches_brute_force_and_stock_llm(share_count):
-    model = sharpened(tiny_llava(grid=4, vocab_size=VOCAB, vision_layers=DEPTH))
+@pytest.mark.parametrize("share_count,depth", [(False, DEPTH), (True, DEPTH), (False, SHORT)])
+def test_flowcut_matches_brute_force_and_stock_llm(share_count, depth):
+    model = sharpened(tiny_llava(grid=4, vocab_size=VOCAB, vision_layers=depth))
     batch = make_batch(RAGGED, seed=3)
     keep = 3
     kept, prune_counts, tokens, expected_logits = run_reference(model, batch, keep, share_count)
-    if not share_count:  # the per-image cut sizes differ: the tower ran a ragged batch
+    if depth == SHORT:  # one cut, before layer 1: straight to the target
+        assert [counts for counts in prune_counts] == [{1: NUM_VISUAL}] * 3
+        assert tokens == [[NUM_VISUAL + 1, keep + 1]] * 3
+    elif not share_count:  # the per-image cut sizes differ: the tower ran a ragged batch
         assert len({counts[2] for counts in prune_counts}) > 1, prune_counts
     batches = [[0, 1, 2]] if share_count else [[0, 1, 2], [1]]  # batch 1 shares with itself only
     for attn in ("sdpa", "eager"):
