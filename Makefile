@@ -66,7 +66,7 @@ compare:  ## the comparison table and its pictures (kept tokens per layer, versu
 	$(BIN)/python benchmarks/shapes_comparison.py --atp $(ATP)
 
 BUDGET_SAMPLES ?= 200
-BUDGET_PRUNERS ?= fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune,dart,transprune,aim,vispruner,vtc_cls,hiprune,holov,cdpruner,vflowopt,flowcut,zero_tprune
+BUDGET_PRUNERS ?= fastv,pdrop,sparsevlm,visionzip,divprune,fastervlm,spatial,random,fitprune,dart,transprune,aim,vispruner,vtc_cls,hiprune,holov,cdpruner,vflowopt,flowcut,zero_tprune,fopru
 BUDGET_DIR ?= checkpoints/eval/budgets
 budgets:  ## every baseline (and FitPrune) at 192/128/64 retained tokens on ShapesVQA test, one table and its Pareto plot (ATP row if ATP=path)
 	rm -rf $(BUDGET_DIR)

@@ -23,7 +23,7 @@ def single_cut_keep_ratio(average_tokens: float, num_visual: int, num_layers: in
 
 KEEP_RATIO_METHODS = ("fastv", "random", "spatial", "divprune", "fastervlm")
 # budgets given as a count of kept tokens per image
-KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")
+KEEP_TOKENS_METHODS = ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner", "fopru")
 IN_TOWER_METHODS = ("flowcut", "zero_tprune")  # keep_tokens = the image tokens that leave the tower
 SCHEDULED_METHODS = ("pdrop", "sparsevlm", "dart", "transprune", "aim")  # their own rules below
 

@@ -573,6 +573,7 @@ class PruningRuntime:
             vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
             vision_attention_received=lambda layer: self._vision_attention_received(layer, layout),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
+            vision_queries=lambda layer: self._vision_queries(layer, layout),
             vision_features=lambda: self._vision_features(layout),
             vision_attention=self._vision_attention,
             patch_pixels=self._patch_pixels,
@@ -651,6 +652,14 @@ class PruningRuntime:
         key = key.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
         rows = self.adapter.tower_rows(self._prefill.geometry)
         return self._per_visual_slot(key, layout, rows).permute(0, 2, 1, 3)
+
+    def _vision_queries(self, layer: int, layout: Layout) -> torch.Tensor:
+        """[B, H, S, hd]: each visual slot's query (split into heads), vision layer `layer`; a visual token
+        covering several tower patches gets the mean of their queries."""
+        query, _, attn = self._vision_capture(layer)
+        query = query.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
+        rows = self.adapter.tower_rows(self._prefill.geometry)
+        return self._per_visual_slot(query, layout, rows).permute(0, 2, 1, 3)
 
     def _vision_attention(self, layer: int) -> torch.Tensor:
         """[B, H, S0, S0] at original positions: the attention of vision layer `layer` (softmax over all the

@@ -76,6 +76,7 @@ class PruneContext:
                        ([CLS] included); 0 on other slots
     vision_keys:       vision_keys(layer) -> [B, H, S, hd]: every visual slot's key in vision
                        layer `layer` (listed in vision_probe_layers); 0 on other slots
+    vision_queries:    vision_queries(layer) -> [B, H, S, hd]: the same for the queries
     vision_features:   vision_features() -> [B, S, dv]: every visual slot's image feature at the
                        projector input (pruners with `needs_vision_features`); 0 elsewhere
     vision_attention:  vision_attention(layer) -> [B, H, S0, S0] at original positions: the attention
@@ -121,6 +122,7 @@ class PruneContext:
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_attention_received: Callable[[int], torch.Tensor] | None = None
     vision_keys: Callable[[int], torch.Tensor] | None = None
+    vision_queries: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None
     vision_attention: Callable[[int], torch.Tensor] | None = None
     patch_pixels: Callable[[], torch.Tensor] | None = None

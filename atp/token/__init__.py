@@ -14,6 +14,7 @@ from atp.token import (  # noqa: F401
     fastv,
     fitprune,
     flowcut,
+    fopru,
     hiprune,
     holov,
     none,

@@ -42,6 +42,7 @@ PRUNERS = {
     "vispruner": dict(keep_tokens=8),
     "vtc_cls": dict(keep_tokens=8, start_layer=1),
     "hiprune": dict(keep_tokens=8, object_layer=1),
+    "fopru": dict(keep_tokens=8),
     "holov": dict(keep_tokens=8),
     "cdpruner": dict(keep_tokens=8),
     "flowcut": dict(keep_tokens=8),
@@ -55,7 +56,7 @@ GRID = "one image's fixed grid"
 IN_TOWER = "pruning inside the vision tower is not supported for .*: "
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 NO_FIXED_GRID = ("llava_next", "internvl")  # crops / tiles of their own grids (OneVision, Qwen: no [CLS] first)
-FIXED_GRID_METHODS = ("aim", "hiprune", "holov", "vispruner")
+FIXED_GRID_METHODS = ("aim", "hiprune", "holov", "vispruner", "fopru")
 IN_TOWER_METHODS = ("flowcut", "zero_tprune")
 CLS_METHODS = ("fastervlm", "visionzip", "vtc_cls", "vflowopt", *FIXED_GRID_METHODS)
 # (family, method) -> a fragment of the ValueError's message that names the reason
@@ -73,7 +74,7 @@ REFUSED: dict[tuple[str, str], str] = {
 # recycled cells, atp's learned thresholds).
 FINAL_SHARE = {"none": 1, "random": 0.5, "fastv": 0.25, "pdrop": 0.25, "transprune": 0.25, "divprune": 0.25}
 FINAL_SHARE |= {"spatial": 0.25, "fastervlm": 0.25, "catp": 0.25}
-FINAL_TOKENS = {name: 8 for name in ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner")}
+FINAL_TOKENS = {name: 8 for name in ("visionzip", "vispruner", "vtc_cls", "hiprune", "holov", "cdpruner", "fopru")}
 FINAL_TOKENS |= {"flowcut": 8, "zero_tprune": 8}
 
 
