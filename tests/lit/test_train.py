@@ -38,7 +38,7 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "vflowopt_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=vflowopt_llava",
 }
-TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen")  # build their model from scratch
+TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen", "shapes_base_internvl")  # build their model from scratch
 TINY_MODEL = [
     "model.hidden_size=32",
     "model.intermediate_size=64",
