@@ -233,7 +233,9 @@ def build_internvl_processor(
     word-level tokenizer with InternVL's markers (<|endoftext|> pads and starts, <|im_end|> ends a turn)
     and a chat template with InternVL's layout."""
     if tile_size % (2 * patch_size):
-        raise ValueError(f"tile_size {tile_size} must be a multiple of 2 x patch_size = {2 * patch_size} (pixel shuffle).")
+        raise ValueError(
+            f"tile_size {tile_size} must be a multiple of 2 x patch_size = {2 * patch_size} (pixel shuffle)."
+        )
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
     )
