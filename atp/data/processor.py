@@ -153,10 +153,33 @@ class InternVLImageProcessor(InternVLProcessor):
 
 class OnevisionImageProcessor(LlavaOnevisionProcessor):
     """LlavaOnevisionProcessor for images only (see `InternVLImageProcessor`): anyres_max views, newline
-    tokens and the multi-image layout of the stock processor, without its video processor."""
+    tokens and the multi-image layout of the stock processor, without its video processor. Its settings
+    are named in `__init__`, as the stock one's: a processor saves the arguments its `__init__` names."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template=None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        vision_aspect_ratio: str = "anyres_max_9",
+        **kwargs,
+    ):
+        LlavaOnevisionProcessor.__init__(
+            self,
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+        )
 
 
 TESTBED_PROCESSORS = {
@@ -259,4 +282,44 @@ def build_internvl_processor(
         tokenizer=tokenizer,
         image_seq_length=(tile_size // patch_size // 2) ** 2,
         chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+
+
+def build_onevision_processor(
+    words: list[str],
+    crop_size: int = 16,
+    patch_size: int = 4,
+    pinpoints: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2)),
+) -> OnevisionImageProcessor:
+    """A LlavaOnevisionProcessor (images only) for tiny OneVision models (`atp.models.tiny_next`): a base view of
+    `crop_size` px plus anyres crops at the `pinpoints` layouts (rows, cols of crops), unpadded, a newline token
+    closing each row, SigLIP geometry (no [CLS]: vision_feature_select_strategy "full"), the word-level tokenizer
+    (with a <video> token) and chat template of `build_processor`."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": crop_size, "width": crop_size},
+        image_grid_pinpoints=[[rows * crop_size, cols * crop_size] for rows, cols in pinpoints],
+    )
+    tokenizer = word_level_tokenizer(  # build_tokenizer's, and a <video> token (else unknown words would be videos)
+        words,
+        (*SPECIAL_TOKENS, "<video>"),
+        TEMPLATE_WORDS,
+        named={"video_token": "<video>"},
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        image_token="<image>",
+    )
+    return OnevisionImageProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(crop_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+        vision_aspect_ratio="anyres_max_9",
     )
