@@ -35,6 +35,10 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "atp_llava_next": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava_next",
     "fitprune_llava_next": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=fitprune_llava_next",
+    "atp_internvl3": r"model\.path=None \(a local OpenGVLab/InternVL3-8B-hf directory.*data\.train_json=None.*"
+    r"Example: python train\.py experiment=atp_internvl3",
+    "fitprune_internvl3": r"model\.path=None \(a local OpenGVLab/InternVL3-8B-hf directory.*"
+    r"fit\.calibration_json=None.*Example: python train\.py experiment=fitprune_internvl3",
     "vflowopt_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=vflowopt_llava",
 }

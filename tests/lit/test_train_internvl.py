@@ -198,8 +198,9 @@ def test_an_absolute_atp_target_on_internvl_is_refused(internvl_base):
         VLMTrainingModule(model, ATPPruner(num_layers=8, hidden=8), train_parts="pruner", target_tokens=36)
 
 
-@pytest.mark.parametrize("experiment", ["atp_llava_next", "fitprune_llava_next"])
+@pytest.mark.parametrize("experiment", ["atp_internvl3", "fitprune_internvl3", "atp_llava_next"])
 def test_internvl3_8b_without_weights_stops_naming_the_override(experiment, tmp_path):
+    """The InternVL3-8B experiments, and another recipe with model=internvl3_8b, stop before loading anything."""
     cfg = compose_train([f"experiment={experiment}", "model=internvl3_8b", f"output_dir={tmp_path}", "logger=none"])
     assert cfg.model.weights == "OpenGVLab/InternVL3-8B-hf"
     with pytest.raises(MissingAssetError, match=r"model\.path=None \(a local OpenGVLab/InternVL3-8B-hf directory"):
