@@ -75,8 +75,14 @@ def processed_image(processor, image: Image.Image) -> tuple[dict[str, torch.Tens
     dim 0 so that a batch concatenates them (pixel_values [1, 3, H, W] on LLaVA, [1, views, 3, H, W]
     on LLaVA-NeXT / OneVision, [tiles, 3, H, W] on InternVL, [patches, C] on Qwen-VL, and the family's
     extras: image_sizes [1, 2], batch_num_images [1], image_grid_thw [1, 3])."""
+    # the two steps of ProcessorMixin.__call__ that handle images: merge the processor's defaults, process them
     options = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs, return_tensors="pt")
     out, replacements = processor._process_images([image], **options["images_kwargs"])
+    if len(replacements) != 1:
+        raise ValueError(
+            f"{type(processor).__name__} names no image placeholder to expand (image_token="
+            f"{getattr(processor, 'image_token', None)!r}); use the model's own multimodal processor."
+        )
     names = processor.image_processor.model_input_names  # InternVL's num_patches only sizes the replacement
     tensors = {key: value for key, value in out.items() if key in names and isinstance(value, torch.Tensor)}
     return tensors, replacements[0]
@@ -155,8 +161,10 @@ class LlavaConversationDataset(Dataset):
 def collate(batch: list[dict], pad_token_id: int) -> dict:
     """Left-pad a list of dataset items into a model batch (+ metadata lists); the image tensors of
     the batch's images are concatenated along dim 0, image after image (LLaVA: pixel_values
-    [B_img, 3, H, W]; LLaVA-NeXT: pixel_values [B_img, views, 3, H, W], views padded, and
-    image_sizes [B_img, 2]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw [B_img, 3])."""
+    [B_img, 3, H, W]; LLaVA-NeXT / OneVision: pixel_values [B_img, views, 3, H, W], views padded, and
+    image_sizes [B_img, 2] (OneVision: batch_num_images [B_img], one image a sample); InternVL:
+    pixel_values [sum of tiles, 3, H, W]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw
+    [B_img, 3])."""
     length = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)

@@ -90,3 +90,12 @@ def test_a_batch_runs_the_stock_model_and_the_runtime_alike(processor, records):
     real = batch["attention_mask"].bool()
     assert_close(ours[real], stock[real], rtol=0, atol=0)
     assert atp.stats(model).num_visual.tolist() == image_tokens.tolist() == [36 * t for t in SIZES.values()]
+
+
+def test_a_processor_without_an_image_placeholder_is_refused(records):
+    from atp.data.llava_format import processed_image
+
+    processor = build_internvl_processor(WORDS)
+    processor.image_token = None
+    with pytest.raises(ValueError, match=r"InternVLImageProcessor names no image placeholder to expand"):
+        processed_image(processor, Image.open(records / "0.png"))

@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 import atp
 from atp.data.llava_format import prompt_loader
-from atp.data.processor import InternVLImageProcessor
+from atp.data.processor import InternVLImageProcessor, load_processor
 from atp.evaluation import first_word
 from atp.export import load_pruned
 from atp.lit.evaluate_run import run_evaluation
@@ -153,6 +153,15 @@ def test_atp_trains_exports_loads_and_evaluates_on_internvl(internvl_base, tmp_p
     assert [s["answer"] for s in saved["per_sample"]] == [r["conversations"][1]["value"] for r in answers]
     recomputed = sum(first_word(s["prediction"]) == first_word(s["answer"]) for s in saved["per_sample"]) / 4
     assert saved["accuracy"] == recomputed
+
+
+def test_evaluate_without_a_pruner_counts_every_tile_token(internvl_base, tmp_path):
+    data = tmp_path / "data"
+    cfg = evaluate_cfg([f"model_path={internvl_base}", f"output_dir={tmp_path}/eval", "max_samples=2"], data)
+    result = run_evaluation(cfg)
+    assert result.method == "unpruned" and result.num_samples == 2
+    per_image = image_tokens_of_a_test_image(load_processor(internvl_base), data)
+    assert result.input_visual_tokens == result.avg_visual_tokens == per_image == 180
 
 
 def test_fitprune_job_on_internvl_writes_a_recipe_that_evaluate_runs(internvl_base, tmp_path):
