@@ -1,8 +1,8 @@
 """The InternVL family through the real entry points, on a tiny InternVL3-layout testbed: train.py's base
-training (shapes_base_internvl), ATP training (atp_llava_shapes on the InternVL base: mask mode, validated in
-drop mode), the export, `atp.load_pruned`, evaluate.py and the FitPrune job, on the LLaVA-format data module
-with the family's processor (a 336 px image: 2 x 2 tiles + thumbnail, 36 tokens each); and model=internvl3_8b
-stopping at once without its weights."""
+training (shapes_base_internvl), ATP training (atp_internvl_shapes: mask mode, validated in drop mode), the
+export, `atp.load_pruned`, evaluate.py and the FitPrune job, on the LLaVA-format data module with the family's
+processor (a 336 px image: 2 x 2 tiles + thumbnail, 36 tokens each); and model=internvl3_8b stopping at once
+without its weights."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_atp_trains_exports_loads_and_evaluates_on_internvl(internvl_base, tmp_p
     metrics = run_training(
         compose_train(
             [
-                "experiment=atp_llava_shapes",
+                "experiment=atp_internvl_shapes",
                 f"model.path={internvl_base}",
                 f"output_dir={run}",
                 f"export_dir={run}/export",
