@@ -115,3 +115,25 @@ def stock_reference(model, batch: dict, vision_layer: int | None = None) -> dict
             found.append(divmod(match[0], projected.shape[1]) if match else (-1, -1))
         where.append(found)
     return dict(embeds=embeds, newline=newline, content=content, where=where, views=projected, pixels=pixels)
+
+
+def save_onevision_testbed(directory, num_layers: int = 4):
+    """A tiny LLaVA-OneVision (SigLIP, no [CLS]; Qwen2 LLM) with the images-only OneVision processor
+    (`atp.data.processor.build_onevision_processor`: 16 px views of 4 x 4 patches, the ShapesVQA words),
+    saved to `directory` with `save_pretrained` as a downloaded checkpoint is; returns the directory."""
+    from atp.data.processor import build_onevision_processor
+    from atp.data.shapes import vocabulary
+
+    processor = build_onevision_processor(vocabulary(), crop_size=CROP, patch_size=PATCH)
+    tokenizer = processor.tokenizer
+    model = tiny_llava_next(
+        "llava_onevision", vocab_size=len(tokenizer), grid=GRID, patch_size=PATCH, num_layers=num_layers
+    )
+    model.config.image_token_id, model.config.video_token_id = processor.image_token_id, processor.video_token_id
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.config.text_config, key, getattr(tokenizer, key))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

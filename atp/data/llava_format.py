@@ -63,25 +63,34 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
     return messages
 
 
-def image_token_count(processor, image: Image.Image) -> int:
-    """How many image tokens the processor expands one image to (LLaVA-1.5: 576; LLaVA-NeXT /
-    OneVision: per aspect ratio, newline tokens included; Qwen-VL: its grid's t * h * w /
-    merge_size**2), from the processor's own count (`_get_num_multimodal_tokens`)."""
-    return int(processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width]]).num_image_tokens[0])
+def processed_image(processor, image: Image.Image) -> tuple[dict[str, torch.Tensor], str]:
+    """One image through the processor's own image path, as `processor(images=..., text=...)` runs it:
+    the image processor with the processor's default image options (InternVL: crop_to_patches=True,
+    1-12 tiles plus a thumbnail) and the processor's replacement text for the image's placeholder
+    (`replace_image_token`: LLaVA-1.5 576 x <image>; LLaVA-NeXT / OneVision: per aspect ratio,
+    newline tokens included; Qwen-VL: t * h * w / merge_size**2; InternVL: <img>, 256 x <IMG_CONTEXT>
+    per tile, </img>).
 
-
-def image_inputs(processor, image: Image.Image) -> dict[str, torch.Tensor]:
-    """The image processor's tensors for one image, each with the image along dim 0 so that a batch
-    concatenates them: pixel_values [1, 3, H, W] (LLaVA), [1, views, 3, H, W] (LLaVA-NeXT) or
-    [patches, C] (Qwen-VL), and the family's extras (LLaVA-NeXT: image_sizes [1, 2]; Qwen-VL:
-    image_grid_thw [1, 3])."""
-    out = processor.image_processor(image, return_tensors="pt")
-    return {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
+    Returns (tensors, replacement): the image processor's model inputs, each with the image along
+    dim 0 so that a batch concatenates them (pixel_values [1, 3, H, W] on LLaVA, [1, views, 3, H, W]
+    on LLaVA-NeXT / OneVision, [tiles, 3, H, W] on InternVL, [patches, C] on Qwen-VL, and the family's
+    extras: image_sizes [1, 2], batch_num_images [1], image_grid_thw [1, 3])."""
+    # the two steps of ProcessorMixin.__call__ that handle images: merge the processor's defaults, process them
+    options = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs, return_tensors="pt")
+    out, replacements = processor._process_images([image], **options["images_kwargs"])
+    if len(replacements) != 1:
+        raise ValueError(
+            f"{type(processor).__name__} names no image placeholder to expand (image_token="
+            f"{getattr(processor, 'image_token', None)!r}); use the model's own multimodal processor."
+        )
+    names = processor.image_processor.model_input_names  # InternVL's num_patches only sizes the replacement
+    tensors = {key: value for key, value in out.items() if key in names and isinstance(value, torch.Tensor)}
+    return tensors, replacements[0]
 
 
 class LlavaConversationDataset(Dataset):
     """Tokenised LLaVA conversations: input_ids [S], labels [S], images (the image processor's tensors
-    of the record's image, see `image_inputs`, or None) and, for processors that return them
+    of the record's image, see `processed_image`, or None) and, for processors that return them
     (Qwen-VL), mm_token_type_ids [S] (1 on image tokens)."""
 
     def __init__(
@@ -106,18 +115,17 @@ class LlavaConversationDataset(Dataset):
         has_image = "image" in record
         messages = to_messages(record["conversations"], has_image)
         images = None
-        image_tokens = 0
+        replacement = ""  # the image placeholder's expansion (see `processed_image`)
         if has_image:
             image = Image.open(self.image_folder / record["image"]).convert("RGB")
-            images = image_inputs(self.processor, image)
-            image_tokens = image_token_count(self.processor, image)
+            images, replacement = processed_image(self.processor, image)
         if index not in self._tokens:
             if self.prompt_only:
                 first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                ids = self._tokenize(messages[:first_answer], image_tokens, generation_prompt=True)
+                ids = self._tokenize(messages[:first_answer], replacement, generation_prompt=True)
                 self._tokens[index] = ids, [IGNORE_INDEX] * len(ids)
             else:
-                self._tokens[index] = self._supervised(messages, image_tokens)
+                self._tokens[index] = self._supervised(messages, replacement)
         ids, labels = self._tokens[index]
         answer = next((t["value"] for t in record["conversations"] if ROLES[t["from"]] == "assistant"), "")
         item = {
@@ -133,20 +141,19 @@ class LlavaConversationDataset(Dataset):
             item["mm_token_type_ids"] = (item["input_ids"] == self.processor.image_token_id).long()
         return item
 
-    def _tokenize(self, messages: list[dict], image_tokens: int, generation_prompt: bool) -> list[int]:
+    def _tokenize(self, messages: list[dict], replacement: str, generation_prompt: bool) -> list[int]:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-        image_token = self.processor.image_token  # where the chat template puts an image
-        text = text.replace(image_token, image_token * image_tokens)
+        text = text.replace(self.processor.image_token, replacement)  # where the chat template puts an image
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _supervised(self, messages: list[dict], image_tokens: int) -> tuple[list[int], list[int]]:
-        ids = self._tokenize(messages, image_tokens, generation_prompt=False)
+    def _supervised(self, messages: list[dict], replacement: str) -> tuple[list[int], list[int]]:
+        ids = self._tokenize(messages, replacement, generation_prompt=False)
         labels = [IGNORE_INDEX] * len(ids)
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(self._tokenize(messages[:turn], image_tokens, generation_prompt=True))
-            end = len(self._tokenize(messages[: turn + 1], image_tokens, generation_prompt=False))
+            start = len(self._tokenize(messages[:turn], replacement, generation_prompt=True))
+            end = len(self._tokenize(messages[: turn + 1], replacement, generation_prompt=False))
             labels[start:end] = ids[start:end]
         return ids, labels
 
@@ -154,8 +161,10 @@ class LlavaConversationDataset(Dataset):
 def collate(batch: list[dict], pad_token_id: int) -> dict:
     """Left-pad a list of dataset items into a model batch (+ metadata lists); the image tensors of
     the batch's images are concatenated along dim 0, image after image (LLaVA: pixel_values
-    [B_img, 3, H, W]; LLaVA-NeXT: pixel_values [B_img, views, 3, H, W], views padded, and
-    image_sizes [B_img, 2]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw [B_img, 3])."""
+    [B_img, 3, H, W]; LLaVA-NeXT / OneVision: pixel_values [B_img, views, 3, H, W], views padded, and
+    image_sizes [B_img, 2] (OneVision: batch_num_images [B_img], one image a sample); InternVL:
+    pixel_values [sum of tiles, 3, H, W]; Qwen-VL: pixel_values [sum of patches, C] and image_grid_thw
+    [B_img, 3])."""
     length = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 import atp
-from atp.data.processor import build_processor, build_qwen_processor, load_processor
+from atp.data.processor import build_internvl_processor, build_processor, build_qwen_processor, load_processor
 from atp.data.shapes import vocabulary
 from atp.lit.callbacks import default_progress_bar
-from atp.models.build import build_testbed_llava, build_testbed_qwen, load_vlm
+from atp.models.build import build_testbed_internvl, build_testbed_llava, build_testbed_qwen, load_vlm
 from atp.runtime.pruner import pruner_class
 
 
@@ -54,12 +54,13 @@ def check_assets(cfg: DictConfig, needs: tuple[str, ...] = ("train_json", "val_j
         )
 
 
-MODEL_KINDS = ("testbed", "testbed_qwen", "pretrained")
+MODEL_KINDS = ("testbed", "testbed_qwen", "testbed_internvl", "pretrained")
 
 
 def build_model(cfg: DictConfig):
-    """(model, processor) for cfg.model: a testbed LLaVA or Qwen-VL built from scratch, or a local
-    model of any supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with its processor."""
+    """(model, processor) for cfg.model: a testbed LLaVA, Qwen-VL or InternVL built from scratch, or a local
+    model of any supported family (LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL)
+    with its processor."""
     params = {k: v for k, v in cfg.model.items() if k != "kind"}
     if cfg.model.kind == "testbed":
         processor = build_processor(vocabulary())
@@ -67,6 +68,10 @@ def build_model(cfg: DictConfig):
     if cfg.model.kind == "testbed_qwen":
         processor = build_qwen_processor(vocabulary())
         return build_testbed_qwen(processor, **params), processor
+    if cfg.model.kind == "testbed_internvl":
+        tiling = {key: params.pop(key) for key in ("tile_size", "max_tiles") if key in params}
+        processor = build_internvl_processor(vocabulary(), patch_size=params.get("patch_size", 14), **tiling)
+        return build_testbed_internvl(processor, **params), processor
     if cfg.model.kind == "pretrained":
         model, _ = load_vlm(
             cfg.model.path,

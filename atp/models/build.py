@@ -7,9 +7,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    InternVLForConditionalGeneration,
+    LlavaForConditionalGeneration,
+)
 
 from atp.models.tiny import tiny_llava_config
+from atp.models.tiny_internvl import randomise_zero_inits, tiny_internvl_config
 from atp.models.tiny_qwen import QWEN_FAMILIES, tiny_qwen_vl_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,6 +219,58 @@ def build_testbed_qwen(
         setattr(config.text_config, key, getattr(tokenizer, key))
     torch.manual_seed(seed)
     model = QWEN_FAMILIES[family][1](config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_testbed_internvl(
+    processor,
+    text: str = "qwen2",
+    hidden_size: int = 96,
+    intermediate_size: int = 192,
+    num_layers: int = 8,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    patch_size: int = 14,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+):
+    """A small InternVL (InternVL3 layout: InternViT tower with [CLS], 2 x 2 pixel shuffle, MLP projector,
+    Qwen2 LLM; `text="qwen3"` as InternVL3.5) for the testbed's InternVL processor
+    (`atp.data.processor.build_internvl_processor`), randomly initialised (seeded) from the family's own
+    config class: the processor's tile and patch sizes, its tokenizer's vocabulary and <IMG_CONTEXT> id.
+    The tower's [CLS] token and the q/k biases are drawn at random (HF: zeros); no projector
+    standardisation or sin-cos positions (the LLaVA testbed's initialisation aids) [ours]."""
+    tokenizer = processor.tokenizer
+    tile = processor.image_processor.size["height"]
+    if tile % (2 * patch_size) or (tile // patch_size // 2) ** 2 != processor.image_seq_length:
+        raise ValueError(
+            f"the processor expands a {tile} px tile to {processor.image_seq_length} tokens, but {patch_size} px "
+            f"patches after the 2 x 2 pixel shuffle give ({tile} / {patch_size} / 2)^2; build both with one patch_size."
+        )
+    config = tiny_internvl_config(
+        text,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        image_size=tile,
+        patch_size=patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        attn_implementation=attn_implementation,
+    )
+    config.image_token_id = processor.image_token_id
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config.text_config, key, getattr(tokenizer, key))
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    randomise_zero_inits(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

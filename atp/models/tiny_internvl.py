@@ -71,10 +71,16 @@ def tiny_internvl(text: str = "qwen2", seed: int = 0, **kwargs) -> InternVLForCo
     config = tiny_internvl_config(text, **kwargs)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # HF initialises these to zeros; random ones make them matter in tests
-        model.model.vision_tower.embeddings.cls_token.normal_()  # an informative [CLS] attention
-        for layer in model.model.language_model.layers:  # Qwen2's q/k biases
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                if projection.bias is not None:
-                    projection.bias.normal_(std=0.1)
+    randomise_zero_inits(model)
     return model
+
+
+@torch.no_grad()
+def randomise_zero_inits(model: InternVLForConditionalGeneration) -> None:
+    """Redraw what HF initialises to zeros and random models then ignore: the tower's [CLS] token (N(0, 1):
+    an informative [CLS] attention) and Qwen2's q/k biases (N(0, 0.1^2))."""
+    model.model.vision_tower.embeddings.cls_token.normal_()
+    for layer in model.model.language_model.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            if projection.bias is not None:
+                projection.bias.normal_(std=0.1)

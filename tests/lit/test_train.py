@@ -35,10 +35,14 @@ NEEDS_REAL_WEIGHTS = {  # experiment -> the overrides its clear error must name
     "atp_llava_next": r"model\.path=None.*data\.train_json=None.*Example: python train\.py experiment=atp_llava_next",
     "fitprune_llava_next": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=fitprune_llava_next",
+    "atp_internvl3": r"model\.path=None \(a local OpenGVLab/InternVL3-8B-hf directory.*data\.train_json=None.*"
+    r"Example: python train\.py experiment=atp_internvl3",
+    "fitprune_internvl3": r"model\.path=None \(a local OpenGVLab/InternVL3-8B-hf directory.*"
+    r"fit\.calibration_json=None.*Example: python train\.py experiment=fitprune_internvl3",
     "vflowopt_llava": r"model\.path=None.*fit\.calibration_json=None.*Example: python train\.py "
     r"experiment=vflowopt_llava",
 }
-TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen")  # build their model from scratch
+TESTBED_EXPERIMENTS = ("shapes_base", "shapes_base_qwen", "shapes_base_internvl")  # build their model from scratch
 TINY_MODEL = [
     "model.hidden_size=32",
     "model.intermediate_size=64",
