@@ -50,6 +50,8 @@ from atp.runtime.stage import (
     apply_mask,
     apply_merge,
     check_decision,
+    check_protected,
+    present_text,
     present_visual,
     remaining_visual,
 )
@@ -101,6 +103,11 @@ class _Prefill:
         self.tower_survivors: torch.Tensor | None = None  # [I, image tokens] bool, what the tower's cuts kept
         self.vision_tokens: torch.Tensor | None = None  # [I, tower layers] real tokens each tower layer ran on
         self.structural: torch.Tensor | None = None  # [B, S] placeholders without image content (newlines)
+        self.text: torch.Tensor | None = None  # [B, S] real tokens that are not visual (stats per kind)
+        self.prompt_text: torch.Tensor | None = None  # [B, S] text tokens a prunes_text pruner may prune
+        self.protected: torch.Tensor | None = None  # [B, S] long: 1 the last prompt token, 2 answer tokens
+        self.kept_text: dict[int, list[torch.Tensor]] = {}  # layer -> original positions of prunable text kept
+        self.aux: object | None = None  # what a reviving pruner keeps of pruned tokens (atp.runtime.revival)
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -134,6 +141,11 @@ class PruningRuntime:
         self.num_layers = self.adapter.num_layers
         pruner.validate(self.num_layers)
         self.position_policy = pruner.position_policy(self.adapter.compact_positions, type(model).__name__)
+        if not self.adapter.has_images and not pruner.prunes_text and pruner.name != "none":
+            raise ValueError(
+                f"{pruner.name} prunes image tokens, and {type(model).__name__} is a text-only model: it would "
+                "change nothing. Use a pruner that prunes prompt text (e.g. lazyllm) on this model."
+            )
         self._check_attention()
         self.captures = {layer: ProjectionCapture() for layer in sorted(pruner.probe_layers())}
         for layer in self.captures:
@@ -342,6 +354,7 @@ class PruningRuntime:
             layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
         self._prefill.structural = structural & valid
+        self._set_text_parts(parts, image_mask & valid, valid)
         if self.tower is not None:
             survivors, vision_tokens, seconds = self.tower.take_survivors()
             if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
@@ -357,6 +370,18 @@ class PruningRuntime:
             capture.clear()
             capture.armed = True
         return position
+
+    def _set_text_parts(self, parts, placeholder: torch.Tensor, valid: torch.Tensor) -> None:
+        """Which original positions are text, which text a prunes_text pruner may prune (prompt text
+        before the last prompt token), and which it may never prune (that token; answer tokens)."""
+        state = self._prefill
+        batch, length = valid.shape
+        position = torch.arange(length, device=valid.device).expand(batch, length)
+        last = position == state.last_prompt[:, None]
+        prompt = parts.prompt
+        state.text = valid & ~parts.visual & ~state.structural
+        state.prompt_text = prompt & ~placeholder & ~last
+        state.protected = torch.where(last & valid, 1, torch.where(valid & ~prompt, 2, 0))
 
     def _set_additions(self, mask: torch.Tensor | None, additions: list[torch.Tensor]) -> None:
         """Keep the per-visual-token additions (deepstack) of this prefill, rows by original position."""
@@ -506,18 +531,26 @@ class PruningRuntime:
         start = time.perf_counter()
         decision = self.pruner.prune(ctx)
         check_decision(decision, layout, self.pruner.name, self.mode)
+        if self.pruner.prunes_text and not isinstance(decision, MergeDecision):
+            check_protected(decision, torch.gather(state.protected, 1, layout.index), layout, self.pruner.name)
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
         compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
+        prunable = ctx.prunable
+        if state.aux is not None:
+            state.aux.store(index, layout, hidden, prunable & ~decision)
         if self.mode == "drop":
-            layout, hidden = apply_drop(layout, hidden, decision, compact)
+            layout, hidden = apply_drop(layout, hidden, decision, compact, prunable)
         else:
-            layout = apply_mask(layout, decision, compact)
+            layout = apply_mask(layout, decision, compact, prunable)
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
+        if self.pruner.prunes_text:
+            text = present_text(layout, torch.gather(state.prompt_text, 1, layout.index))
+            state.kept_text[index] = [layout.index[b][text[b]].sort().values.cpu() for b in range(text.shape[0])]
         return hidden
 
     def _apply_tower_cut(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -555,6 +588,9 @@ class PruningRuntime:
             torch.arange(layout.length, device=hidden.device).expand_as(layout.index),
         )
         weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
+        prunable = layout.visual_alive()
+        if self.pruner.prunes_text:
+            prunable = prunable | present_text(layout, to_slots(state.prompt_text))
         return PruneContext(
             layer=index,
             hidden=hidden,
@@ -588,6 +624,7 @@ class PruningRuntime:
             real=layout.valid,
             input_geometry=state.geometry,
             input_structural=state.structural,
+            prunable=prunable,
         )
 
     def _per_visual_slot(
@@ -781,7 +818,11 @@ class PruningRuntime:
         state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]
         state.layouts, state.layer_inputs = layouts, []  # release masks; decode needs layouts only
+        text = [present_text(lay, torch.gather(state.text, 1, lay.index)).sum(1) for lay in layouts]
         self.last_stats = PruningStats(
+            text_tokens=torch.stack(text, 1).cpu(),
+            num_text=state.text.sum(1).cpu(),
+            kept_text=state.kept_text,
             visual_tokens=torch.stack([present_visual(lay).sum(1) for lay in layouts], 1).cpu(),
             tokens=torch.stack([lay.visible().sum(1) for lay in layouts], 1).cpu(),
             kept=state.kept,

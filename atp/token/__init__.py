@@ -16,6 +16,7 @@ from atp.token import (  # noqa: F401
     flowcut,
     hiprune,
     holov,
+    lazyllm,
     none,
     pdrop,
     random_tokens,
