@@ -45,6 +45,7 @@ from atp.runtime.probe import (
 )
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
+from atp.runtime.revival import AuxCache, RevivalDecoder
 from atp.runtime.stage import (
     apply_drop,
     apply_mask,
@@ -107,7 +108,8 @@ class _Prefill:
         self.prompt_text: torch.Tensor | None = None  # [B, S] text tokens a prunes_text pruner may prune
         self.protected: torch.Tensor | None = None  # [B, S] long: 1 the last prompt token, 2 answer tokens
         self.kept_text: dict[int, list[torch.Tensor]] = {}  # layer -> original positions of prunable text kept
-        self.aux: object | None = None  # what a reviving pruner keeps of pruned tokens (atp.runtime.revival)
+        self.aux: AuxCache | None = None  # hidden states of pruned tokens, for a reviving pruner (drop mode)
+        self.aux_position: tuple | None = None  # ([B, S] position ids, [B, S, R] rotary ids or None) at the input
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -167,6 +169,7 @@ class PruningRuntime:
         self._decode: _Decode | None = None  # the forward in flight, if a decode step
         self._last_prefill: _Prefill | None = None  # what a cache continuation attends to
         self.last_stats: PruningStats | None = None
+        self.revival: RevivalDecoder | None = None  # decode steps with revival (pruner.revives, drop mode)
 
     # -- install / remove -------------------------------------------------------------
     def install(self) -> None:
@@ -244,6 +247,7 @@ class PruningRuntime:
             handle.remove()
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
+        self.revival = None
         self.projector_input = None
         self.pixel_values = None
 
@@ -355,6 +359,10 @@ class PruningRuntime:
         )
         self._prefill.structural = structural & valid
         self._set_text_parts(parts, image_mask & valid, valid)
+        self.revival = None
+        if self.pruner.revives and self.mode == "drop":
+            self._prefill.aux = AuxCache(batch, length, embeds.shape[-1], self.num_layers, embeds.dtype, device)
+            self._prefill.aux_position = (position, rope)
         if self.tower is not None:
             survivors, vision_tokens, seconds = self.tower.take_survivors()
             if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
@@ -435,6 +443,13 @@ class PruningRuntime:
             rope = rope.expand(batch, queries, -1)
         self._prefill = None
         self._decode = _Decode(new_valid, num_cached_new, position, rope)
+        if self.pruner.revives and self.mode == "mask":
+            raise ValueError(
+                f"{self.pruner.name}: revival of pruned tokens in decode steps runs in drop mode; in mask mode build "
+                "the pruner with revival=False (decode steps then attend to what the prefill kept)."
+            )
+        if self.revival is not None:
+            self.revival.begin_step(position, rope, new_valid)
         return position
 
     # -- hooks: decoder layers ------------------------------------------------------------
@@ -446,6 +461,10 @@ class PruningRuntime:
                 hidden, rest = kwargs.pop("hidden_states"), ()
             if self._prefill is not None:
                 hidden, inputs = self._prefill_layer(index, hidden, kwargs)
+            elif self._decode is not None and self.revival is not None:
+                hidden, (mask, rotary, position) = self.revival.before_layer(index, hidden, cache_of(kwargs))
+                kwargs.update(attention_mask=mask, position_embeddings=rotary, position_ids=position)
+                return (hidden, *rest), kwargs
             elif self._decode is not None:
                 inputs = self._decode_layer(index, hidden, kwargs)
             else:
@@ -794,6 +813,9 @@ class PruningRuntime:
     # -- hooks: output ----------------------------------------------------------------------
     def _after_norm(self, _module, _inputs, output: torch.Tensor):
         state = self._prefill
+        if state is None and self._decode is not None and self.revival is not None:
+            self.revival.end_step()
+            return output[:, -1:]  # the new token is the last row; revived prompt rows end here
         if state is None:
             return None
         self._finish_prefill(state)
@@ -836,7 +858,22 @@ class PruningRuntime:
             pruner=self.pruner.name,
         )
         self._last_prefill = state if state.cache is not None else None
+        if state.aux is not None and state.cache is not None:
+            self.revival = self._revival_decoder(state)
         self._prefill = None
+
+    def _revival_decoder(self, state: _Prefill) -> RevivalDecoder:
+        """The decode steps of a reviving pruner over this prefill's cache (`atp.runtime.revival`)."""
+        position, rope = state.aux_position
+        visual = state.visual_index >= 0
+        candidates = state.prompt_text | visual
+        prompt = state.protected != 2
+        valid = state.text | visual | state.structural
+        decoder = RevivalDecoder(
+            self.pruner, self.adapter, state.aux, state.layouts, candidates, prompt & valid, position, rope
+        )
+        decoder.captures = self.captures
+        return decoder
 
 
 def _soft_count(layout: Layout) -> torch.Tensor:
