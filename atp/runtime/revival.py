@@ -64,6 +64,8 @@ class RevivalDecoder:
     captures:    {layer: ProjectionCapture} of the probe layers (q_proj outputs of this step's rows)
     steps:       per decode step {layer: [B, S0] bool prunable prompt tokens kept by the stage before layer}
     revived:     per decode step {layer: [B] long tokens revived before that layer}
+    computed:    per decode step [B, L] long tokens each decoder layer ran (the new token and revived ones):
+                 the `n` of a decode step's cost; `cache_tokens()` the KV entries each layer holds
     """
 
     def __init__(self, pruner, adapter, aux: AuxCache, layouts: list[Layout], candidates, prompt, position, rope):
@@ -75,6 +77,7 @@ class RevivalDecoder:
         self.captures: dict = {}
         self.steps: list[dict[int, torch.Tensor]] = []
         self.revived: list[dict[int, torch.Tensor]] = []
+        self.computed: list[torch.Tensor] = []
         self._inputs: dict[int, tuple] = {}
 
     def begin_step(self, position: torch.Tensor, rope: torch.Tensor | None, new_valid: torch.Tensor) -> None:
@@ -93,6 +96,7 @@ class RevivalDecoder:
         self._inputs = {}
         self.steps.append({})
         self.revived.append({})
+        self.computed.append(torch.zeros(batch, len(self.entries), dtype=torch.long))
         for capture in self.captures.values():
             capture.clear()
             capture.armed = True
@@ -118,11 +122,16 @@ class RevivalDecoder:
         position, rope = self._row_positions(rows)
         rotary = self.adapter.rotary(hidden, position, rope)
         self.entries[index] = keys
+        self.computed[-1][:, index] = (rows >= 0).sum(1).cpu()
         prompt_rows = (rows >= 0) & (rows < self.length)
         b, r = prompt_rows.nonzero(as_tuple=True)
         self.aux.frontier[b, rows[b, r]] = index + 1
         self._inputs[index] = (mask, rotary)
         return hidden, (mask, rotary, position)
+
+    def cache_tokens(self) -> torch.Tensor:
+        """[B, L] long: real entries (tokens) each decoder layer's KV cache holds now."""
+        return torch.stack([(entries >= 0).sum(1) for entries in self.entries], 1).cpu()
 
     def _row_positions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Original position ids [B, R] (and rotary ids [B, R, R'] or None) of the rows."""

@@ -197,3 +197,39 @@ def test_llava_text_tokens_of_an_image_prompt(model_factory, attn, lengths):
     assert (stats.visual_tokens[:, -1] < stats.visual_tokens[:, 0]).all()
     atp.remove(model)
     check_against_brute_force(model, batch, revival=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(layers=[0, 2], keep_ratios=[0.5, 0.5]), r"layers must be integers >= 1 .* got \[0, 2\]"),
+        (dict(layers=[1, 2], keep_ratios=[0.5]), r"one keep ratio per pruning layer; got 1 ratios for layers \[1, 2\]"),
+        (dict(layers=[1], keep_ratios=[1.5]), r"keep_ratio must be in \(0, 1\]"),
+        (dict(layers=[1], keep_ratios=[0.5], position_ids="compact"), r"position_ids must be 'original'"),
+    ],
+)
+def test_settings_outside_the_rule_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        atp.build_pruner("lazyllm", **kwargs)
+
+
+def test_revival_in_mask_mode_is_an_error():
+    model, batch = causal_lm("sdpa"), text_batch()
+    atp.apply(model, atp.build_pruner("lazyllm", layers=LAYERS, keep_ratios=RATIOS), mode="mask")
+    model(**batch)  # a forward without decode steps is fine
+    with pytest.raises(ValueError, match=r"revival of pruned tokens in decode steps runs in drop mode"):
+        greedy(model, batch)
+
+
+def test_decode_accounting():
+    model, batch = causal_lm("sdpa"), text_batch()
+    atp.apply(model, atp.build_pruner("lazyllm", layers=LAYERS, keep_ratios=RATIOS))
+    greedy(model, batch)
+    revival, stats = atp.runtime_of(model).revival, atp.stats(model)
+    assert len(revival.computed) == STEPS - 1
+    for step, computed in enumerate(revival.computed):  # the new token, plus revived tokens from layer 1 on
+        assert computed[:, 0].tolist() == [1, 1, 1]
+        assert torch.equal(computed[:, 1], 1 + revival.revived[step][1])
+    # each layer's cache: what the prefill computed, then every row a decode step ran there (each token once)
+    assert torch.equal(revival.cache_tokens(), stats.tokens + torch.stack(revival.computed).sum(0))
+    assert (revival.cache_tokens() <= stats.input_tokens[:, None] + STEPS - 1).all()
