@@ -407,6 +407,13 @@ class PruningRuntime:
                 f"the model adds visual features after {len(additions)} layers, as many as it has; "
                 "the runtime adds them before the next layer and needs one to follow."
             )
+        if state.aux is not None and min(self.pruner.layers) < len(additions):
+            raise ValueError(
+                f"{self.pruner.name}: this model adds per-visual-token features after its first {len(additions)} "
+                f"layers (Qwen3-VL's deepstack), and a token revived in a decode step before layer "
+                f"{min(self.pruner.layers)} would miss some. Prune from layer {len(additions)} on, or build the "
+                "pruner with revival=False."
+            )
         number = visual.flatten().long().cumsum(0).view(visual.shape) - 1
         state.addition_index = torch.where(visual, number, -1)
         state.additions = additions

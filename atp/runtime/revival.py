@@ -25,6 +25,7 @@ last pruned before, `frontier`), so one row per token holds them all: aux [B, S0
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from atp.runtime.layout import Layout, left_filled_slots
 from atp.runtime.probe import cached_attention_rows
@@ -89,6 +90,11 @@ class RevivalDecoder:
                 f"{position.shape[1]}. Generate token by token (model.generate does)."
             )
         batch = position.shape[0]
+        if batch != self.prompt.shape[0]:
+            raise ValueError(
+                f"{self.pruner.name}: this decode step has {batch} rows, the prefill had {self.prompt.shape[0]}; "
+                "revival follows each row's own tokens (no beam search or reordered caches). Use greedy or sampling."
+            )
         slot = self.length + new_valid.shape[1] - 1
         self.selected = torch.cat([self.prompt, new_valid.bool()], 1)  # [B, S0 + T] over all original slots
         self.rows = torch.full((batch, 1), slot, dtype=torch.long, device=position.device)  # [B, R], -1: fill
@@ -108,6 +114,14 @@ class RevivalDecoder:
 
     def before_layer(self, index: int, hidden: torch.Tensor, cache) -> tuple[torch.Tensor, tuple]:
         """Hidden states [B, R, d] for decoder layer `index` and its (mask, rotary, position ids)."""
+        layer_cache = cache.layers[index] if cache is not None else None
+        if type(layer_cache) is not DynamicLayer:
+            raise ValueError(
+                f"{self.pruner.name}: revival appends revived tokens to each layer's KV cache and needs transformers' "
+                f"default dynamic cache; this decode step got {type(layer_cache).__name__} at layer {index} "
+                "(an A2SFCache, a static or quantized cache?). Generate without a custom cache, or build the pruner "
+                "with revival=False."
+            )
         if index in self.pruner.layers:
             hidden = self._stage(index, hidden, cache)
         rows = self.rows

@@ -233,3 +233,50 @@ def test_decode_accounting():
     # each layer's cache: what the prefill computed, then every row a decode step ran there (each token once)
     assert torch.equal(revival.cache_tokens(), stats.tokens + torch.stack(revival.computed).sum(0))
     assert (revival.cache_tokens() <= stats.input_tokens[:, None] + STEPS - 1).all()
+
+
+def test_revival_with_an_evicting_cache_is_an_error():
+    from atp.models.hf_compat import cache_kwargs
+    from atp.runtime.a2sf import A2SFCache
+
+    model, batch = causal_lm("sdpa"), text_batch()
+    atp.apply(model, atp.build_pruner("lazyllm", layers=LAYERS, keep_ratios=RATIOS))
+    with A2SFCache(model, budget=64, forgetting_factor=0.5) as cache:
+        with pytest.raises(ValueError, match=r"revival .* needs transformers' default dynamic cache; .* A2SFLayer"):
+            model.generate(**batch, **cache_kwargs(cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_revival_on_mrope_families_is_consistent(family):
+    """M-RoPE ids of revived tokens: keep-all equals stock generate, and a ragged batch of 3 equals each
+    sample alone (no brute force for these families; the Llama and LLaVA tests carry the rule)."""
+    from tests.qwen_inputs import qwen_batch, qwen_model
+
+    model = qwen_model(family).eval()
+    specs = [(3, [(4, 4)], 5), (1, [(4, 8)], 2), (4, [], 3)]
+    batch = qwen_batch(specs)
+    layers = [2, 3]  # Qwen3-VL's tiny deepstack adds features after layers 0 and 1: revival from layer 2 on
+
+    def greedy(inputs):  # exactly STEPS tokens, so that a sample alone and in the batch compare
+        out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+        return out[:, inputs["input_ids"].shape[1] :]
+
+    stock = greedy(batch)
+    atp.apply(model, atp.build_pruner("lazyllm", layers=layers, keep_ratios=[1.0, 1.0]))
+    assert torch.equal(greedy(batch), stock)
+    atp.apply(model, atp.build_pruner("lazyllm", layers=layers, keep_ratios=[0.5, 0.5]))
+    ragged = greedy(batch)
+    assert sum(int(step[layer].sum()) for step in atp.runtime_of(model).revival.revived for layer in step) > 0
+    for b, spec in enumerate(specs):
+        assert torch.equal(greedy(qwen_batch([spec], seeds=[b]))[0], ragged[b])
+
+
+def test_revival_before_deepstack_layers_is_an_error():
+    from tests.qwen_inputs import qwen_batch, qwen_model
+
+    model = qwen_model("qwen3_vl").eval()
+    atp.apply(model, atp.build_pruner("lazyllm", layers=[1, 3], keep_ratios=[0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"adds per-visual-token features after its first 2 layers .* from layer 2 on"):
+        model(**qwen_batch([(3, [(4, 4)], 5)]))
+    atp.apply(model, atp.build_pruner("lazyllm", layers=[1, 3], keep_ratios=[0.5, 0.5], revival=False))
+    model(**qwen_batch([(3, [(4, 4)], 5)]))
