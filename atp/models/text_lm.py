@@ -65,7 +65,7 @@ class TextLMAdapter(VLMAdapter):
                 input_ids, args = args[0], args[1:]
             if input_ids is not None:
                 if kwargs.get("inputs_embeds") is not None:
-                    raise ValueError("give input_ids or inputs_embeds, not both.")
+                    raise ValueError("give input_ids or inputs_embeds, not both (the model embeds input_ids itself).")
                 kwargs["inputs_embeds"] = self.model.get_input_embeddings()(input_ids)
             return args, kwargs
 
