@@ -180,21 +180,22 @@ class RevivalDecoder:
         prompt_selected = prompt_selected & keep
         self.selected[:, : self.length] = prompt_selected
         rows = self.rows
+        b, r = ((rows >= 0) & (rows < self.length)).nonzero(as_tuple=True)  # the prompt rows in flight
+        position = rows[b, r]
         in_flight = torch.zeros_like(prompt_selected)
-        prompt_rows = (rows >= 0) & (rows < self.length)
-        b, r = prompt_rows.nonzero(as_tuple=True)
-        in_flight[b, rows[b, r]] = True
-        by_position = self.aux.hidden.clone()
-        by_position[b, rows[b, r]] = hidden[b, r].to(by_position.dtype)
-        dropped = in_flight & ~prompt_selected
-        db, dp = dropped.nonzero(as_tuple=True)
-        self.aux.hidden[db, dp] = by_position[db, dp]
-        self.aux.frontier[db, dp] = layer
+        in_flight[b, position] = True
+        dropped = ~prompt_selected[b, position]
+        self.aux.hidden[b[dropped], position[dropped]] = hidden[b[dropped], r[dropped]].to(self.aux.hidden.dtype)
+        self.aux.frontier[b[dropped], position[dropped]] = layer
         revived = prompt_selected & (self.aux.frontier == layer) & ~in_flight
-        members = (in_flight & prompt_selected) | revived
-        slot, filled = left_filled_slots(members)
-        prompt_hidden = torch.gather(by_position, 1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
-        prompt_hidden = prompt_hidden.masked_fill(~filled[..., None], 0.0).to(hidden.dtype)
+        slot, filled = left_filled_slots((in_flight & prompt_selected) | revived)
+        prompt_hidden = torch.gather(self.aux.hidden, 1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
+        prompt_hidden = prompt_hidden.to(hidden.dtype).masked_fill(~filled[..., None], 0.0)
+        new_row = torch.full((slot.shape[0], self.length + 1), -1, dtype=torch.long, device=slot.device)
+        order = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
+        new_row.scatter_(1, torch.where(filled, slot, self.length), order)  # fill rows write the dump column
+        kept = ~dropped
+        prompt_hidden[b[kept], new_row[b[kept], position[kept]]] = hidden[b[kept], r[kept]]
         self.rows = torch.cat([torch.where(filled, slot, -1), rows[:, -1:]], 1)
         self.steps[-1][layer] = prompt_selected & self.candidates
         self.revived[-1][layer] = revived.sum(1)
