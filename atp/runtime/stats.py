@@ -29,8 +29,8 @@ class PruningStats:
     vision_input_tokens: tokens per image at the tower input (what every tower layer runs on
                    unpruned), set with vision_tokens
     text_tokens:   [B, L] long, real non-visual tokens (text, the answer, structural placeholders)
-                   each decoder layer processed, by the rule of `visual_tokens`; tokens = visual_tokens
-                   + text_tokens
+                   each decoder layer processed, by the rule of `visual_tokens` (with hard decisions,
+                   tokens = visual_tokens + text_tokens)
     num_text:      [B] long, those tokens at the LLM input
     kept_text:     {layer: [LongTensor per sample]}: for a pruner that prunes prompt text
                    (`prunes_text`), the sorted original positions of the prunable prompt text tokens
