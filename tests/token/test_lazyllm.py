@@ -280,3 +280,16 @@ def test_revival_before_deepstack_layers_is_an_error():
         model(**qwen_batch([(3, [(4, 4)], 5)]))
     atp.apply(model, atp.build_pruner("lazyllm", layers=[1, 3], keep_ratios=[0.5, 0.5], revival=False))
     model(**qwen_batch([(3, [(4, 4)], 5)]))
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_training_forward_never_prunes_answer_tokens(mode):
+    model, batch = causal_lm("sdpa"), text_batch((11,))
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, 7:] = batch["input_ids"][0, 7:]  # answer: positions 7..10; the last prompt token is 6
+    atp.apply(model, atp.build_pruner("lazyllm", layers=LAYERS, keep_ratios=[0.2, 0.2], revival=False), mode=mode)
+    loss = model(**batch, labels=labels).loss
+    stats = atp.stats(model)
+    assert torch.isfinite(loss)
+    assert all(int(kept.max()) < 6 for layer in LAYERS for kept in stats.kept_text[layer])  # prompt text only
+    assert stats.text_tokens[0].tolist() == [11, 1 + 1 + 4, 6, 1 + 1 + 4]  # kept prompt + last prompt + answer
