@@ -25,7 +25,7 @@ last pruned before, `frontier`), so one row per token holds them all: aux [B, S0
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from atp.runtime.layout import Layout, left_filled_slots
 from atp.runtime.probe import cached_attention_rows
@@ -115,7 +115,7 @@ class RevivalDecoder:
     def before_layer(self, index: int, hidden: torch.Tensor, cache) -> tuple[torch.Tensor, tuple]:
         """Hidden states [B, R, d] for decoder layer `index` and its (mask, rotary, position ids)."""
         layer_cache = cache.layers[index] if cache is not None else None
-        if type(layer_cache) is not DynamicLayer:
+        if type(layer_cache) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise ValueError(
                 f"{self.pruner.name}: revival appends revived tokens to each layer's KV cache and needs transformers' "
                 f"default dynamic cache; this decode step got {type(layer_cache).__name__} at layer {index} "
@@ -126,6 +126,13 @@ class RevivalDecoder:
             hidden = self._stage(index, hidden, cache)
         rows = self.rows
         keys = torch.cat([self.entries[index], rows], 1)  # [B, K + R] slots, -1: fill
+        window = getattr(layer_cache, "sliding_window", None)
+        if window is not None and keys.shape[1] > window - 1:  # the layer would crop its oldest entries
+            raise ValueError(
+                f"{self.pruner.name}: layer {index}'s sliding-window cache keeps {window - 1} entries, and with the "
+                f"revived tokens it would hold {keys.shape[1]}; revival needs every entry. Generate fewer tokens "
+                "or use a model without sliding-window attention."
+            )
         seen = torch.gather(self.selected, 1, keys.clamp_min(0)) & (keys >= 0)
         visible = seen[:, None, :] & (keys[:, None, :] <= rows[:, :, None])  # [B, R, K + R]
         own = torch.zeros_like(visible)

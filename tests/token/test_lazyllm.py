@@ -155,6 +155,23 @@ def test_generate_with_revival_equals_brute_force(attn, lengths):
 
 
 @pytest.mark.parametrize("lengths", [(11,), (11, 8, 5)], ids=["batch1", "ragged3"])
+def test_mistral_with_revival_equals_brute_force(lengths):
+    """Mistral's sliding-window cache layers (a window longer than the sequence) hold every entry."""
+    torch.manual_seed(0)
+    model = tiny_causal_lm("mistral", num_layers=4, initializer_range=0.3).eval()
+    _, revived = check_against_brute_force(model, text_batch(lengths), revival=True)
+    assert revived > 0
+
+
+def test_revival_past_a_sliding_window_is_an_error():
+    torch.manual_seed(0)
+    model = tiny_causal_lm("mistral", num_layers=4, sliding_window=14).eval()
+    atp.apply(model, atp.build_pruner("lazyllm", layers=LAYERS, keep_ratios=RATIOS))
+    with pytest.raises(ValueError, match=r"sliding-window cache keeps 13 entries, and with the revived tokens"):
+        greedy(model, text_batch((11,)))
+
+
+@pytest.mark.parametrize("lengths", [(11,), (11, 8, 5)], ids=["batch1", "ragged3"])
 def test_generate_without_revival_equals_static_brute_force_and_mask_mode(attn, lengths):
     model, batch = causal_lm(attn), text_batch(lengths)
     tokens, _ = check_against_brute_force(model, batch, revival=False)
