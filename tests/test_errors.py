@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import atp
 from atp.models.hf_compat import cache_kwargs, output_cache
@@ -12,18 +12,25 @@ from tests.conftest import make_batch
 
 
 def test_unsupported_model_class():
+    llm = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlavaForConditionalGeneration.*LlamaForCausalLM"):
+        atp.apply(llm, atp.build_pruner("none"))
+
+
+def test_image_pruner_on_a_text_only_model():
     llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=32,
             hidden_size=16,
             intermediate_size=32,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(TypeError, match=r"LlamaForCausalLM.*LlavaForConditionalGeneration"):
-        atp.apply(llm, atp.build_pruner("none"))
+    with pytest.raises(ValueError, match=r"fastv prunes image tokens, and LlamaForCausalLM is a text-only model"):
+        atp.apply(llm, atp.build_pruner("fastv", layer=1))
+    atp.apply(llm, atp.build_pruner("none"))  # the unpruned runtime is fine
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, "half"])

@@ -9,6 +9,7 @@ from atp.models.internvl import InternVLAdapter
 from atp.models.llava import LlavaAdapter
 from atp.models.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from atp.models.qwen_vl import QwenVLAdapter
+from atp.models.text_lm import TextLMAdapter
 
 ADAPTERS: tuple[type[VLMAdapter], ...] = (
     LlavaAdapter,
@@ -16,6 +17,7 @@ ADAPTERS: tuple[type[VLMAdapter], ...] = (
     InternVLAdapter,
     LlavaNextAdapter,
     LlavaOnevisionAdapter,
+    TextLMAdapter,
 )
 
 
@@ -28,8 +30,7 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     raise TypeError(
         f"atp token pruning does not support {type(model).__name__}. Supported model classes: "
         f"{supported} (load with e.g. LlavaForConditionalGeneration.from_pretrained(path)). "
-        "A text-only causal LM has no visual tokens to prune; for structural pruning of LLMs "
-        "use atp.structural. To support another VLM family, add an adapter in atp/models/."
+        "For structural pruning of LLMs use atp.structural. To support another family, add an adapter in atp/models/."
     )
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
+    "TextLMAdapter",
     "VLMAdapter",
     "VisualGeometry",
     "get_adapter",

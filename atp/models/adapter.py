@@ -144,6 +144,9 @@ class VLMAdapter:
     #: whether compacting positions has a defined rule (renumber the 1-D position of the kept
     #: tokens); False where tokens carry multi-axis rotary ids (M-RoPE), which keep their ids
     compact_positions: bool = True
+    #: whether the family takes images (False: a text-only causal LM, where only pruners that prune
+    #: prompt text change anything)
+    has_images: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -45,11 +45,14 @@ from atp.runtime.probe import (
 )
 from atp.runtime.prompt import locate_prompt_parts
 from atp.runtime.pruner import MergeDecision, PruneContext, TokenPruner
+from atp.runtime.revival import AuxCache, RevivalDecoder
 from atp.runtime.stage import (
     apply_drop,
     apply_mask,
     apply_merge,
     check_decision,
+    check_protected,
+    present_text,
     present_visual,
     remaining_visual,
 )
@@ -101,6 +104,12 @@ class _Prefill:
         self.tower_survivors: torch.Tensor | None = None  # [I, image tokens] bool, what the tower's cuts kept
         self.vision_tokens: torch.Tensor | None = None  # [I, tower layers] real tokens each tower layer ran on
         self.structural: torch.Tensor | None = None  # [B, S] placeholders without image content (newlines)
+        self.text: torch.Tensor | None = None  # [B, S] real tokens that are not visual (stats per kind)
+        self.prompt_text: torch.Tensor | None = None  # [B, S] text tokens a prunes_text pruner may prune
+        self.protected: torch.Tensor | None = None  # [B, S] long: 1 the last prompt token, 2 answer tokens
+        self.kept_text: dict[int, list[torch.Tensor]] = {}  # layer -> original positions of prunable text kept
+        self.aux: AuxCache | None = None  # hidden states of pruned tokens, for a reviving pruner (drop mode)
+        self.aux_position: tuple | None = None  # ([B, S] position ids, [B, S, R] rotary ids or None) at the input
         self.addition_index: torch.Tensor | None = None  # [B, S] row of each original position, -1 if none
 
 
@@ -134,6 +143,11 @@ class PruningRuntime:
         self.num_layers = self.adapter.num_layers
         pruner.validate(self.num_layers)
         self.position_policy = pruner.position_policy(self.adapter.compact_positions, type(model).__name__)
+        if not self.adapter.has_images and not pruner.prunes_text and pruner.name != "none":
+            raise ValueError(
+                f"{pruner.name} prunes image tokens, and {type(model).__name__} is a text-only model: it would "
+                "change nothing. Use a pruner that prunes prompt text (e.g. lazyllm) on this model."
+            )
         self._check_attention()
         self.captures = {layer: ProjectionCapture() for layer in sorted(pruner.probe_layers())}
         for layer in self.captures:
@@ -155,6 +169,7 @@ class PruningRuntime:
         self._decode: _Decode | None = None  # the forward in flight, if a decode step
         self._last_prefill: _Prefill | None = None  # what a cache continuation attends to
         self.last_stats: PruningStats | None = None
+        self.revival: RevivalDecoder | None = None  # decode steps with revival (pruner.revives, drop mode)
 
     # -- install / remove -------------------------------------------------------------
     def install(self) -> None:
@@ -232,6 +247,7 @@ class PruningRuntime:
             handle.remove()
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
+        self.revival = None
         self.projector_input = None
         self.pixel_values = None
 
@@ -342,6 +358,11 @@ class PruningRuntime:
             layout, embeds, visual_index, geometry, parts.instruction, parts.last_prompt, length, self.num_layers
         )
         self._prefill.structural = structural & valid
+        self._set_text_parts(parts, image_mask & valid, valid)
+        self.revival = None
+        if self.pruner.revives and self.mode == "drop":
+            self._prefill.aux = AuxCache(batch, length, embeds.shape[-1], self.num_layers, embeds.dtype, device)
+            self._prefill.aux_position = (position, rope)
         if self.tower is not None:
             survivors, vision_tokens, seconds = self.tower.take_survivors()
             if bool(parts.visual.any()):  # a text-only prefill ignores an earlier tower pass
@@ -358,6 +379,18 @@ class PruningRuntime:
             capture.armed = True
         return position
 
+    def _set_text_parts(self, parts, placeholder: torch.Tensor, valid: torch.Tensor) -> None:
+        """Which original positions are text, which text a prunes_text pruner may prune (prompt text
+        before the last prompt token), and which it may never prune (that token; answer tokens)."""
+        state = self._prefill
+        batch, length = valid.shape
+        position = torch.arange(length, device=valid.device).expand(batch, length)
+        last = position == state.last_prompt[:, None]
+        prompt = parts.prompt
+        state.text = valid & ~parts.visual & ~state.structural
+        state.prompt_text = prompt & ~placeholder & ~last
+        state.protected = torch.where(last & valid, 1, torch.where(valid & ~prompt, 2, 0))
+
     def _set_additions(self, mask: torch.Tensor | None, additions: list[torch.Tensor]) -> None:
         """Keep the per-visual-token additions (deepstack) of this prefill, rows by original position."""
         if not additions:
@@ -373,6 +406,13 @@ class PruningRuntime:
             raise ValueError(
                 f"the model adds visual features after {len(additions)} layers, as many as it has; "
                 "the runtime adds them before the next layer and needs one to follow."
+            )
+        if state.aux is not None and min(self.pruner.layers) < len(additions):
+            raise ValueError(
+                f"{self.pruner.name}: this model adds per-visual-token features after its first {len(additions)} "
+                f"layers (Qwen3-VL's deepstack), and a token revived in a decode step before layer "
+                f"{min(self.pruner.layers)} would miss some. Prune from layer {len(additions)} on, or build the "
+                "pruner with revival=False."
             )
         number = visual.flatten().long().cumsum(0).view(visual.shape) - 1
         state.addition_index = torch.where(visual, number, -1)
@@ -410,6 +450,13 @@ class PruningRuntime:
             rope = rope.expand(batch, queries, -1)
         self._prefill = None
         self._decode = _Decode(new_valid, num_cached_new, position, rope)
+        if self.pruner.revives and self.mode == "mask":
+            raise ValueError(
+                f"{self.pruner.name}: revival of pruned tokens in decode steps runs in drop mode; in mask mode build "
+                "the pruner with revival=False (decode steps then attend to what the prefill kept)."
+            )
+        if self.revival is not None:
+            self.revival.begin_step(position, rope, new_valid)
         return position
 
     # -- hooks: decoder layers ------------------------------------------------------------
@@ -421,6 +468,10 @@ class PruningRuntime:
                 hidden, rest = kwargs.pop("hidden_states"), ()
             if self._prefill is not None:
                 hidden, inputs = self._prefill_layer(index, hidden, kwargs)
+            elif self._decode is not None and self.revival is not None:
+                hidden, (mask, rotary, position) = self.revival.before_layer(index, hidden, cache_of(kwargs))
+                kwargs.update(attention_mask=mask, position_embeddings=rotary, position_ids=position)
+                return (hidden, *rest), kwargs
             elif self._decode is not None:
                 inputs = self._decode_layer(index, hidden, kwargs)
             else:
@@ -506,18 +557,26 @@ class PruningRuntime:
         start = time.perf_counter()
         decision = self.pruner.prune(ctx)
         check_decision(decision, layout, self.pruner.name, self.mode)
+        if self.pruner.prunes_text and not isinstance(decision, MergeDecision):
+            check_protected(decision, torch.gather(state.protected, 1, layout.index), layout, self.pruner.name)
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
         compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
+        prunable = ctx.prunable
+        if state.aux is not None:
+            state.aux.store(index, layout, hidden, prunable & ~decision)
         if self.mode == "drop":
-            layout, hidden = apply_drop(layout, hidden, decision, compact)
+            layout, hidden = apply_drop(layout, hidden, decision, compact, prunable)
         else:
-            layout = apply_mask(layout, decision, compact)
+            layout = apply_mask(layout, decision, compact, prunable)
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
+        if self.pruner.prunes_text:
+            text = present_text(layout, torch.gather(state.prompt_text, 1, layout.index))
+            state.kept_text[index] = [layout.index[b][text[b]].sort().values.cpu() for b in range(text.shape[0])]
         return hidden
 
     def _apply_tower_cut(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -555,6 +614,9 @@ class PruningRuntime:
             torch.arange(layout.length, device=hidden.device).expand_as(layout.index),
         )
         weight = layout.weight if layout.weight is not None else torch.ones(layout.index.shape, device=hidden.device)
+        prunable = layout.visual_alive()
+        if self.pruner.prunes_text:
+            prunable = prunable | present_text(layout, to_slots(state.prompt_text))
         return PruneContext(
             layer=index,
             hidden=hidden,
@@ -589,6 +651,7 @@ class PruningRuntime:
             real=layout.valid,
             input_geometry=state.geometry,
             input_structural=state.structural,
+            prunable=prunable,
         )
 
     def _per_visual_slot(
@@ -766,6 +829,9 @@ class PruningRuntime:
     # -- hooks: output ----------------------------------------------------------------------
     def _after_norm(self, _module, _inputs, output: torch.Tensor):
         state = self._prefill
+        if state is None and self._decode is not None and self.revival is not None:
+            self.revival.end_step()
+            return output[:, -1:]  # the new token is the last row; revived prompt rows end here
         if state is None:
             return None
         self._finish_prefill(state)
@@ -790,7 +856,11 @@ class PruningRuntime:
         state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]
         state.layouts, state.layer_inputs = layouts, []  # release masks; decode needs layouts only
+        text = [present_text(lay, torch.gather(state.text, 1, lay.index)).sum(1) for lay in layouts]
         self.last_stats = PruningStats(
+            text_tokens=torch.stack(text, 1).cpu(),
+            num_text=state.text.sum(1).cpu(),
+            kept_text=state.kept_text,
             visual_tokens=torch.stack([present_visual(lay).sum(1) for lay in layouts], 1).cpu(),
             tokens=torch.stack([lay.visible().sum(1) for lay in layouts], 1).cpu(),
             kept=state.kept,
@@ -804,7 +874,22 @@ class PruningRuntime:
             pruner=self.pruner.name,
         )
         self._last_prefill = state if state.cache is not None else None
+        if state.aux is not None and state.cache is not None:
+            self.revival = self._revival_decoder(state)
         self._prefill = None
+
+    def _revival_decoder(self, state: _Prefill) -> RevivalDecoder:
+        """The decode steps of a reviving pruner over this prefill's cache (`atp.runtime.revival`)."""
+        position, rope = state.aux_position
+        visual = state.visual_index >= 0
+        candidates = state.prompt_text | visual
+        prompt = state.protected != 2
+        valid = state.text | visual | state.structural
+        decoder = RevivalDecoder(
+            self.pruner, self.adapter, state.aux, state.layouts, candidates, prompt & valid, position, rope
+        )
+        decoder.captures = self.captures
+        return decoder
 
 
 def _soft_count(layout: Layout) -> torch.Tensor:

@@ -206,3 +206,19 @@ def project_qk(
     normed = layer.input_layernorm(hidden)
     rows = normed if query_slots is None else gather_slots(normed, query_slots)
     return layer.self_attn.q_proj(rows), layer.self_attn.k_proj(normed)
+
+
+def cached_attention_rows(
+    attn: nn.Module,
+    query_rows: torch.Tensor,
+    keys: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B, H, Q, K] float32 post-softmax attention of Q query rows over K keys as a KV cache holds them.
+
+    query_rows: [B, Q, H * hd] q_proj outputs of the rows; keys: [B, H_kv, K, hd] cached keys (k norm and
+    RoPE already applied); rotary: (cos, sin), each [B, Q, hd], of the query rows; mask: [B, 1, Q, K] additive.
+    """
+    slots = torch.arange(query_rows.shape[1], device=query_rows.device).expand(query_rows.shape[0], -1)
+    return _rows(attn, query_rows, keys.float(), rotary, mask, slots)

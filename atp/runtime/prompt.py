@@ -17,11 +17,13 @@ class PromptParts:
     instruction: real text tokens after the last image placeholder token and before the answer
     last_prompt: position of the last token before the answer (the query FastV and
                  PDrop score with); the last real token when there is no answer
+    prompt:      real tokens before the answer (every real token when there is no answer)
     """
 
     visual: torch.Tensor
     instruction: torch.Tensor
     last_prompt: torch.Tensor
+    prompt: torch.Tensor | None = None
 
 
 def locate_prompt_parts(
@@ -51,4 +53,4 @@ def locate_prompt_parts(
     last_image = torch.where(placeholder, position, -1).max(1).values
     instruction = prompt & ~placeholder & (position > last_image[:, None])
     last_prompt = torch.where(prompt, position, -1).max(1).values.clamp_min(0)
-    return PromptParts(visual=visual, instruction=instruction, last_prompt=last_prompt)
+    return PromptParts(visual=visual, instruction=instruction, last_prompt=last_prompt, prompt=prompt)

@@ -93,6 +93,9 @@ class PruneContext:
     input_geometry:    `atp.models.adapter.VisualGeometry` of the original positions ([B, S0] fields)
     input_structural:  [B, S0] bool image placeholders without image content (LLaVA-NeXT's newline
                        tokens), original positions; never visual, never pruned
+    prunable:          [B, S] bool, the slots a decision may remove: the visual tokens present, and for a
+                       pruner with `prunes_text` also the prompt text tokens present before the last
+                       prompt token (never that token, never answer tokens: rejecting one is an error)
     geometry:          `atp.models.adapter.VisualGeometry` of the slots: each visual slot's image,
                        crop, row, column and its crop's grid size ([B, S] long, -1 elsewhere)
     keys:              keys(layer) -> [B, H, S, hd] float32 keys of decoder layer `layer` (this one or
@@ -138,6 +141,7 @@ class PruneContext:
     sublayer: Callable[[int], torch.Tensor] | None = None
     input_geometry: VisualGeometry | None = None
     input_structural: torch.Tensor | None = None
+    prunable: torch.Tensor | None = None
 
     def visual_counts(self) -> torch.Tensor:
         """[B] long: visual tokens present per sample."""
@@ -189,7 +193,9 @@ class TokenPruner(nn.Module):
     `prune` returns a [B, S] decision over the current slots: a bool tensor (True = keep),
     in mask mode only a float tensor of soft keep weights in [0, 1], or a `MergeDecision`
     (token merging: replaced and reordered tokens, both modes). Only visual slots
-    can be pruned; the runtime keeps every other slot whatever the decision says.
+    can be pruned; the runtime keeps every other slot whatever the decision says. A pruner that
+    sets `prunes_text` may also prune prompt text tokens (`ctx.prunable`), with the same drop /
+    mask semantics; rejecting the last prompt token or an answer token is a clear error.
     """
 
     name: ClassVar[str] = "base"
@@ -197,6 +203,8 @@ class TokenPruner(nn.Module):
     reference_position_ids: ClassVar[str] = "original"
     needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
     needs_pixels: ClassVar[bool] = False  # capture the vision tower's pixel_values (ctx.patch_pixels)
+    prunes_text: ClassVar[bool] = False  # may prune prompt text tokens too (ctx.prunable)
+    revives: ClassVar[bool] = False  # decode steps re-select pruned prompt tokens (`revival_plan`, drop mode)
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)

@@ -76,14 +76,38 @@ def reorder_plan(movable: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return slot.clone().scatter_(1, slots, tokens)
 
 
-def apply_drop(layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool) -> tuple[Layout, torch.Tensor]:
-    """Physically remove the visual tokens `keep` rejects.
+def check_protected(decision: torch.Tensor, protected: torch.Tensor, layout: Layout, pruner: str) -> None:
+    """For a pruner that prunes prompt text: a clear error when its decision rejects (or, soft, weighs
+    below 1) a slot it may never prune. protected: [B, S] long, 0 (prunable or ignored), 1 (the last
+    prompt token: the query of the next token), 2 (an answer token, training)."""
+    rejected = ~decision if decision.dtype == torch.bool else decision < 1.0
+    hit = rejected & (protected > 0) & layout.valid & layout.alive
+    if bool(hit.any()):
+        b, slot = (int(v) for v in hit.nonzero()[0])
+        position = int(layout.index[b, slot])
+        what = (
+            "the last prompt token (the query of the next token)"
+            if int(protected[b, slot]) == 1
+            else "an answer token (labels != -100)"
+        )
+        raise ValueError(
+            f"pruner {pruner!r} pruned {what} at position {position} of sample {b}; only prompt tokens before the "
+            "last one may be pruned. Keep that slot in the decision (ctx.prunable marks the slots that may go)."
+        )
 
-    layout: the current layout; hidden: [B, S, d]; keep: [B, S] bool (non-visual slots are
-    kept whatever it says); compact: renumber positions of the remaining tokens contiguously.
+
+def apply_drop(
+    layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact: bool, prunable: torch.Tensor | None = None
+) -> tuple[Layout, torch.Tensor]:
+    """Physically remove the prunable tokens `keep` rejects.
+
+    layout: the current layout; hidden: [B, S, d]; keep: [B, S] bool (slots outside `prunable` are
+    kept whatever it says); compact: renumber positions of the remaining tokens contiguously;
+    prunable: [B, S] bool slots a decision may remove, default the visual tokens present.
     Returns the new layout and the gathered hidden states [B, S', d].
     """
-    removed = layout.visual_alive() & ~keep
+    prunable = layout.visual_alive() if prunable is None else prunable
+    removed = prunable & ~keep
     if compact:
         layout = _compacted(layout, removed)
     slot, filled = left_filled_slots(layout.valid & ~removed)
@@ -91,13 +115,14 @@ def apply_drop(layout: Layout, hidden: torch.Tensor, keep: torch.Tensor, compact
     return layout.gather(slot, filled), hidden
 
 
-def apply_mask(layout: Layout, decision: torch.Tensor, compact: bool) -> Layout:
-    """Hide rejected visual tokens from every later query (sequence length unchanged).
+def apply_mask(layout: Layout, decision: torch.Tensor, compact: bool, prunable: torch.Tensor | None = None) -> Layout:
+    """Hide rejected prunable tokens from every later query (sequence length unchanged).
 
     decision: [B, S] bool keep mask, or float keep weights in [0, 1] that multiply the
-    weights of earlier stages (soft masks compose as a product across modules).
+    weights of earlier stages (soft masks compose as a product across modules);
+    prunable: [B, S] bool slots a decision may hide, default the visual tokens present.
     """
-    prunable = layout.visual_alive()
+    prunable = layout.visual_alive() if prunable is None else prunable
     if decision.dtype == torch.bool:
         removed = prunable & ~decision
         if compact:
@@ -122,6 +147,15 @@ def remaining_visual(layout: Layout, visual_index: torch.Tensor) -> list[torch.T
     if layout.merged is not None:
         present = present & ~layout.merged
     return [torch.sort(visual_index[b][present[b]]).values.cpu() for b in range(present.shape[0])]
+
+
+def present_text(layout: Layout, text: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool slots holding a token of `text` ([B, S] bool, e.g. prompt text tokens gathered to
+    the slots) that count as processed by a layer seeing `layout` (soft weights count if >= 0.5)."""
+    present = text & layout.valid & layout.alive
+    if layout.weight is not None:
+        present = present & (layout.weight >= 0.5)
+    return present
 
 
 def present_visual(layout: Layout) -> torch.Tensor:

@@ -28,6 +28,13 @@ class PruningStats:
                    pruner cuts inside the tower (None otherwise: the tower ran unpruned)
     vision_input_tokens: tokens per image at the tower input (what every tower layer runs on
                    unpruned), set with vision_tokens
+    text_tokens:   [B, L] long, real non-visual tokens (text, the answer, structural placeholders)
+                   each decoder layer processed, by the rule of `visual_tokens` (with hard decisions,
+                   tokens = visual_tokens + text_tokens)
+    num_text:      [B] long, those tokens at the LLM input
+    kept_text:     {layer: [LongTensor per sample]}: for a pruner that prunes prompt text
+                   (`prunes_text`), the sorted original positions of the prunable prompt text tokens
+                   that remain after the stage before `layer`; empty otherwise
     """
 
     visual_tokens: torch.Tensor
@@ -42,6 +49,9 @@ class PruningStats:
     mode: str = "drop"
     pruner: str = ""
     extras: dict = field(default_factory=dict)
+    text_tokens: torch.Tensor | None = None
+    num_text: torch.Tensor | None = None
+    kept_text: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def average_visual_tokens(self) -> torch.Tensor:
         """[B] float: mean over decoder layers of the visual tokens processed (the paper's "144*")."""

@@ -17,6 +17,7 @@ from atp.token import (  # noqa: F401
     fopru,
     hiprune,
     holov,
+    lazyllm,
     none,
     pdrop,
     random_tokens,

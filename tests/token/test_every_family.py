@@ -49,6 +49,7 @@ PRUNERS = {
     "zero_tprune": dict(keep_tokens=8),
     "vflowopt": dict(layers=[0, 2], keep_ratios=[0.5, 0.5], t=1.0, alpha=0.3, merge_grid=2.0, setting=None),
     "catp": dict(keep_ratio=0.25, layer=1),
+    "lazyllm": dict(layers=[2, 3], keep_ratios=[0.5, 0.5]),  # revival after Qwen3-VL's two deepstack layers
 }
 ALL_CLAUSE = ("none", "atp")  # none keeps everything; ATP's untrained modules keep (almost) everything
 
