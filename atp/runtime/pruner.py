@@ -195,6 +195,7 @@ class TokenPruner(nn.Module):
     reference_position_ids: ClassVar[str] = "original"
     needs_vision_features: ClassVar[bool] = False  # capture the projector input (ctx.vision_features)
     needs_pixels: ClassVar[bool] = False  # capture the vision tower's pixel_values (ctx.patch_pixels)
+    needs_vision_cls: ClassVar[bool] = False  # reads the tower's [CLS] row (ctx.vision_cls_attention): checked at apply
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)

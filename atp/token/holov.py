@@ -85,6 +85,7 @@ def holov_selection(features: torch.Tensor, attention: torch.Tensor, total: int,
 class HoloV(TokenPruner):
     name = "holov"
     reference_position_ids = "compact"  # [paper] the reference replaces the image by the kept tokens
+    needs_vision_cls = True  # scores by the tower's [CLS] row
 
     def __init__(
         self,
