@@ -1,0 +1,74 @@
+"""HiPrune on tiny Qwen2-VL, Qwen2.5-VL (a windowed object layer) and Qwen3-VL keeps exactly the tokens a
+brute-force recomputation keeps: the official Qwen2.5-VL port's rule (per visual token, the tower's
+attention averaged over heads, summed over all queries of the image and averaged over its 4 patches;
+anchors, raster neighbours, registers) written as loops over the stock tower's attention
+(`tests.qwen_tower_reference`), under sdpa and eager, drop and mask, for a ragged batch of 3 images of
+different sizes and for each sample alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.token.selection import kept_count
+from tests.qwen_inputs import FAMILIES, qwen_batch, qwen_model
+from tests.qwen_tower_reference import brute_force_attention
+
+RAGGED = [(2, [(8, 8)], 3), (3, [(6, 10)], 1), (1, [(4, 8)], 2)]  # 16, 15 and 8 visual tokens
+
+
+def reference_scores(probs: torch.Tensor) -> list[float]:
+    """Per visual token of one image: the official port's score from the image's attention [H, T, T]."""
+    heads, queries, _ = probs.shape
+    return [
+        sum(float(probs[h, i, 4 * u + p]) for h in range(heads) for i in range(queries) for p in range(4)) / (4 * heads)
+        for u in range(queries // 4)
+    ]
+
+
+def brute_force_hiprune(objects: list[float], registers: list[float], cols: int, total: int, alpha: float) -> list[int]:
+    tokens = len(objects)
+    anchors = sorted(range(tokens), key=lambda j: -objects[j])[: round(total * alpha / 5)]
+    chosen = {min(max(near, 0), tokens - 1) for i in anchors for near in (i, i - 1, i + 1, i - cols, i + cols)}
+    rest = sorted((j for j in range(tokens) if j not in chosen), key=lambda j: -registers[j])
+    return sorted(chosen | set(rest[: total - len(chosen)]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [dict(keep_tokens=6, alpha=1.0), dict(keep_tokens=None, keep_ratio=0.6, alpha=0.5)])
+def test_hiprune_on_qwen_matches_brute_force(family, budget):
+    batch = qwen_batch(RAGGED)
+    grids = batch["image_grid_thw"].tolist()
+    model = qwen_model(family, attn="eager")
+    objects, registers = brute_force_attention(model, batch, 0), brute_force_attention(model, batch, 1)
+    expected = []
+    for b, (_, h, w) in enumerate(grids):
+        tokens = h * w // 4
+        total = budget.get("keep_tokens") or int(kept_count(torch.tensor([tokens]), budget["keep_ratio"])[0])
+        scores = reference_scores(objects[b]), reference_scores(registers[b])
+        expected.append(brute_force_hiprune(*scores, w // 2, total, budget["alpha"]))
+    build = lambda: atp.build_pruner("hiprune", object_layer=1, register_layer=-1, **budget)  # noqa: E731
+    singles = [qwen_batch([spec], seeds=[b]) for b, spec in enumerate(RAGGED)]
+    for attn in ("sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        for mode in ("drop", "mask"):
+            for rows, sub in [(range(3), batch), *[([b], singles[b]) for b in range(3)]]:
+                atp.apply(model, build(), mode=mode)
+                try:
+                    with torch.no_grad():
+                        model(**sub)
+                    kept = atp.stats(model).kept[0]
+                finally:
+                    atp.remove(model)
+                assert [kept[i].tolist() for i in range(len(rows))] == [expected[b] for b in rows], (attn, mode)
+
+
+def test_hiprune_on_qwen_refuses_several_images_per_prompt():
+    model = qwen_model("qwen2_vl")
+    atp.apply(model, atp.build_pruner("hiprune", keep_tokens=4, object_layer=1, register_layer=-1))
+    try:
+        with pytest.raises(ValueError, match="hiprune works on one image per prompt"), torch.no_grad():
+            model(**qwen_batch([(2, [(8, 8), (4, 4)], 3)]))
+    finally:
+        atp.remove(model)
