@@ -198,9 +198,7 @@ def test_schedule_defaults_and_errors(model_factory):
 
 
 def test_aim_refuses_qwen_vl_clearly():
-    from tests.qwen_inputs import qwen_model
-
-    from tests.qwen_inputs import qwen_batch
+    from tests.qwen_inputs import qwen_batch, qwen_model
 
     model = qwen_model("qwen2_5_vl")
     atp.apply(model, atp.build_pruner("aim", merge_removals=[2], start_layer=1, step=0.5))
