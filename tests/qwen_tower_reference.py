@@ -100,3 +100,34 @@ def brute_force_attention(model, batch, index: int) -> list[torch.Tensor]:
         out.append(probs)
         start += size
     return out
+
+
+def check_kept_on_qwen(model, specs: list, build, expected: dict[int, list[list[int]]], counts=None) -> None:
+    """Run the pruner `build()` under sdpa and eager, drop and mask, on the ragged batch of `specs` and on
+    each sample alone (`qwen_batch`, seeds = sample numbers): after each layer of `expected` ({layer: per
+    sample, the sorted image-token numbers kept}) the runtime keeps exactly those; `counts` ({layer: per
+    sample}) the visual tokens the layer processes, where they differ from the kept ones (zero padding,
+    merged cells); drop and mask give the same last logits."""
+    import atp
+    from tests.qwen_inputs import qwen_batch
+
+    batch = qwen_batch(specs)
+    singles = [qwen_batch([spec], seeds=[b]) for b, spec in enumerate(specs)]
+    for attn in ("sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        for rows, sub in [(list(range(len(specs))), batch), *[([b], singles[b]) for b in range(len(specs))]]:
+            logits = {}
+            for mode in ("drop", "mask"):
+                atp.apply(model, build(), mode=mode)
+                try:
+                    with torch.no_grad():
+                        logits[mode] = model(**sub).logits[:, -1]
+                    stats = atp.stats(model)
+                finally:
+                    atp.remove(model)
+                for layer, kept in expected.items():
+                    found = [stats.kept[layer][i].tolist() for i in range(len(rows))]
+                    assert found == [kept[b] for b in rows], (attn, mode, rows, layer)
+                    wanted = counts[layer] if counts else [len(k) for k in kept]
+                    assert stats.visual_tokens[:, layer].tolist() == [wanted[b] for b in rows], (attn, mode, layer)
+            torch.testing.assert_close(logits["drop"], logits["mask"], rtol=1e-4, atol=1e-4)

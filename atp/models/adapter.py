@@ -228,6 +228,15 @@ class VLMAdapter:
         the tower has no [CLS] token (methods that score by [CLS] attention cannot run)."""
         raise NotImplementedError
 
+    def has_vision_cls(self) -> bool:
+        """Whether the vision tower puts a [CLS] token before each input's patches (`vision_cls_offset`
+        answers without an error)."""
+        try:
+            self.vision_cls_offset()
+        except ValueError:
+            return False
+        return True
+
     def vision_attention(self, index: int) -> nn.Module:
         """The attention module of vision layer `index` (has q_proj, k_proj, head_dim, scale)."""
         return self.vision_layers[index].self_attn

@@ -149,6 +149,35 @@ class QwenVLAdapter(VLMAdapter):
         tokens = first[..., None] + torch.arange(unit, device=image.device)
         return image, tokens.masked_fill(image[..., None] < 0, 0)
 
+    def patch_pixels(self, pixel_values: torch.Tensor, geometry: VisualGeometry) -> torch.Tensor:
+        """[B, S, 4 * tp, C, ph, pw]: for each visual token the pixels of its 4 tower patches, each of the
+        `temporal_patch_size` (tp) frames one entry (an image's frames are copies of it); 0 on other tokens.
+        pixel_values: [N, C * tp * ph * pw], the processor's rows (one per patch, images one after another
+        in the order of `tower_rows`), as the tower's patch embedding views them."""
+        vision = self.model.config.vision_config
+        channels, frames, size = int(vision.in_channels), int(vision.temporal_patch_size), int(vision.patch_size)
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != channels * frames * size * size:
+            raise ValueError(
+                f"{type(self.model).__name__} pixel_values must be [patches, {channels * frames * size * size}] (the "
+                f"processor's rows), got shape {tuple(pixel_values.shape)}."
+            )
+        patches = pixel_values.view(-1, channels, frames, size, size).transpose(1, 2)  # [N, tp, C, ph, pw]
+        image, tokens = self.tower_rows(geometry)
+        first = torch.full((int(image.max()) + 1,), -1, device=image.device, dtype=torch.long)
+        visual = image >= 0
+        sizes = first.scatter_reduce(
+            0, image[visual], (geometry.rows * geometry.cols)[visual] * self.merge_size**2, "amax"
+        )
+        start = sizes.cumsum(0) - sizes  # [I] first row of each image
+        if int(sizes.sum()) != patches.shape[0]:
+            raise ValueError(
+                f"the images of this input cover {int(sizes.sum())} tower patches, but pixel_values has "
+                f"{patches.shape[0]} rows; build both with the model's processor."
+            )
+        rows = (start[image.clamp_min(0)][..., None] + tokens).clamp(0, patches.shape[0] - 1)  # [B, S, 4]
+        values = patches[rows].flatten(2, 3)  # [B, S, 4 * tp, C, ph, pw]
+        return values.masked_fill(~visual[..., None, None, None, None], 0.0)
+
     def vision_cls_offset(self) -> int:
         raise ValueError(
             "this method reads the vision tower's attention per image with its [CLS] token first, but "

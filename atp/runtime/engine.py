@@ -572,6 +572,7 @@ class PruningRuntime:
             ),
             vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
             vision_attention_received=lambda layer: self._vision_attention_received(layer, layout),
+            vision_cls=self.adapter.has_vision_cls(),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
             vision_features=lambda: self._vision_features(layout),
             vision_attention=self._vision_attention,

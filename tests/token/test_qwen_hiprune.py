@@ -3,7 +3,7 @@ brute-force recomputation keeps: the official Qwen2.5-VL port's rule (per visual
 attention averaged over heads, summed over all queries of the image and averaged over its 4 patches;
 anchors, raster neighbours, registers) written as loops over the stock tower's attention
 (`tests.qwen_tower_reference`), under sdpa and eager, drop and mask, for a ragged batch of 3 images of
-different sizes and for each sample alone."""
+different sizes and for each sample alone (drop and mask give the same logits)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import atp
 from atp.token.selection import kept_count
 from tests.qwen_inputs import FAMILIES, qwen_batch, qwen_model
-from tests.qwen_tower_reference import brute_force_attention
+from tests.qwen_tower_reference import brute_force_attention, check_kept_on_qwen
 
 RAGGED = [(2, [(8, 8)], 3), (3, [(6, 10)], 1), (1, [(4, 8)], 2)]  # 16, 15 and 8 visual tokens
 
@@ -49,19 +49,7 @@ def test_hiprune_on_qwen_matches_brute_force(family, budget):
         scores = reference_scores(objects[b]), reference_scores(registers[b])
         expected.append(brute_force_hiprune(*scores, w // 2, total, budget["alpha"]))
     build = lambda: atp.build_pruner("hiprune", object_layer=1, register_layer=-1, **budget)  # noqa: E731
-    singles = [qwen_batch([spec], seeds=[b]) for b, spec in enumerate(RAGGED)]
-    for attn in ("sdpa", "eager"):
-        model.set_attn_implementation(attn)
-        for mode in ("drop", "mask"):
-            for rows, sub in [(range(3), batch), *[([b], singles[b]) for b in range(3)]]:
-                atp.apply(model, build(), mode=mode)
-                try:
-                    with torch.no_grad():
-                        model(**sub)
-                    kept = atp.stats(model).kept[0]
-                finally:
-                    atp.remove(model)
-                assert [kept[i].tolist() for i in range(len(rows))] == [expected[b] for b in rows], (attn, mode)
+    check_kept_on_qwen(model, RAGGED, build, {0: expected})
 
 
 def test_hiprune_on_qwen_refuses_several_images_per_prompt():
