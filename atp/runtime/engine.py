@@ -148,6 +148,8 @@ class PruningRuntime:
         self.tower = TowerPruning(self.adapter, pruner) if pruner.prunes_in_tower() else None
         self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
         self.pixel_values: torch.Tensor | None = None  # [I, C, H, W] the tower's input, for needs_pixels
+        self._tower_output = None  # the vision tower's last output (what generate's mm_encoder_outputs hold)
+        self._vision_reused = False  # this forward reads pre-encoded images the captures came from
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._labels: torch.Tensor | None = None
@@ -178,6 +180,8 @@ class PruningRuntime:
             self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
         if self.pruner.needs_pixels:
             hook(adapter.vision_tower, self._read_pixels)
+        if self.vision_captures or self.pruner.needs_pixels or self.pruner.needs_vision_features:
+            self._handles.append(adapter.vision_tower.register_forward_hook(self._read_tower_output))
         for index, capture in self.vision_captures.items():
             self._handles.extend(adapter.vision_attention_hooks(index, capture.record))
         for index in self.sublayer_layers:
@@ -232,8 +236,7 @@ class PruningRuntime:
             handle.remove()
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
-        self.projector_input = None
-        self.pixel_values = None
+        self._clear_vision()
 
     # -- checks -------------------------------------------------------------------------
     def _check_attention(self) -> None:
@@ -263,7 +266,27 @@ class PruningRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.adapter.read_inputs(kwargs)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        # generate pre-encodes the images once (`mm_encoder_outputs`, transformers 5) and hands the same
+        # output to every step: what the tower's hooks captured then stays valid for each prefill on it
+        # (use_cache=False); any other call without pixel_values finds nothing stale
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self._vision_reused = encoded is not None and encoded is self._tower_output
+        if kwargs.get("pixel_values") is None and not self._vision_reused:
+            self._clear_vision()
         return None
+
+    def _read_tower_output(self, _module, _args, output):
+        self._tower_output = output
+        return None
+
+    def _clear_vision(self) -> None:
+        """Forget what the vision tower's hooks captured."""
+        for capture in self.vision_captures.values():
+            capture.armed = False
+            capture.clear()
+        self.projector_input = None
+        self.pixel_values = None
+        self._tower_output = None
 
     def _read_projector_input(self, _module, args):
         self.projector_input = args[0]
@@ -615,7 +638,10 @@ class PruningRuntime:
             raise ValueError(f"{self.pruner.name}: vision layer {layer} is not in vision_probe_layers().")
         parts = self.vision_captures[layer % depth].parts
         if not parts:
-            raise RuntimeError(f"vision layer {layer}'s q/k were not captured: this forward had no pixel_values.")
+            raise RuntimeError(
+                f"vision layer {layer}'s q/k were not captured: the vision tower did not run on this forward's images "
+                "with atp attached (no pixel_values, or images pre-encoded before atp.apply); pass pixel_values."
+            )
         return self.adapter.tower_attention(layer % depth, parts)
 
     @staticmethod
@@ -779,11 +805,11 @@ class PruningRuntime:
         return full[:, : state.original_length]
 
     def _finish_prefill(self, state: _Prefill) -> None:
-        for capture in (*self.captures.values(), *self.vision_captures.values()):
+        for capture in self.captures.values():
             capture.armed = False
             capture.clear()
-        self.projector_input = None
-        self.pixel_values = None
+        if not self._vision_reused:  # kept for the next prefill on the same pre-encoded images (generate)
+            self._clear_vision()
         state.embeds = None
         state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]

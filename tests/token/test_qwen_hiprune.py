@@ -14,6 +14,7 @@ import atp
 from atp.token.selection import kept_count
 from tests.qwen_inputs import FAMILIES, qwen_batch, qwen_model
 from tests.qwen_tower_reference import brute_force_attention, check_kept_on_qwen
+from tests.runtime.family_checks import check_generate_identical_across_modes_and_cache
 
 RAGGED = [(2, [(8, 8)], 3), (3, [(6, 10)], 1), (1, [(4, 8)], 2)]  # 16, 15 and 8 visual tokens
 
@@ -58,5 +59,42 @@ def test_hiprune_on_qwen_refuses_several_images_per_prompt():
     try:
         with pytest.raises(ValueError, match="hiprune works on one image per prompt"), torch.no_grad():
             model(**qwen_batch([(2, [(8, 8), (4, 4)], 3)]))
+    finally:
+        atp.remove(model)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["hiprune", "holov", "vflowopt"])
+def test_vision_side_pruners_generate_alike_across_modes_and_cache(family, name):
+    """Greedy decoding after a vision-side selection (Qwen3-VL: deepstack rows dropped with their tokens)
+    is the same in drop and mask mode, with and without the KV cache, and differs from the stock model."""
+    settings = {
+        "hiprune": dict(keep_tokens=4, object_layer=1, register_layer=-1),
+        "holov": dict(keep_tokens=4),
+        "vflowopt": dict(layers=[0, 2], keep_ratios=[0.25, 0.5], t=1.0, alpha=0.3, setting=None),
+    }
+    model = qwen_model(family)
+    batch = qwen_batch(RAGGED)
+    check_generate_identical_across_modes_and_cache(
+        model, batch, build=lambda: atp.build_pruner(name, **settings[name])
+    )
+
+
+def test_pre_encoded_images_the_tower_did_not_run_on_are_refused():
+    """Images encoded outside the runtime (`mm_encoder_outputs` the tower's hooks never saw) get a clear error,
+    never the q/k captured from other images."""
+    model = qwen_model("qwen2_vl")
+    batch = qwen_batch(RAGGED)
+    with torch.no_grad():
+        encoded = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], return_dict=True
+        )
+    inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
+    atp.apply(model, atp.build_pruner("hiprune", keep_tokens=4, object_layer=1, register_layer=-1))
+    try:
+        with torch.no_grad():
+            model(**batch)  # captures q/k of these images, released after the prefill
+            with pytest.raises(RuntimeError, match="were not captured"):
+                model(**inputs, mm_encoder_outputs={"image": encoded})
     finally:
         atp.remove(model)
