@@ -698,9 +698,10 @@ class PruningRuntime:
                 raise RuntimeError(f"tower input {i}'s visual tokens span several samples.")
             probs = towers.probabilities(i)  # [H, T, T]
             patches = tokens[sample, position]  # [n, P]
-            pairs = probs[:, patches[:, None, :, None], patches[None, :, None, :]].sum((-2, -1))  # [H, n, n]
+            sent = probs[:, patches].mean(2)  # [H, n, T]: the mean of each token's patch rows
+            pairs = sum(sent[:, :, patches[:, q]] for q in range(patches.shape[1]))  # [H, n, n]: summed columns
             grid = torch.meshgrid(position, position, indexing="ij")
-            out[sample[0]][:, grid[0], grid[1]] = pairs / patches.shape[-1]  # [H, n, n] into [H, S0, S0]
+            out[sample[0]][:, grid[0], grid[1]] = pairs  # [H, n, n] into [H, S0, S0]
         return out
 
     def _patch_pixels(self) -> torch.Tensor:
