@@ -70,16 +70,16 @@ class QwenVLAdapter(VLMAdapter):
         return self.vision_layers[index].attn
 
     def vision_attention_hooks(self, index: int, record: Callable[[str, Any], None]) -> list[Any]:
-        """Record, while the tower runs: its `grid_thw` (and a precomputed `window_index`, if the caller
-        passed one), the block's `cu_seqlens` and rotary tables `position_embeddings` (cos, sin) [N, hd]
-        as the block's attention receives them, and the fused projection's output `qkv` [N, 3 * dv];
-        all in the tower's sequence order (Qwen2.5-VL: window order)."""
+        """Record, while the tower runs: its `grid_thw` (and whether the caller handed it a precomputed
+        window order, which is refused), the block's `cu_seqlens` and rotary tables
+        `position_embeddings` (cos, sin) [N, hd] as the block's attention receives them, and the fused
+        projection's output `qkv` [N, 3 * dv]; all in the tower's sequence order (Qwen2.5-VL: window order)."""
         attention = self.vision_attention(index)
 
         def read_tower(_module, args, kwargs):
             record("grid_thw", kwargs["grid_thw"] if "grid_thw" in kwargs else args[1])
-            if kwargs.get("window_index") is not None:
-                record("window_index", kwargs["window_index"])
+            if kwargs.get("window_index") is not None or kwargs.get("cu_window_seqlens") is not None:
+                record("precomputed_windows", True)
 
         def read_attention(_module, args, kwargs):
             record("cu_seqlens", kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1])
@@ -102,9 +102,16 @@ class QwenVLAdapter(VLMAdapter):
         query, key, _ = qkv.reshape(length, 3, attention.num_heads, -1).unbind(1)  # [N, H, hd] each
         rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
         query, key = rotate(query, key, cos, sin)
-        segment = torch.searchsorted(bounds[1:].to(torch.long), torch.arange(length, device=qkv.device), right=True)
+        bounds = bounds[1:].to(device=qkv.device, dtype=torch.long)
+        segment = torch.searchsorted(bounds, torch.arange(length, device=qkv.device), right=True)  # [N]
+        if parts.get("precomputed_windows"):
+            raise ValueError(
+                "the vision tower was called with a precomputed window_index / cu_window_seqlens; the atp runtime "
+                "reads its attention with the window order the tower computes from grid_thw. Call the model "
+                "without them."
+            )
         grid = parts["grid_thw"]
-        order = self.tower_order(grid, length, parts.get("window_index"))
+        order = self.tower_order(grid, length).to(qkv.device)
         query, key, segment = query[order], key[order], segment[order]
         sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
         return TowerAttention(
@@ -114,9 +121,7 @@ class QwenVLAdapter(VLMAdapter):
             scale=float(attention.scaling),
         )
 
-    def tower_order(
-        self, grid_thw: torch.Tensor, length: int, window_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def tower_order(self, grid_thw: torch.Tensor, length: int) -> torch.Tensor:
         """[N] long: for each patch in the processor's order (images one after another), its place in
         the tower's sequence. The identity, except on Qwen2.5-VL, whose tower reorders merge units
         window by window (`get_vision_window_index`, as the tower itself calls it)."""
@@ -124,13 +129,12 @@ class QwenVLAdapter(VLMAdapter):
         identity = torch.arange(length, device=grid_thw.device)
         if not hasattr(tower, "fullatt_block_indexes"):
             return identity
-        if window_index is None:
-            window_index, _ = get_vision_window_index(
-                grid_thw,
-                spatial_merge_size=tower.spatial_merge_size,
-                window_size=tower.window_size,
-                patch_size=tower.patch_size,
-            )
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
+        )
         unit = tower.spatial_merge_unit
         window_index = window_index.to(grid_thw.device)
         moved = (

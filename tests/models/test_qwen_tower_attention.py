@@ -95,3 +95,32 @@ def test_tower_rows_are_the_merge_units_the_merger_reads(family):
         with torch.no_grad():
             assert_close(merger(patches)[0], seen["embeds"][b, s], atol=1e-5, rtol=1e-5)
     assert bool((image[~visual] == -1).all())
+
+
+def test_a_precomputed_window_order_is_refused():
+    """The tower can take a precomputed window order; the adapter reads the one it computes, so it refuses."""
+    from transformers.vision_utils import get_vision_window_index
+
+    model = qwen_model("qwen2_5_vl")
+    batch = qwen_batch(SPECS)
+    tower = model.model.visual
+    window_index, cu_window_seqlens = get_vision_window_index(
+        batch["image_grid_thw"], tower.spatial_merge_size, tower.window_size, tower.patch_size
+    )
+    adapter = get_adapter(model)
+    capture = TowerCapture()
+    handles = adapter.vision_attention_hooks(0, capture.record)
+    capture.armed = True
+    try:
+        with torch.no_grad():
+            tower(
+                batch["pixel_values"],
+                grid_thw=batch["image_grid_thw"],
+                window_index=window_index,
+                cu_window_seqlens=cu_window_seqlens,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    with pytest.raises(ValueError, match="precomputed window_index"):
+        adapter.tower_attention(0, capture.parts)
