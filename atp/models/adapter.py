@@ -12,9 +12,11 @@ what differs is how images become tokens and how positions work. An adapter answ
     `image_newline`), which the runtime never prunes nor counts as visual tokens, and what of
     the multimodal model's call inputs it needs to know that (`read_inputs`);
   * whether the vision tower has a [CLS] token (`vision_cls_offset` raises when it has none),
-    how to read its q/k (`vision_attention`, `vision_query_key`), and which tower tokens and
-    projector-input rows each visual token covers (`tower_rows`, `projector_rows`: one per
-    token on LLaVA, a crop's own outputs on LLaVA-NeXT, 2 x 2 patches on InternVL);
+    how to read its q/k as each layer attends with them (`vision_attention_hooks` capture a
+    layer's parts, `tower_attention` turns them into per-tower-input q/k with their attention
+    groups; `vision_query_key` for q/k norms), and which tower tokens and projector-input rows
+    each visual token covers (`tower_rows`, `projector_rows`: one per token on LLaVA, a crop's
+    own outputs on LLaVA-NeXT, 2 x 2 patches on InternVL and Qwen-VL);
   * how the tower's token sequence maps to the LLM's image tokens, for pruning inside the tower
     (`tower_layout`; raises where the family's tower cannot be pruned between layers);
   * how position ids are split into the 1-D text position (`[B, S]`, used for position
@@ -28,6 +30,7 @@ The runtime never asks which family it runs; it only calls these methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -124,6 +127,39 @@ class TowerLayout:
         return self.tokens - self.image_offset
 
 
+@dataclass(frozen=True)
+class TowerAttention:
+    """The q/k of one vision-tower layer as it attends with them, per tower input (the rows of the
+    tower's batch: an image, or a crop / tile; `tower_rows` names them and their tokens).
+
+    query, key: per tower input, [H, T_i, hd], its tokens numbered as `tower_rows` numbers them
+                ([CLS] first where the tower has one), q/k norms and rotary embeddings applied
+    group:      per tower input, [T_i] long attention group of each token: a query attends only to
+                the keys of its own group (Qwen2.5-VL's windows); None where every token of the input
+                attends to every other
+    scale:      the factor on q.k before the softmax
+    """
+
+    query: list[torch.Tensor]
+    key: list[torch.Tensor]
+    group: list[torch.Tensor | None]
+    scale: float
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def probabilities(self, item: int, rows: slice | None = None) -> torch.Tensor:
+        """[H, Q, T_i] float32 attention probabilities of tower input `item` (the query rows `rows`,
+        default all): softmax of scale * q.k over the keys of each query's group."""
+        query = self.query[item] if rows is None else self.query[item][:, rows]
+        logits = (query.float() @ self.key[item].float().transpose(1, 2)) * self.scale
+        group = self.group[item]
+        if group is not None:
+            query_group = group if rows is None else group[rows]
+            logits = logits.masked_fill(query_group[:, None] != group[None, :], -torch.inf)
+        return torch.softmax(logits, dim=-1)
+
+
 def empty_geometry(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
     """Values of the required fields of a VisualGeometry with no visual token, to fill in:
     {name: [B, S] of -1}."""
@@ -195,6 +231,15 @@ class VLMAdapter:
         the tower has no [CLS] token (methods that score by [CLS] attention cannot run)."""
         raise NotImplementedError
 
+    def has_vision_cls(self) -> bool:
+        """Whether the vision tower puts a [CLS] token before each input's patches (`vision_cls_offset`
+        answers without an error)."""
+        try:
+            self.vision_cls_offset()
+        except ValueError:
+            return False
+        return True
+
     def vision_attention(self, index: int) -> nn.Module:
         """The attention module of vision layer `index` (has q_proj, k_proj, head_dim, scale)."""
         return self.vision_layers[index].self_attn
@@ -203,6 +248,25 @@ class VLMAdapter:
         """(q, k) [I, T, H * hd] as vision layer `index` attends with them, from its q_proj / k_proj
         outputs (towers that normalise q/k before splitting heads apply that here)."""
         return query, key
+
+    def vision_attention_hooks(self, index: int, record: Callable[[str, Any], None]) -> list[Any]:
+        """Per-instance hooks on vision layer `index` that hand what `tower_attention` needs to
+        `record(name, value)` while the tower runs; each hook has a `remove()`. Default: the outputs
+        of the attention's separate q_proj / k_proj ([I, T, H * hd], one row per tower input)."""
+        attention = self.vision_attention(index)
+        return [
+            attention.q_proj.register_forward_hook(lambda _m, _i, output: record("query", output)),
+            attention.k_proj.register_forward_hook(lambda _m, _i, output: record("key", output)),
+        ]
+
+    def tower_attention(self, index: int, parts: dict[str, Any]) -> TowerAttention:
+        """The q/k of vision layer `index` per tower input, from the `parts` its hooks recorded in one
+        tower forward. Default: towers that run each input as its own sequence with full attention."""
+        attention = self.vision_attention(index)
+        query, key = self.vision_query_key(index, parts["query"], parts["key"])
+        split = lambda x: x.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)  # noqa: E731  [I, H, T, hd]
+        query, key = split(query), split(key)
+        return TowerAttention(list(query), list(key), [None] * query.shape[0], float(attention.scale))
 
     def tower_rows(self, geometry: VisualGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """(item [B, S], tokens [B, S, P]) long: for each visual token the tower input (row of the

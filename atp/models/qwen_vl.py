@@ -9,7 +9,14 @@ What differs from LLaVA (transformers 5.24):
     (generate; row 0 the text position). An image token at (row, col) of an image starting
     at t0 gets (t0, t0 + row, t0 + col). Kept tokens keep these ids; decode steps use the ids
     the model computes itself from `rope_deltas`, exactly as stock HF;
-  * the vision tower has no [CLS] token;
+  * the vision tower has no [CLS] token; it runs the patches of all images as one flattened
+    sequence [N, dv] in the processor's order (per image, its 2x2 merge units in raster order,
+    each unit's 4 patches in raster order) with one fused `qkv` projection, its own 2-D rotary
+    embedding and attention only within each image (`cu_seqlens`); Qwen2.5-VL reorders the merge
+    units window by window before the first block and attends within each window except in
+    `fullatt_block_indexes`. `tower_attention` reads a layer's q/k from per-instance hooks (the
+    qkv output, the block's cu_seqlens and rotary tables) and hands them back per image in the
+    processor's order, each token tagged with its window;
   * Qwen3-VL (deepstack) adds visual features from several tower depths to the visual tokens
     after LM layers 0..k-1; the runtime adds each row to its token wherever the token sits
     (`take_visual_additions`), so dropped tokens drop their deepstack rows.
@@ -17,6 +24,8 @@ What differs from LLaVA (transformers 5.24):
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +35,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
 )
+from transformers.vision_utils import get_vision_window_index
 
-from atp.models.adapter import VisualGeometry, VLMAdapter, empty_geometry
+from atp.models.adapter import TowerAttention, VisualGeometry, VLMAdapter, empty_geometry
 
 
 class QwenVLAdapter(VLMAdapter):
@@ -54,6 +64,123 @@ class QwenVLAdapter(VLMAdapter):
     @property
     def vision_layers(self) -> nn.ModuleList:
         return self.model.model.visual.blocks
+
+    def vision_attention(self, index: int) -> nn.Module:
+        """Block `index`'s attention: a fused `qkv` Linear [dv -> 3 * dv], `num_heads`, `head_dim`, `scaling`."""
+        return self.vision_layers[index].attn
+
+    def vision_attention_hooks(self, index: int, record: Callable[[str, Any], None]) -> list[Any]:
+        """Record, while the tower runs: its `grid_thw` (and whether the caller handed it a precomputed
+        window order, which is refused), the block's `cu_seqlens` and rotary tables
+        `position_embeddings` (cos, sin) [N, hd] as the block's attention receives them, and the fused
+        projection's output `qkv` [N, 3 * dv]; all in the tower's sequence order (Qwen2.5-VL: window order)."""
+        attention = self.vision_attention(index)
+
+        def read_tower(_module, args, kwargs):
+            record("grid_thw", kwargs["grid_thw"] if "grid_thw" in kwargs else args[1])
+            if kwargs.get("window_index") is not None or kwargs.get("cu_window_seqlens") is not None:
+                record("precomputed_windows", True)
+
+        def read_attention(_module, args, kwargs):
+            record("cu_seqlens", kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1])
+            record("rotary", kwargs.get("position_embeddings", args[2] if len(args) > 2 else None))
+
+        return [
+            self.vision_tower.register_forward_pre_hook(read_tower, with_kwargs=True),
+            attention.register_forward_pre_hook(read_attention, with_kwargs=True),
+            attention.qkv.register_forward_hook(lambda _m, _i, output: record("qkv", output)),
+        ]
+
+    def tower_attention(self, index: int, parts: dict[str, Any]) -> TowerAttention:
+        """Per image, q/k [H, T_i, hd] of block `index` as it attends with them (the qkv output split
+        into heads, the tower's own `apply_rotary_pos_emb_vision` with the block's cos / sin), its
+        patches in the processor's order (Qwen2.5-VL's window order undone), and each patch's
+        attention group: its segment of the block's `cu_seqlens` (the image, or its window)."""
+        attention = self.vision_attention(index)
+        qkv, (cos, sin), bounds = parts["qkv"], parts["rotary"], parts["cu_seqlens"]
+        length = qkv.shape[0]
+        query, key, _ = qkv.reshape(length, 3, attention.num_heads, -1).unbind(1)  # [N, H, hd] each
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        query, key = rotate(query, key, cos, sin)
+        bounds = bounds[1:].to(device=qkv.device, dtype=torch.long)
+        segment = torch.searchsorted(bounds, torch.arange(length, device=qkv.device), right=True)  # [N]
+        if parts.get("precomputed_windows"):
+            raise ValueError(
+                "the vision tower was called with a precomputed window_index / cu_window_seqlens; the atp runtime "
+                "reads its attention with the window order the tower computes from grid_thw. Call the model "
+                "without them."
+            )
+        grid = parts["grid_thw"]
+        order = self.tower_order(grid, length).to(qkv.device)
+        query, key, segment = query[order], key[order], segment[order]
+        sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
+        return TowerAttention(
+            query=[q.transpose(0, 1) for q in query.split(sizes)],
+            key=[k.transpose(0, 1) for k in key.split(sizes)],
+            group=list(segment.split(sizes)),
+            scale=float(attention.scaling),
+        )
+
+    def tower_order(self, grid_thw: torch.Tensor, length: int) -> torch.Tensor:
+        """[N] long: for each patch in the processor's order (images one after another), its place in
+        the tower's sequence. The identity, except on Qwen2.5-VL, whose tower reorders merge units
+        window by window (`get_vision_window_index`, as the tower itself calls it)."""
+        tower = self.vision_tower
+        identity = torch.arange(length, device=grid_thw.device)
+        if not hasattr(tower, "fullatt_block_indexes"):
+            return identity
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
+        )
+        unit = tower.spatial_merge_unit
+        window_index = window_index.to(grid_thw.device)
+        moved = (
+            window_index[:, None] * unit + torch.arange(unit, device=grid_thw.device)
+        ).flatten()  # tower -> processor
+        if moved.numel() != length:
+            raise RuntimeError(f"Qwen2.5-VL window order covers {moved.numel()} patches, the tower ran {length}.")
+        return torch.argsort(moved)
+
+    def tower_rows(self, geometry: VisualGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image [B, S], tokens [B, S, 4]): each visual token's image and the 4 patches of its 2x2 merge
+        unit, numbered in the processor's order: unit row * cols + col holds patches 4 u .. 4 u + 3."""
+        image = geometry.image
+        unit = self.merge_size**2
+        first = geometry.token_in_crop().clamp_min(0) * unit
+        tokens = first[..., None] + torch.arange(unit, device=image.device)
+        return image, tokens.masked_fill(image[..., None] < 0, 0)
+
+    def patch_pixels(self, pixel_values: torch.Tensor, geometry: VisualGeometry) -> torch.Tensor:
+        """[B, S, 4 * tp, C, ph, pw]: for each visual token the pixels of its 4 tower patches, each of the
+        `temporal_patch_size` (tp) frames one entry (an image's frames are copies of it); 0 on other tokens.
+        pixel_values: [N, C * tp * ph * pw], the processor's rows (one per patch, images one after another
+        in the order of `tower_rows`), as the tower's patch embedding views them."""
+        vision = self.model.config.vision_config
+        channels, frames, size = int(vision.in_channels), int(vision.temporal_patch_size), int(vision.patch_size)
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != channels * frames * size * size:
+            raise ValueError(
+                f"{type(self.model).__name__} pixel_values must be [patches, {channels * frames * size * size}] (the "
+                f"processor's rows), got shape {tuple(pixel_values.shape)}."
+            )
+        patches = pixel_values.view(-1, channels, frames, size, size).transpose(1, 2)  # [N, tp, C, ph, pw]
+        image, tokens = self.tower_rows(geometry)
+        first = torch.full((int(image.max()) + 1,), -1, device=image.device, dtype=torch.long)
+        visual = image >= 0
+        sizes = first.scatter_reduce(
+            0, image[visual], (geometry.rows * geometry.cols)[visual] * self.merge_size**2, "amax"
+        )
+        start = sizes.cumsum(0) - sizes  # [I] first row of each image
+        if int(sizes.sum()) != patches.shape[0]:
+            raise ValueError(
+                f"the images of this input cover {int(sizes.sum())} tower patches, but pixel_values has "
+                f"{patches.shape[0]} rows; build both with the model's processor."
+            )
+        rows = (start[image.clamp_min(0)][..., None] + tokens).clamp(0, patches.shape[0] - 1)  # [B, S, 4]
+        values = patches[rows].flatten(2, 3)  # [B, S, 4 * tp, C, ph, pw]
+        return values.masked_fill(~visual[..., None, None, None, None], 0.0)
 
     def vision_cls_offset(self) -> int:
         raise ValueError(

@@ -44,6 +44,9 @@ class TextLMAdapter(VLMAdapter):
     def text_config(self):
         return self.model.config
 
+    def vision_cls_offset(self) -> int:
+        raise ValueError(f"{type(self.model).__name__} is a text-only model: no vision tower, no [CLS] token.")
+
     @property
     def image_token_id(self) -> int:
         raise ValueError(f"{type(self.model).__name__} is a text-only model: it has no image token.")

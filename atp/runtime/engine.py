@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from atp.models import get_adapter
-from atp.models.adapter import VisualGeometry
+from atp.models.adapter import TowerAttention, VisualGeometry
 from atp.models.hf_compat import cache_of
 from atp.runtime.layout import Layout, decode_mask, prefill_mask
 from atp.runtime.probe import (
     ProjectionCapture,
+    TowerCapture,
     attention_received,
     attention_rows,
     attention_rows_of,
@@ -161,6 +162,8 @@ class PruningRuntime:
         self.tower = TowerPruning(self.adapter, pruner) if pruner.prunes_in_tower() else None
         self.projector_input: torch.Tensor | None = None  # [I, T, dv], for needs_vision_features
         self.pixel_values: torch.Tensor | None = None  # [I, C, H, W] the tower's input, for needs_pixels
+        self._tower_output = None  # the vision tower's last output (what generate's mm_encoder_outputs hold)
+        self._vision_reused = False  # this forward reads pre-encoded images the captures came from
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._probed_modules: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._labels: torch.Tensor | None = None
@@ -192,10 +195,10 @@ class PruningRuntime:
             self._handles.append(adapter.projector.register_forward_pre_hook(self._read_projector_input))
         if self.pruner.needs_pixels:
             hook(adapter.vision_tower, self._read_pixels)
+        if self.vision_captures or self.pruner.needs_pixels or self.pruner.needs_vision_features:
+            self._handles.append(adapter.vision_tower.register_forward_hook(self._read_tower_output))
         for index, capture in self.vision_captures.items():
-            attn = adapter.vision_attention(index)
-            self._handles.append(attn.q_proj.register_forward_hook(capture.hook("query")))
-            self._handles.append(attn.k_proj.register_forward_hook(capture.hook("key")))
+            self._handles.extend(adapter.vision_attention_hooks(index, capture.record))
         for index in self.sublayer_layers:
             layer = adapter.layers[index]
             self._handles.append(
@@ -231,16 +234,17 @@ class PruningRuntime:
 
         return observe
 
-    def _vision_captures(self, layers: set[int]) -> dict[int, ProjectionCapture]:
+    def _vision_captures(self, layers: set[int]) -> dict[int, TowerCapture]:
         if not layers:
             return {}
-        self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
+        if self.pruner.needs_vision_cls:
+            self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
         depth = len(self.adapter.vision_layers)
         layers = self.pruner.vision_probe_layers_in(depth)
         for layer in layers:
             if not -depth <= layer < depth:
                 raise ValueError(f"{self.pruner.name}: vision layer {layer} is outside the tower's {depth} layers.")
-        return {layer % depth: ProjectionCapture() for layer in sorted(layers)}
+        return {layer % depth: TowerCapture() for layer in sorted(layers)}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -248,8 +252,7 @@ class PruningRuntime:
         self._handles.clear()
         self._prefill = self._decode = self._last_prefill = None
         self.revival = None
-        self.projector_input = None
-        self.pixel_values = None
+        self._clear_vision()
 
     # -- checks -------------------------------------------------------------------------
     def _check_attention(self) -> None:
@@ -279,7 +282,27 @@ class PruningRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.adapter.read_inputs(kwargs)
         self._image_mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        # generate pre-encodes the images once (`mm_encoder_outputs`, transformers 5) and hands the same
+        # output to every step: what the tower's hooks captured then stays valid for each prefill on it
+        # (use_cache=False); any other call without pixel_values finds nothing stale
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self._vision_reused = encoded is not None and encoded is self._tower_output
+        if kwargs.get("pixel_values") is None and not self._vision_reused:
+            self._clear_vision()
         return None
+
+    def _read_tower_output(self, _module, _args, output):
+        self._tower_output = output
+        return None
+
+    def _clear_vision(self) -> None:
+        """Forget what the vision tower's hooks captured."""
+        for capture in self.vision_captures.values():
+            capture.armed = False
+            capture.clear()
+        self.projector_input = None
+        self.pixel_values = None
+        self._tower_output = None
 
     def _read_projector_input(self, _module, args):
         self.projector_input = args[0]
@@ -634,6 +657,7 @@ class PruningRuntime:
             ),
             vision_cls_attention=lambda layer: self._vision_cls_attention(layer, layout),
             vision_attention_received=lambda layer: self._vision_attention_received(layer, layout),
+            vision_cls=self.adapter.has_vision_cls(),
             vision_keys=lambda layer: self._vision_keys(layer, layout),
             vision_queries=lambda layer: self._vision_queries(layer, layout),
             vision_features=lambda: self._vision_features(layout),
@@ -671,76 +695,86 @@ class PruningRuntime:
         shape = visual.shape + (1,) * (values.ndim - 2)
         return values.masked_fill(~visual.view(shape), 0.0)
 
-    def _vision_capture(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-        """(q, k) [I, T, H * hd] of vision layer `layer` as it attends with them, and its attention module."""
+    def _vision_capture(self, layer: int) -> TowerAttention:
+        """The q/k of vision layer `layer` per tower input, as it attends with them (adapter.tower_attention)."""
         depth = len(self.adapter.vision_layers)
         if layer % depth not in self.vision_captures:
             raise ValueError(f"{self.pruner.name}: vision layer {layer} is not in vision_probe_layers().")
-        capture = self.vision_captures[layer % depth]
-        if capture.query is None or capture.key is None:
-            raise RuntimeError(f"vision layer {layer}'s q/k were not captured: this forward had no pixel_values.")
-        query, key = self.adapter.vision_query_key(layer % depth, capture.query, capture.key)
-        return query, key, self.adapter.vision_attention(layer % depth)
+        parts = self.vision_captures[layer % depth].parts
+        if not parts:
+            raise RuntimeError(
+                f"vision layer {layer}'s q/k were not captured: the vision tower did not run on this forward's images "
+                "with atp attached (no pixel_values, or images pre-encoded before atp.apply); pass pixel_values."
+            )
+        return self.adapter.tower_attention(layer % depth, parts)
+
+    @staticmethod
+    def _stack_items(rows: list[torch.Tensor]) -> torch.Tensor:
+        """[I, T_max, *rest]: per-tower-input rows [T_i, *rest] stacked, zero past each input's T_i."""
+        out = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), *rows[0].shape[1:])
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out
 
     def _vision_cls_attention(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S]: attention from each visual slot's tower input's [CLS] token to it, vision layer
         `layer`; a visual token covering several tower patches gets the sum over them."""
-        query, key, attn = self._vision_capture(layer)
-        query = query[:, :1].unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, 1, hd]
-        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
-        cls_rows = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)[:, :, 0]
+        self.adapter.vision_cls_offset()  # raises if there is no [CLS] token
+        towers = self._vision_capture(layer)
+        cls_rows = [towers.probabilities(i, slice(0, 1))[:, 0].transpose(0, 1) for i in range(len(towers))]  # [T_i, H]
         rows = self.adapter.tower_rows(self._prefill.geometry)
-        return self._per_visual_slot(cls_rows.transpose(1, 2), layout, rows, "sum").permute(0, 2, 1)
+        return self._per_visual_slot(self._stack_items(cls_rows), layout, rows, "sum").permute(0, 2, 1)
 
     def _vision_attention_received(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S]: attention each visual slot's token receives in vision layer `layer`, averaged
-        over all queries of its image ([CLS] included), computed one image at a time; a visual token
-        covering several tower patches gets the sum over them."""
-        query, key, attn = self._vision_capture(layer)
-        query = query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
-        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
-        received = torch.stack(
-            [
-                torch.softmax((q.float() @ k.float().transpose(1, 2)) * attn.scale, dim=-1).mean(1)
-                for q, k in zip(query, key)
-            ]
-        )  # [I, H, T]
+        over all queries of its tower input ([CLS] included; 0 from queries outside its attention
+        group), computed one input at a time; a visual token covering several tower patches gets
+        the sum over them."""
+        towers = self._vision_capture(layer)
+        received = [towers.probabilities(i).mean(1).transpose(0, 1) for i in range(len(towers))]  # [T_i, H]
         rows = self.adapter.tower_rows(self._prefill.geometry)
-        return self._per_visual_slot(received.transpose(1, 2), layout, rows, "sum").permute(0, 2, 1)
+        return self._per_visual_slot(self._stack_items(received), layout, rows, "sum").permute(0, 2, 1)
 
     def _vision_keys(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S, hd]: each visual slot's key (split into heads), vision layer `layer`; a visual token
         covering several tower patches gets the mean of their keys."""
-        _, key, attn = self._vision_capture(layer)
-        key = key.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
+        towers = self._vision_capture(layer)
+        key = self._stack_items([k.transpose(0, 1) for k in towers.key])  # [I, T, H, hd]
         rows = self.adapter.tower_rows(self._prefill.geometry)
         return self._per_visual_slot(key, layout, rows).permute(0, 2, 1, 3)
 
     def _vision_queries(self, layer: int, layout: Layout) -> torch.Tensor:
         """[B, H, S, hd]: each visual slot's query (split into heads), vision layer `layer`; a visual token
         covering several tower patches gets the mean of their queries."""
-        query, _, attn = self._vision_capture(layer)
-        query = query.unflatten(-1, (-1, attn.head_dim))  # [I, T, H, hd]
+        towers = self._vision_capture(layer)
+        query = self._stack_items([q.transpose(0, 1) for q in towers.query])  # [I, T, H, hd]
         rows = self.adapter.tower_rows(self._prefill.geometry)
         return self._per_visual_slot(query, layout, rows).permute(0, 2, 1, 3)
 
     def _vision_attention(self, layer: int) -> torch.Tensor:
-        """[B, H, S0, S0] at original positions: the attention of vision layer `layer` (softmax over all the
-        tower's tokens, [CLS] included) from visual token i to visual token j of the same tower input; a
-        visual token covering P tower patches sends the mean of its patches' rows and receives the sum over
-        its patches (P = 1: the plain entry); 0 between tokens of different tower inputs and elsewhere."""
-        query, key, attn = self._vision_capture(layer)
-        query = query.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [I, H, T, hd]
-        key = key.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
-        probs = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attn.scale, dim=-1)  # [I, H, T, T]
+        """[B, H, S0, S0] at original positions: the attention of vision layer `layer` (softmax over the
+        keys each query attends to, [CLS] included) from visual token i to visual token j of the same
+        tower input; a visual token covering P tower patches sends the mean of its patches' rows and
+        receives the sum over its patches (P = 1: the plain entry); 0 between tokens of different tower
+        inputs and elsewhere. Computed one tower input at a time."""
+        towers = self._vision_capture(layer)
         item, tokens = self.adapter.tower_rows(self._prefill.geometry)  # [B, S0], [B, S0, P]
-        index = item.clamp(0, probs.shape[0] - 1)[:, :, None]
-        pairs = 0.0
-        for p in range(tokens.shape[-1]):
-            for q in range(tokens.shape[-1]):
-                pairs = pairs + probs[index, :, tokens[:, :, None, p], tokens[:, None, :, q]]  # [B, S0, S0, H]
-        same = (item[:, :, None] == item[:, None, :]) & (item >= 0)[:, :, None]
-        return (pairs / tokens.shape[-1]).masked_fill(~same[..., None], 0.0).permute(0, 3, 1, 2)
+        heads = towers.query[0].shape[0]
+        out = torch.zeros(item.shape[0], heads, item.shape[1], item.shape[1], device=item.device)
+        for i in range(len(towers)):
+            where = (item == i).nonzero()  # [n, 2] (sample, position) of this input's visual tokens
+            if where.numel() == 0:
+                continue
+            sample, position = where[:, 0], where[:, 1]
+            if bool((sample != sample[0]).any()):
+                raise RuntimeError(f"tower input {i}'s visual tokens span several samples.")
+            probs = towers.probabilities(i)  # [H, T, T]
+            patches = tokens[sample, position]  # [n, P]
+            sent = probs[:, patches].mean(2)  # [H, n, T]: the mean of each token's patch rows
+            pairs = sum(sent[:, :, patches[:, q]] for q in range(patches.shape[1]))  # [H, n, n]: summed columns
+            grid = torch.meshgrid(position, position, indexing="ij")
+            out[sample[0]][:, grid[0], grid[1]] = pairs  # [H, n, n] into [H, S0, S0]
+        return out
 
     def _patch_pixels(self) -> torch.Tensor:
         """[B, S0, P, C, ph, pw] at original positions: each visual token's pixel patches (adapter.patch_pixels)."""
@@ -847,11 +881,11 @@ class PruningRuntime:
         return full[:, : state.original_length]
 
     def _finish_prefill(self, state: _Prefill) -> None:
-        for capture in (*self.captures.values(), *self.vision_captures.values()):
+        for capture in self.captures.values():
             capture.armed = False
             capture.clear()
-        self.projector_input = None
-        self.pixel_values = None
+        if not self._vision_reused:  # kept for the next prefill on the same pre-encoded images (generate)
+            self._clear_vision()
         state.embeds = None
         state.sublayer = {}
         layouts = [inputs.layout for inputs in state.layer_inputs]

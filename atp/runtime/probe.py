@@ -46,6 +46,23 @@ class ProjectionCapture:
         return store
 
 
+class TowerCapture:
+    """What one vision-tower layer's hooks (`VLMAdapter.vision_attention_hooks`) record during one tower
+    forward: named parts (q/k projections, a fused qkv, rotary tables, sequence boundaries), the first
+    value of each name while armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.parts: dict[str, object] = {}
+
+    def clear(self) -> None:
+        self.parts = {}
+
+    def record(self, name: str, value: object) -> None:
+        if self.armed and name not in self.parts:
+            self.parts[name] = value
+
+
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[B, S, H * hd] -> [B, H, S, hd]."""
     batch, length, _ = x.shape

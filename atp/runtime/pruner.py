@@ -72,8 +72,12 @@ class PruneContext:
                        `layer` (listed in vision_probe_layers); 0 on other slots
     vision_attention_received: vision_attention_received(layer) -> [B, H, S]: for every visual
                        slot, the attention its token receives in vision-tower layer `layer`
-                       (listed in vision_probe_layers), averaged over all queries of its image
-                       ([CLS] included); 0 on other slots
+                       (listed in vision_probe_layers), averaged over all queries of its tower
+                       input ([CLS] included; a query outside the token's attention window, as in
+                       Qwen2.5-VL's windowed blocks, gives 0), summed over the tower patches the
+                       token covers; 0 on other slots
+    vision_cls:        whether the vision tower has a [CLS] token before each input's patches
+                       (`vision_cls_attention` needs one)
     vision_keys:       vision_keys(layer) -> [B, H, S, hd]: every visual slot's key in vision
                        layer `layer` (listed in vision_probe_layers); 0 on other slots
     vision_queries:    vision_queries(layer) -> [B, H, S, hd]: the same for the queries
@@ -124,6 +128,7 @@ class PruneContext:
     attention_received: Callable[..., torch.Tensor] | None = None
     vision_cls_attention: Callable[[int], torch.Tensor] | None = None
     vision_attention_received: Callable[[int], torch.Tensor] | None = None
+    vision_cls: bool = True
     vision_keys: Callable[[int], torch.Tensor] | None = None
     vision_queries: Callable[[int], torch.Tensor] | None = None
     vision_features: Callable[[], torch.Tensor] | None = None
@@ -205,6 +210,7 @@ class TokenPruner(nn.Module):
     needs_pixels: ClassVar[bool] = False  # capture the vision tower's pixel_values (ctx.patch_pixels)
     prunes_text: ClassVar[bool] = False  # may prune prompt text tokens too (ctx.prunable)
     revives: ClassVar[bool] = False  # decode steps re-select pruned prompt tokens (`revival_plan`, drop mode)
+    needs_vision_cls: ClassVar[bool] = False  # reads the tower's [CLS] row (ctx.vision_cls_attention): checked at apply
 
     def __new__(cls, *args, **kwargs):
         instance = super().__new__(cls)

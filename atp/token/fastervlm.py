@@ -24,6 +24,7 @@ from atp.token.selection import TokenBudget, top_k_per_view
 class FasterVLM(TokenPruner):
     name = "fastervlm"
     reference_position_ids = "compact"  # [paper] the reference code compacts positions
+    needs_vision_cls = True  # scores by the tower's [CLS] row
 
     def __init__(
         self,

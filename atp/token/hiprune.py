@@ -1,20 +1,26 @@
 """`hiprune` (Liu et al., 2025, "HiPrune: Training-Free Visual Token Pruning via Hierarchical
-Attention in Vision-Language Models"; official code Danielement321/HiPrune): anchor tokens from
-a middle ("object") layer of the vision tower, their neighbours, and register tokens from a deep
-layer, before the LLM.
+Attention in Vision-Language Models"; official code Danielement321/HiPrune, ports for LLaVA-1.5 and
+Qwen2.5-VL): anchor tokens from a middle ("object") layer of the vision tower, their neighbours, and
+register tokens from a deep layer, before the LLM.
 
-Global attention of a vision layer: its attention averaged over heads and over all queries
-([CLS] included), the [CLS] column dropped: one score per image token.
-Per image, for a budget of T tokens (`keep_tokens`, or `keep_ratio` of the visual tokens):
+Global attention of a vision layer: its attention averaged over heads and over all queries of the
+image ([CLS] included where the tower has one; on Qwen-VL each query attends within its image or
+window, as the tower does), summed over the tower patches a visual token covers ([CLS] column
+dropped): one score per visual token. (Qwen reference: summed over queries and averaged over the 4
+patches, the same order within an image.)
+Per sample, one image on its own grid of `cols` columns, for a budget of T tokens (`keep_tokens`,
+or `keep_ratio` of the visual tokens):
 - anchors: the round(T * alpha / 5) tokens (Python's round, half to even) with the highest
   global attention of vision layer `object_layer` (counted from 1, as the reference);
 - buffers: each anchor's flat raster neighbours i - 1, i + 1, i - cols, i + cols, clamped to
   0 .. N - 1 (as the reference: i +- 1 wraps across rows);
 - registers: the T - |anchors and buffers| other tokens with the highest global attention of
-  vision layer `register_layer` (-2, LLaVA's feature layer);
-- kept in original order; positions compacted (original M-RoPE ids where compaction has no
-  defined rule [ours]). The reference divides its budget by the images in a call; here every
-  sample has its own budget [ours].
+  vision layer `register_layer` (-2, LLaVA's feature layer; the Qwen2.5-VL reference uses the last
+  layer, -1, with object_layer 16);
+- kept in original order; positions compacted on LLaVA, original M-RoPE ids on Qwen-VL (as the
+  Qwen reference). The reference divides its budget by the images in a call; here every
+  sample has its own budget [ours]. The Qwen reference subtracts 1 from the register scores of
+  anchors and buffers (which can pick a token twice); here they are excluded [ours].
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from atp.runtime.pruner import PruneContext, TokenPruner, register
-from atp.token.selection import TokenBudget, require_one_image_on_a_fixed_grid
+from atp.token.selection import TokenBudget, require_one_image_per_sample
 
 
 def anchors_and_buffers(object_score: torch.Tensor, anchors: int, cols: int) -> torch.Tensor:
@@ -73,7 +79,7 @@ class HiPrune(TokenPruner):
         return self.vision_probe_layers()
 
     def prune(self, ctx: PruneContext) -> torch.Tensor:
-        rows, cols = require_one_image_on_a_fixed_grid("hiprune", ctx)
+        grids = require_one_image_per_sample("hiprune", ctx)
         counts = self.budget.count(ctx.visual_counts())
         object_score = ctx.vision_attention_received(self.object_layer - 1).mean(1)  # [B, S]
         register_score = ctx.vision_attention_received(self.register_layer).mean(1)  # [B, S]
@@ -82,6 +88,7 @@ class HiPrune(TokenPruner):
             slots = ctx.visual[b].nonzero()[:, 0]  # this image's tokens, raster order
             if total == 0:
                 continue
+            cols = grids[b][1]
             chosen = anchors_and_buffers(object_score[b, slots], round(total * self.alpha / 5), cols)
             registers = total - int(chosen.sum())
             if registers < 0:

@@ -117,3 +117,30 @@ def require_one_image_on_a_fixed_grid(name: str, ctx) -> tuple[int, int]:
             "Use a method without that limit (fastv, pdrop, sparsevlm, divprune, dart, ...)."
         )
     return rows, cols
+
+
+def require_one_image_per_sample(name: str, ctx) -> list[tuple[int, int] | None]:
+    """Per sample, (rows, cols) of the grid of its one image's visual tokens in the current slots (None
+    for a sample without any), for methods whose reference works on one image's raster grid; the
+    image may have its own grid (Qwen-VL). A clear error for several images per prompt, or an image
+    split into several crops or tiles (LLaVA-NeXT, InternVL)."""
+    geometry, grids = ctx.geometry, []
+    for b in range(ctx.visual.shape[0]):
+        visual = ctx.visual[b]
+        if not bool(visual.any()):
+            grids.append(None)
+            continue
+        if bool((geometry.crop[b, visual] != 0).any()):
+            raise ValueError(
+                f"{name} works on one image's grid of visual tokens (as its reference); this model splits the "
+                "image into several crops or tiles, each with its own grid, which it does not support. Use a "
+                "method that works per crop or needs no grid (fastv, pdrop, sparsevlm, divprune, dart, ...)."
+            )
+        if len(set(geometry.image[b, visual].tolist())) > 1:
+            raise ValueError(
+                f"{name} works on one image per prompt (its reference's setting); this prompt has several "
+                "images. Use a method without that limit (fastv, pdrop, sparsevlm, divprune, dart, ...)."
+            )
+        first = int(visual.nonzero()[0, 0])
+        grids.append((int(geometry.rows[b, first]), int(geometry.cols[b, first])))
+    return grids

@@ -75,6 +75,7 @@ def contextual_tokens(features: torch.Tensor, keys: torch.Tensor, contextual: in
 class VisionZip(TokenPruner):
     name = "visionzip"
     reference_position_ids = "compact"  # [paper] the reference code compacts positions
+    needs_vision_cls = True  # scores by the tower's [CLS] row
     needs_vision_features = True
 
     def __init__(

@@ -54,6 +54,7 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, diverse: int) 
 class VisPruner(TokenPruner):
     name = "vispruner"
     reference_position_ids = "compact"  # [paper] the reference code removes the tokens before the LLM
+    needs_vision_cls = True  # scores by the tower's [CLS] row
     needs_vision_features = True
 
     def __init__(

@@ -22,6 +22,7 @@ from atp.token.selection import TokenBudget, top_k_per_sample
 class VTCCLS(TokenPruner):
     name = "vtc_cls"
     reference_position_ids = "compact"  # [paper] the reference removes the tokens before the LLM
+    needs_vision_cls = True  # scores by the tower's [CLS] row
 
     def __init__(
         self,

@@ -59,12 +59,12 @@ def divprune_by_loops(tokens: list[list[float]], count: int) -> list[int]:
     return sorted(chosen)
 
 
-def check_generate_identical_across_modes_and_cache(model, batch, tokens: int = 10) -> None:
-    """`random_pruner()` gives the same greedy tokens in drop and mask mode, with the KV cache and
-    without, and different ones from the stock model (the pruner really acts)."""
+def check_generate_identical_across_modes_and_cache(model, batch, tokens: int = 10, build=random_pruner) -> None:
+    """The pruner `build()` (default `random_pruner()`) gives the same greedy tokens in drop and mask mode,
+    with the KV cache and without, and different ones from the stock model (the pruner really acts)."""
     outputs = {}
     for mode in ("drop", "mask"):
-        atp.apply(model, random_pruner(), mode=mode)
+        atp.apply(model, build(), mode=mode)
         for use_cache in (True, False):
             outputs[mode, use_cache] = greedy(model, batch, tokens, use_cache=use_cache)
     reference = outputs["drop", True]

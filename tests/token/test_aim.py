@@ -198,11 +198,15 @@ def test_schedule_defaults_and_errors(model_factory):
 
 
 def test_aim_refuses_qwen_vl_clearly():
-    from tests.qwen_inputs import qwen_model
+    from tests.qwen_inputs import qwen_batch, qwen_model
 
     model = qwen_model("qwen2_5_vl")
-    with pytest.raises(ValueError, match=r"\[CLS\]"):
-        atp.apply(model, atp.build_pruner("aim", merge_removals=[2], start_layer=1, step=0.5))
+    atp.apply(model, atp.build_pruner("aim", merge_removals=[2], start_layer=1, step=0.5))
+    try:
+        with pytest.raises(ValueError, match=r"aim works on one image's fixed grid"), torch.no_grad():
+            model(**qwen_batch([(2, [(8, 8)], 3)]))
+    finally:
+        atp.remove(model)
 
 
 def test_aim_generate_equals_brute_force_greedy_decoding(model_factory):

@@ -54,17 +54,22 @@ PRUNERS = {
 ALL_CLAUSE = ("none", "atp")  # none keeps everything; ATP's untrained modules keep (almost) everything
 
 GRID = "one image's fixed grid"
+ONE_GRID = "works on one image's grid of visual tokens .*splits the image into several crops or tiles"
 IN_TOWER = "pruning inside the vision tower is not supported for .*: "
+ONEVISION_NO_CLS = r"\(SiglipVisionModel\) has no \[CLS\] token"
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-NO_FIXED_GRID = ("llava_next", "internvl")  # crops / tiles of their own grids (OneVision, Qwen: no [CLS] first)
-FIXED_GRID_METHODS = ("aim", "hiprune", "holov", "vispruner", "fopru")
+CROPS = ("llava_next", "llava_onevision", "internvl")  # an image is several crops / tiles of their own grids
+FIXED_GRID_METHODS = ("aim", "fopru")  # on one image's fixed grid (LLaVA-1.5), as their references; vispruner too
+ONE_GRID_METHODS = ("hiprune", "holov")  # on one image's own grid per prompt (LLaVA-1.5 and Qwen-VL references)
 IN_TOWER_METHODS = ("flowcut", "zero_tprune")
-CLS_METHODS = ("fastervlm", "visionzip", "vtc_cls", "vflowopt", *FIXED_GRID_METHODS)
+CLS_METHODS = ("fastervlm", "visionzip", "vtc_cls", "vispruner")  # score by the tower's [CLS] row
 # (family, method) -> a fragment of the ValueError's message that names the reason
 REFUSED: dict[tuple[str, str], str] = {
-    **{(family, name): GRID for family in NO_FIXED_GRID for name in FIXED_GRID_METHODS},
+    **{(family, name): GRID for family in FAMILIES if family != "llava" for name in FIXED_GRID_METHODS},
+    **{(family, "vispruner"): GRID for family in ("llava_next", "internvl")},
+    **{(family, name): ONE_GRID for family in CROPS for name in ONE_GRID_METHODS},
     **{(family, name): IN_TOWER for family in FAMILIES if family != "llava" for name in IN_TOWER_METHODS},
-    **{("llava_onevision", name): r"\(SiglipVisionModel\) has no \[CLS\] token" for name in CLS_METHODS},
+    **{("llava_onevision", name): ONEVISION_NO_CLS for name in (*CLS_METHODS, "vflowopt")},
     **{(family, name): r"vision tower has no \[CLS\] token" for family in QWEN for name in CLS_METHODS},
 }
 

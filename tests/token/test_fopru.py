@@ -126,8 +126,11 @@ def test_fopru_budgets_config_and_errors(model_factory):
         atp.build_pruner("fopru", strategy="column")
     with pytest.raises(ValueError, match="significance must be one of"):
         atp.build_pruner("fopru", significance="cls")
-    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"):
-        atp.apply(llava_without_cls(), atp.build_pruner("fopru", keep_tokens=4))
+    siglip = llava_without_cls()  # the LLaVA adapter maps visual tokens to tower tokens after a [CLS] only
+    atp.apply(siglip, atp.build_pruner("fopru", keep_tokens=4))
+    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"), torch.no_grad():
+        siglip(**make_batch(RAGGED))
+    atp.remove(siglip)
     with pytest.raises(ValueError, match="vision layer 5 is outside the tower's 2 layers"):
         atp.apply(model_factory(), atp.build_pruner("fopru", keep_tokens=4, vision_layer=5))
     model = model_factory()

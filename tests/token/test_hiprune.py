@@ -57,8 +57,11 @@ def test_hiprune_errors(model_factory):
         atp.build_pruner("hiprune", object_layer=0)
     with pytest.raises(ValueError, match=r"object_layer=9 is past the vision tower's 2 layers"):
         atp.apply(model_factory(), atp.build_pruner("hiprune"))
-    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"):
-        atp.apply(llava_without_cls(), atp.build_pruner("hiprune", object_layer=1))
+    siglip = llava_without_cls()  # the LLaVA adapter maps visual tokens to tower tokens after a [CLS] only
+    atp.apply(siglip, atp.build_pruner("hiprune", keep_tokens=4, object_layer=1))
+    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"), torch.no_grad():
+        siglip(**make_batch(RAGGED))
+    atp.remove(siglip)
     model = model_factory()
     atp.apply(model, atp.build_pruner("hiprune", keep_tokens=64, object_layer=1))
     with pytest.raises(ValueError, match="keep_tokens=64 is more than the 16 visual tokens"):

@@ -41,11 +41,10 @@ def brute_force_crop_score(features: list[list[float]], attention: list[float], 
     return sum(a + beta * v * scaling for a, v in zip(scaled, variances)) / n
 
 
-def brute_force_holov(model, sample, total: int, crops: int, beta: float):
-    """(kept tokens in the order the LLM sees them, number of zero pads) for one unpadded sample."""
-    attention = tower_outputs(model, sample).attentions[-2][0, :, 0, 1:].mean(0).tolist()
-    features = projected_features(model, sample).tolist()
-    size, extra = NUM_VISUAL // crops, NUM_VISUAL % crops
+def holov_by_loops(features: list[list[float]], attention: list[float], total: int, crops: int, beta: float):
+    """(kept tokens in the order the LLM sees them, number of zero pads) for one image's tokens."""
+    tokens = len(features)
+    size, extra = tokens // crops, tokens % crops
     bounds, start = [], 0
     for crop in range(crops):
         length = size + (1 if crop < extra else 0)
@@ -64,6 +63,14 @@ def brute_force_holov(model, sample, total: int, crops: int, beta: float):
         elif count > 0:
             chosen += sorted(range(s, e), key=lambda i: -attention[i])[:count]
     return chosen, total - len(chosen)
+
+
+def brute_force_holov(model, sample, total: int, crops: int, beta: float):
+    """(kept tokens in the order the LLM sees them, number of zero pads) for one unpadded sample."""
+    attention = tower_outputs(model, sample).attentions[-2][0, :, 0, 1:].mean(0).tolist()
+    features = projected_features(model, sample).tolist()
+    assert len(features) == NUM_VISUAL
+    return holov_by_loops(features, attention, total, crops, beta)
 
 
 @pytest.mark.parametrize(
@@ -111,8 +118,14 @@ def test_holov_allocation_gives_the_remainder_to_the_largest_shares():
 def test_holov_errors(model_factory):
     with pytest.raises(ValueError, match="num_patches must be a positive integer"):
         atp.build_pruner("holov", num_patches=0)
-    with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"):
-        atp.apply(llava_without_cls(), atp.build_pruner("holov"))
+    with pytest.raises(ValueError, match="score must be one of"):
+        atp.build_pruner("holov", score="mean")
+    siglip = llava_without_cls()  # the LLaVA adapter maps visual tokens to tower tokens after a [CLS] only
+    for score in ("auto", "cls"):
+        atp.apply(siglip, atp.build_pruner("holov", keep_tokens=4, score=score))
+        with pytest.raises(ValueError, match=r"SiglipVisionModel has no \[CLS\] token"), torch.no_grad():
+            siglip(**make_batch(RAGGED))
+        atp.remove(siglip)
     model = model_factory()
     atp.apply(model, atp.build_pruner("holov", keep_tokens=64))
     with pytest.raises(ValueError, match="keep_tokens=64 is more than the 16 visual tokens"):

@@ -264,16 +264,6 @@ def test_vflowopt_on_internvl_tiles_matches_brute_force():
                 assert stats.kept[layer][b].tolist() == (reference[b][stage] if reference[b] else []), (mode, b, layer)
 
 
-def test_vflowopt_refuses_qwen_vl():
-    from tests.qwen_inputs import qwen_model
-
-    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
-        atp.apply(
-            qwen_model("qwen2_vl"),
-            atp.build_pruner("vflowopt", layers=[0, 2], keep_ratios=[0.5, 0.5], position_ids="original"),
-        )
-
-
 def test_vflowopt_generate_continues_the_recycled_prefix(model_factory):
     """generate (KV cache, compact positions) with one recycling stage before the LLM equals greedy decoding of
     the stock LLM on the brute-force shortened input: kept tokens and each cell's map-weighted mean in input order."""
