@@ -12,7 +12,9 @@ and the largest any layer held; an evicting policy never holds more than its bud
 Timing, in the same process with interleaved repeats (every round runs every row once, the first round
 warms up): batch 1, the first sequence's prompt; time to first token = the prefill forward with the
 row's cache and the argmax of its last logits; decode = the median time of one greedy decode step over
-`--timing-steps` steps. Ratios are against the full cache (median over rounds).
+`--timing-steps` steps. Ratios are against the full cache (median over rounds), by the wall clock and by
+this process's CPU clock (on shared cores the wall clock also counts the time other processes hold them; run
+with OMP_NUM_THREADS=1 so CPU time is the work done).
 
 Rows are a small table of callables (`Method`): each opens a context manager that yields the cache a
 forward runs with and removes whatever it put on the model when it closes. A prompt pruner (LazyLLM,
@@ -127,26 +129,37 @@ def continuation_scores(model: nn.Module, method: Method, sequences: torch.Tenso
     return dict(logprobs=torch.stack(logprobs, 1), predictions=torch.stack(predictions, 1), sizes=sizes)
 
 
+def clocks() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on shared cores the CPU clock does not count the time other
+    processes hold the cores (with one thread, CPU time is the work done)."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
+
+
 @torch.no_grad()
-def time_once(model: nn.Module, method: Method, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(seconds to the first token, median seconds per greedy decode step) for ids [1, prompt]."""
+def time_once(model: nn.Module, method: Method, ids: torch.Tensor, steps: int) -> tuple[float, float, float, float]:
+    """(wall, CPU) seconds to the first token, then (wall, CPU) median seconds per greedy decode step; ids [1, P]."""
     with method.open(model) as cache:
-        start = time.perf_counter()
+        start = clocks()
         logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
-        first = time.perf_counter() - start
+        first = since(start)
         step_times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start = clocks()
             logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
-            step_times.append(time.perf_counter() - start)
-    return first, statistics.median(step_times)
+            step_times.append(since(start))
+    return (*first, statistics.median(t[0] for t in step_times), statistics.median(t[1] for t in step_times))
 
 
 def timing(model: nn.Module, methods: list[Method], ids: torch.Tensor, steps: int, repeats: int) -> dict:
-    """{row index: (TTFT ratio, decode ratio, TTFT s, decode s)} against row 0 (the full cache), medians of
-    interleaved rounds after one warm-up round."""
+    """{row index: {"ttft", "decode", "ttft_cpu", "decode_cpu": ratio against row 0 (the full cache); "ttft_s",
+    "decode_s": wall seconds}}, medians over interleaved rounds after one warm-up round."""
     times = {i: [] for i in range(len(methods))}
     for round_ in progress(range(repeats + 1), "timing rounds", unit="round"):
         for i, method in enumerate(methods):
@@ -155,11 +168,15 @@ def timing(model: nn.Module, methods: list[Method], ids: torch.Tensor, steps: in
                 times[i].append(measured)
     out = {}
     for i in times:
-        ttft = statistics.median(t[0] for t in times[i])
-        decode = statistics.median(t[1] for t in times[i])
-        ttft_ratio = statistics.median(t[0] / f[0] for t, f in zip(times[i], times[0]))
-        decode_ratio = statistics.median(t[1] / f[1] for t, f in zip(times[i], times[0]))
-        out[i] = (ttft_ratio, decode_ratio, ttft, decode)
+        ratios = [[t / f for t, f in zip(row, full)] for row, full in zip(times[i], times[0])]
+        out[i] = dict(
+            ttft=statistics.median(r[0] for r in ratios),
+            ttft_cpu=statistics.median(r[1] for r in ratios),
+            decode=statistics.median(r[2] for r in ratios),
+            decode_cpu=statistics.median(r[3] for r in ratios),
+            ttft_s=statistics.median(t[0] for t in times[i]),
+            decode_s=statistics.median(t[2] for t in times[i]),
+        )
     return out
 
 
@@ -198,7 +215,7 @@ def table(methods: list[Method], results: list[dict], timings: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     full_entries = results[0]["entries"]
     for i, (method, result) in enumerate(zip(methods, results)):
-        ttft, decode, ttft_s, decode_s = timings[i]
+        t = timings[i]
         cells = [
             method.name,
             method.settings,
@@ -208,8 +225,8 @@ def table(methods: list[Method], results: list[dict], timings: dict) -> str:
             f"{result['perplexity']:.3f}",
             f"{result['accuracy']:.1%}",
             f"{result['agreement']:.1%}",
-            f"{ttft:.2f}x ({ttft_s * 1e3:.0f} ms)",
-            f"{decode:.2f}x ({decode_s * 1e3:.1f} ms)",
+            f"{t['ttft']:.2f}x ({t['ttft_s'] * 1e3:.0f} ms; CPU {t['ttft_cpu']:.2f}x)",
+            f"{t['decode']:.2f}x ({t['decode_s'] * 1e3:.1f} ms; CPU {t['decode_cpu']:.2f}x)",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
