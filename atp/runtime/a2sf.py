@@ -53,8 +53,13 @@ def check_settings(budget: int, forgetting_factor: float, recent: int) -> None:
             f"a2sf forgetting_factor must lie in [0, 1] (1: plain accumulation as H2O, 0: last query only), "
             f"got {forgetting_factor!r}."
         )
-    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= budget:
+    if isinstance(recent, bool) or not isinstance(recent, int) or recent < 0:
         raise ValueError(f"a2sf recent must be an int in [0, budget={budget}], got {recent!r}.")
+    if recent > budget:
+        raise ValueError(
+            f"a2sf budget={budget} is below its protected entries: recent must be an int in [0, budget={budget}], "
+            f"got {recent!r} (the newest entries, never evicted). Raise the budget to >= {recent} or lower recent."
+        )
 
 
 def select_kept(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
@@ -202,41 +207,27 @@ def attention_probs(
     return torch.softmax(weights, dim=-1, dtype=torch.float32)
 
 
-class A2SFCache(Cache):
-    """A KV cache that evicts by A2SF; pass it to `generate` (keyword: `atp.models.hf_compat.cache_kwargs`).
+class EvictingCache(Cache):
+    """A KV cache of `A2SFLayer`-like layers (slot bookkeeping) whose hooks gather the model's masks at the cached
+    slots once a layer has evicted; subclasses score and evict in `_after_attention`. The hooks live while the
+    cache is open (`close()` or leaving the `with` block removes them)."""
 
-        with A2SFCache(model, budget=64, forgetting_factor=0.3, recent=8) as cache:
-            out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)
-
-    budget:            cached entries per layer, head and sample after every forward (the pending
-                       step holds budget + 1 while it attends)
-    forgetting_factor: alpha in [0, 1]
-    recent:            the newest entries always kept (0 <= recent <= budget)
-    record:            keep each forward's cached slots per layer in `layer.history` (tests, analysis)
-    The hooks live while the cache is open (`close()` or leaving the `with` block removes them).
-    """
-
-    def __init__(
-        self, model: nn.Module, budget: int, forgetting_factor: float, recent: int = 0, record: bool = False
-    ) -> None:
-        check_settings(budget, forgetting_factor, recent)
+    def __init__(self, model: nn.Module, make_layer) -> None:
         modules = _attention_modules(model)
         for module in modules:
             implementation = getattr(module.config, "_attn_implementation", None)
             if implementation not in SUPPORTED_ATTENTION:
                 raise ValueError(
-                    f"a2sf supports attention implementations {SUPPORTED_ATTENTION}, the model uses "
+                    f"{type(self).__name__} supports attention implementations {SUPPORTED_ATTENTION}, the model uses "
                     f"{implementation!r}: load it with attn_implementation='sdpa' or 'eager'."
                 )
-        layers = [A2SFLayer(budget, forgetting_factor, recent, record) for _ in range(len(modules))]
-        super().__init__(layers=layers)
-        self.budget, self.forgetting_factor, self.recent = budget, float(forgetting_factor), recent
+        super().__init__(layers=[make_layer() for _ in range(len(modules))])
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
 
-    def __enter__(self) -> A2SFCache:
+    def __enter__(self) -> EvictingCache:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -266,6 +257,42 @@ class A2SFCache(Cache):
         num_heads = module.q_proj.out_features // module.head_dim
         kwargs["attention_mask"] = layer.gather_mask(kwargs.get("attention_mask"), hidden.shape[1], num_heads)
         return args, kwargs
+
+    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        raise NotImplementedError
+
+
+def own_slot_visible(mask: torch.Tensor | None, queries: int, keys: int, device) -> torch.Tensor:
+    """[B|1, Q] bool: whether each of this forward's Q rows sees its own slot (False: a padding row).
+
+    mask: the layer's [B|1, 1|H, Q, K] mask (bool, True visible, or additive float), or None (sdpa's causal
+    shortcut: every row visible); the Q rows are the last Q of the K slots."""
+    if mask is None:
+        return torch.ones(1, queries, dtype=torch.bool, device=device)
+    own = mask[:, 0, torch.arange(queries, device=device), torch.arange(keys - queries, keys, device=device)]
+    return own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+
+
+class A2SFCache(EvictingCache):
+    """A KV cache that evicts by A2SF; pass it to `generate` (keyword: `atp.models.hf_compat.cache_kwargs`).
+
+        with A2SFCache(model, budget=64, forgetting_factor=0.3, recent=8) as cache:
+            out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)
+
+    budget:            cached entries per layer, head and sample after every forward (the pending
+                       step holds budget + 1 while it attends)
+    forgetting_factor: alpha in [0, 1]
+    recent:            the newest entries always kept (0 <= recent <= budget)
+    record:            keep each forward's cached slots per layer in `layer.history` (tests, analysis)
+    The hooks live while the cache is open (`close()` or leaving the `with` block removes them).
+    """
+
+    def __init__(
+        self, model: nn.Module, budget: int, forgetting_factor: float, recent: int = 0, record: bool = False
+    ) -> None:
+        check_settings(budget, forgetting_factor, recent)
+        super().__init__(model, lambda: A2SFLayer(budget, forgetting_factor, recent, record))
+        self.budget, self.forgetting_factor, self.recent = budget, float(forgetting_factor), recent
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if cache_of(kwargs) is not self:
