@@ -17,8 +17,14 @@ this process's CPU clock (on shared cores the wall clock also counts the time ot
 with OMP_NUM_THREADS=1 so CPU time is the work done).
 
 Rows are a small table of callables (`Method`): each opens a context manager that yields the cache a
-forward runs with and removes whatever it put on the model when it closes. A prompt pruner (LazyLLM,
-applied with `atp.apply`) joins as a row whose context applies it and yields a `DynamicCache`.
+forward runs with and removes whatever it put on the model when it closes. LazyLLM (prompt-token pruning
+during prefill, `--lazy-layers` / `--lazy-ratios`, revival on and off) joins as rows whose context applies it
+with `atp.apply` (drop mode) and yields a `DynamicCache`; the teacher-forced steps are then the runtime's
+decode steps (with revival, `atp.runtime.revival`: re-selection and revived rows). Its prefill FLOPs are
+`cost_report`'s analytic ratio over the prefill's tokens per layer (`atp.stats`; the cache policies run every
+token: 100 %); its KV entries per sample and layer come from the revival runtime (`cache_tokens()`) or,
+without revival, the prefill's tokens per layer plus the decoded ones; "decode rows/layer" is the tokens each
+layer ran per decode step (1: the new token; revival adds the revived ones).
 
     python benchmarks/text_pruning.py                     # SmolLM2 (converted once from the GGUF of `make smollm2`)
     python benchmarks/text_pruning.py --smoke             # a tiny random Llama and a pydoc BPE tokenizer (seconds)
