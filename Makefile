@@ -87,5 +87,5 @@ structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 4
 structural-seeds: smollm2  ## the same with three seeds and 200 LoRA steps (mean ± std; est. ~8 h on 2 idle cores)
 	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 200
 
-text-bench: smollm2  ## KV-cache policies (A2SF at 3 budgets x 2 forgetting factors, StreamingLLM-style window, full) on SmolLM2-135M, pydoc test topics: perplexity, accuracy, TTFT and decode time
+text-bench: smollm2  ## KV-cache policies (A2SF at 3 budgets x 2 forgetting factors, StreamingLLM-style window, full) and LazyLLM (2 keep ratios, revival on / off) on SmolLM2-135M, pydoc test topics: perplexity, accuracy, TTFT and decode time
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/text_pruning.py

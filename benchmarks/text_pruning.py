@@ -17,8 +17,14 @@ this process's CPU clock (on shared cores the wall clock also counts the time ot
 with OMP_NUM_THREADS=1 so CPU time is the work done).
 
 Rows are a small table of callables (`Method`): each opens a context manager that yields the cache a
-forward runs with and removes whatever it put on the model when it closes. A prompt pruner (LazyLLM,
-applied with `atp.apply`) joins as a row whose context applies it and yields a `DynamicCache`.
+forward runs with and removes whatever it put on the model when it closes. LazyLLM (prompt-token pruning
+during prefill, `--lazy-layers` / `--lazy-ratios`, revival on and off) joins as rows whose context applies it
+with `atp.apply` (drop mode) and yields a `DynamicCache`; the teacher-forced steps are then the runtime's
+decode steps (with revival, `atp.runtime.revival`: re-selection and revived rows). Its prefill FLOPs are
+`cost_report`'s analytic ratio over the prefill's tokens per layer (`atp.stats`; the cache policies run every
+token: 100 %); its KV entries per sample and layer come from the revival runtime (`cache_tokens()`) or,
+without revival, the prefill's tokens per layer plus the decoded ones; "decode rows/layer" is the tokens each
+layer ran per decode step (1: the new token; revival adds the revived ones).
 
     python benchmarks/text_pruning.py                     # SmolLM2 (converted once from the GGUF of `make smollm2`)
     python benchmarks/text_pruning.py --smoke             # a tiny random Llama and a pydoc BPE tokenizer (seconds)
@@ -40,7 +46,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+import atp
 from atp.data.text import token_chunks, topic_splits, train_tokenizer
+from atp.metrics.accounting import cost_report
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
 from atp.models.hf_compat import cache_kwargs
 from atp.progress import progress
@@ -49,9 +57,11 @@ from atp.runtime.kv_cache import build_kv_cache
 COLUMNS = (
     "method",
     "settings",
+    "prefill FLOPs",
     "KV entries/layer",
     "of full",
     "max entries",
+    "decode rows/layer",
     "perplexity",
     "next-token acc",
     "agrees with full",
@@ -60,22 +70,88 @@ COLUMNS = (
 )
 
 
+def cache_entries(cache) -> list[int]:
+    """Entries each layer of the cache holds now (any transformers cache of DynamicLayer-like layers)."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def cached_entries(model: nn.Module, cache, decoded: int, batch: int) -> torch.Tensor:
+    """[B, L] entries each layer's cache holds for each sample (a cache policy: the same for every sample)."""
+    return torch.tensor(cache_entries(cache), dtype=torch.float64).expand(batch, -1)
+
+
 @dataclass(frozen=True)
 class Method:
-    """One row: `open(model)` is a context manager yielding the cache to prefill and decode with."""
+    """One row: `open(model)` is a context manager yielding the cache to prefill and decode with.
+
+    entries(model, cache, decoded, batch): [B, L] KV entries each layer holds after `decoded` decode steps;
+    prefill_flops(model): the last prefill's analytic FLOPs over the unpruned prefill's (None: every token runs);
+    decode_rows(model): [B, L] tokens each layer ran in the last decode step (None: the one new token)."""
 
     name: str
     settings: str
     open: Callable[[nn.Module], ContextManager]
     budget: int | None = None  # entries per layer an evicting policy may hold (checked)
+    entries: Callable[[nn.Module, object, int, int], torch.Tensor] = cached_entries
+    prefill_flops: Callable[[nn.Module], float] | None = None
+    decode_rows: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def full_cache(model: nn.Module) -> ContextManager:
     return contextlib.nullcontext(DynamicCache())
 
 
+@contextlib.contextmanager
+def lazyllm_cache(model: nn.Module, **settings):
+    """LazyLLM attached to the model (drop mode) for the row's forwards, removed when the row closes."""
+    atp.apply(model, atp.build_pruner("lazyllm", **settings), mode="drop")
+    try:
+        yield DynamicCache()
+    finally:
+        atp.remove(model)
+
+
+def lazyllm_entries(model: nn.Module, cache, decoded: int, batch: int) -> torch.Tensor:
+    """[B, L] KV entries per sample and layer: with revival the runtime's count (what each layer computed,
+    revived tokens included); static pruning holds the prefill's tokens per layer plus the decoded ones."""
+    revival = atp.runtime_of(model).revival
+    if revival is not None:
+        return revival.cache_tokens().double()
+    return atp.stats(model).tokens.double() + decoded
+
+
+def lazyllm_flops(model: nn.Module) -> float:
+    return cost_report(model.config, atp.stats(model)).flops_ratio
+
+
+def lazyllm_decode_rows(model: nn.Module) -> torch.Tensor | None:
+    revival = atp.runtime_of(model).revival
+    return None if revival is None else revival.computed[-1].double()
+
+
+def lazyllm_rows(args: argparse.Namespace) -> list[Method]:
+    """LazyLLM per keep ratio (the same at every pruning layer), with and without revival."""
+    rows = []
+    layers = "/".join(map(str, args.lazy_layers))
+    for ratio in args.lazy_ratios:
+        for revival in (True, False):
+            settings = dict(layers=args.lazy_layers, keep_ratios=[ratio] * len(args.lazy_layers), revival=revival)
+            rows.append(
+                Method(
+                    "lazyllm",
+                    f"layers {layers}, keep {ratio} each, revival {'on' if revival else 'off'}",
+                    lambda model, s=settings: lazyllm_cache(model, **s),
+                    entries=lazyllm_entries,
+                    prefill_flops=lazyllm_flops,
+                    decode_rows=lazyllm_decode_rows,
+                )
+            )
+    return rows
+
+
 def method_rows(args: argparse.Namespace) -> list[Method]:
-    """The full cache, then per budget: A2SF at each forgetting factor and the StreamingLLM-style window."""
+    """The full cache, then per budget: A2SF at each forgetting factor and the StreamingLLM-style window; then
+    LazyLLM (`lazyllm_rows`)."""
     rows = [Method("full", "every entry", full_cache)]
     for budget in args.budgets:
         recent = round(budget * args.recent_ratio)
@@ -99,24 +175,21 @@ def method_rows(args: argparse.Namespace) -> list[Method]:
                     budget,
                 )
             )
-    return rows
-
-
-def cache_entries(cache) -> list[int]:
-    """Entries each layer of the cache holds now (any transformers cache of DynamicLayer-like layers)."""
-    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+    return rows + lazyllm_rows(args)
 
 
 @torch.no_grad()
 def continuation_scores(model: nn.Module, method: Method, sequences: torch.Tensor, prompt: int) -> dict:
     """Teacher-forced decode of sequences [N, prompt + C + 1] with the row's cache.
 
-    Returns log-probabilities of the true tokens [N, C], argmax predictions [N, C] and the entries per
-    layer after every decode step [C][layers]."""
-    steps = sequences.shape[1] - prompt - 1
-    logprobs, predictions, sizes = [], [], []
+    Returns log-probabilities of the true tokens [N, C], argmax predictions [N, C], the entries per sample
+    and layer after every decode step [C, N, L], the tokens each layer ran per decode step [C, N, L] and
+    the prefill's FLOPs over the unpruned prefill's."""
+    batch, steps = sequences.shape[0], sequences.shape[1] - prompt - 1
+    logprobs, predictions, sizes, rows = [], [], [], []
     with method.open(model) as cache:
         model(input_ids=sequences[:, :prompt], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        flops = 1.0 if method.prefill_flops is None else method.prefill_flops(model)
         for t in range(steps):
             position = prompt + t
             logits = model(
@@ -125,8 +198,16 @@ def continuation_scores(model: nn.Module, method: Method, sequences: torch.Tenso
             target = sequences[:, position + 1]
             logprobs.append(torch.log_softmax(logits.float(), dim=-1).gather(1, target[:, None])[:, 0])
             predictions.append(logits.argmax(-1))
-            sizes.append(cache_entries(cache))
-    return dict(logprobs=torch.stack(logprobs, 1), predictions=torch.stack(predictions, 1), sizes=sizes)
+            sizes.append(method.entries(model, cache, t + 1, batch))
+            ran = None if method.decode_rows is None else method.decode_rows(model)
+            rows.append(torch.ones_like(sizes[-1]) if ran is None else ran)
+    return dict(
+        logprobs=torch.stack(logprobs, 1),
+        predictions=torch.stack(predictions, 1),
+        sizes=torch.stack(sizes),
+        rows=torch.stack(rows),
+        flops=flops,
+    )
 
 
 def clocks() -> tuple[float, float]:
@@ -188,7 +269,7 @@ def evaluate_rows(model: nn.Module, methods: list[Method], sequences: torch.Tens
         targets = sequences[:, prompt + 1 :]
         if reference is None:
             reference = scores["predictions"]
-        sizes = torch.tensor(scores["sizes"], dtype=torch.float64)  # [C, layers]
+        sizes = scores["sizes"]  # [C, N, layers]
         largest = int(sizes.max())
         if method.budget is not None and largest > method.budget:
             raise RuntimeError(
@@ -202,6 +283,8 @@ def evaluate_rows(model: nn.Module, methods: list[Method], sequences: torch.Tens
                 agreement=float((scores["predictions"] == reference).double().mean()),
                 entries=float(sizes.mean()),
                 largest=largest,
+                prefill_flops=scores["flops"],
+                decode_rows=float(scores["rows"].mean()),
             )
         )
         print(
@@ -219,9 +302,11 @@ def table(methods: list[Method], results: list[dict], timings: dict) -> str:
         cells = [
             method.name,
             method.settings,
+            f"{result['prefill_flops']:.1%}",
             f"{result['entries']:.1f}",
             f"{result['entries'] / full_entries:.1%}",
             str(result["largest"]),
+            f"{result['decode_rows']:.2f}",
             f"{result['perplexity']:.3f}",
             f"{result['accuracy']:.1%}",
             f"{result['agreement']:.1%}",
@@ -262,12 +347,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0], help="A2SF forgetting factors")
     parser.add_argument("--recent-ratio", type=float, default=0.125, help="A2SF recent window, share of the budget")
     parser.add_argument("--sinks", type=int, default=4, help="the streaming baseline's sink tokens")
+    parser.add_argument("--lazy-layers", type=int, nargs="+", default=[8, 16, 24], help="LazyLLM's pruning layers")
+    parser.add_argument(
+        "--lazy-ratios", type=float, nargs="+", default=[0.5, 0.7], help="LazyLLM keep ratios (each pruning layer)"
+    )
     parser.add_argument("--timing-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timing rounds after the warm-up round")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sequences, args.prompt, args.continuation = 3, 40, 8
         args.budgets, args.timing_steps, args.repeats = [8, 16], 4, 1
+        args.lazy_layers = [1]  # the tiny Llama has 2 layers
     return args
 
 

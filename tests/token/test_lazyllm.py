@@ -81,8 +81,9 @@ def run_layer(block, rotary, states: list[torch.Tensor], positions: list[int]) -
 
 
 @torch.no_grad()
-def brute_force(model, embeds: torch.Tensor, layers, ratios, steps: int, revival: bool = True):
-    """(generated ids, per step {layer: sorted kept prompt positions}) for one unpadded sample."""
+def brute_force(model, embeds: torch.Tensor, layers, ratios, steps: int, revival: bool = True, forced=None):
+    """(generated ids, per step {layer: sorted kept prompt positions}) for one unpadded sample; with `forced`
+    (a list of ids), step s > 0 feeds forced[s - 1] instead of the previous argmax (teacher forcing)."""
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("eager")
     adapter = get_adapter(twin)
@@ -93,7 +94,8 @@ def brute_force(model, embeds: torch.Tensor, layers, ratios, steps: int, revival
     for step in range(steps):
         query = n - 1 + step
         if step > 0:
-            hidden[(0, query)] = twin.get_input_embeddings()(torch.tensor(tokens[-1]))
+            fed = tokens[-1] if forced is None else forced[step - 1]
+            hidden[(0, query)] = twin.get_input_embeddings()(torch.tensor(fed))
         selected = list(range(query + 1))
         record, attention = {}, {}
         for layer in range(depth):
