@@ -19,7 +19,9 @@ LoRA's initialisation, the generator and its noise, the random baseline and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import shutil
 import statistics
 import sysconfig
 import tempfile
@@ -36,17 +38,20 @@ from atp.lit.structural import StructuralPruningModule
 from atp.models.causal import convert_gguf, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
 from atp.progress import progress
 from atp.structural import decoder_parameters
-from atp.structural.baselines import METHODS, baseline_mask
+from atp.structural.baselines import METHODS, allocate, baseline_scores
 
 ALL_METHODS = ("atp", *METHODS)
 
 
 @torch.no_grad()
-def perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+def perplexity(model, chunks: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
+    """exp of the mean next-token loss over `chunks` [N, T] (every chunk weighs the same);
+    `bf16`: under CPU bfloat16 autocast."""
     losses = []
     for start in progress(range(0, len(chunks), batch_size), "perplexity", unit="batch"):
         ids = chunks[start : start + batch_size]
-        losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
     return math.exp(sum(losses) / len(chunks))
 
 
@@ -70,18 +75,26 @@ def load_model(args):
     return load_causal_lm(args.model)
 
 
-def run_method(args, method: str, ratio: float, seed: int, datamodule, export_dir: Path) -> dict:
-    model, _ = load_model(args)
-    fixed = None
-    started = time.perf_counter()
-    if method != "atp":
+def fixed_mask(args, dense, method: str, ratio: float, seed: int, datamodule, scores: dict):
+    """A baseline's mask at `ratio` (None for ATP). Scores do not depend on the ratio, and only
+    `random`'s on the seed: each method calibrates once on the dense model, for every ratio and seed."""
+    if method == "atp":
+        return None
+    key = (method, seed if method == "random" else None)
+    if key not in scores:
         chunks = datamodule.chunks["train"][: args.calibration_chunks]
         calibration = [{"input_ids": chunks[i : i + 8]} for i in range(0, len(chunks), 8)]
-        fixed = baseline_mask(model, method, ratio, calibration, seed=seed)
+        scores[key] = baseline_scores(dense, method, calibration, seed=seed)
+    return allocate(scores[key], method, dense.config, ratio)
+
+
+def run_method(args, dense, method: str, ratio: float, seed: int, datamodule, export_dir: Path, scores: dict) -> dict:
+    started = time.perf_counter()
+    fixed = fixed_mask(args, dense, method, ratio, seed, datamodule, scores)
     scoring = time.perf_counter() - started
     torch.manual_seed(seed)
     module = StructuralPruningModule(
-        model,
+        copy.deepcopy(dense),
         prune_ratio=ratio,
         control_epochs=args.control_epochs,
         generator_lr=args.generator_lr,
@@ -97,6 +110,7 @@ def run_method(args, method: str, ratio: float, seed: int, datamodule, export_di
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
+        precision="bf16-mixed" if args.bf16 else "32-true",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -113,12 +127,15 @@ def run_method(args, method: str, ratio: float, seed: int, datamodule, export_di
             f"{method} at {ratio:.0%} keeps {keep:.3%} of the decoder, not within 1 % of {1 - ratio:.0%}."
         )
     search = module.search_log
+    started = time.perf_counter()
     module.export(export_dir)
+    model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     return {
-        "model": AutoModelForCausalLM.from_pretrained(export_dir).eval(),
+        "model": model,
         "keep": keep,
         "train_s": seconds,
         "score_s": scoring,
+        "export_s": time.perf_counter() - started,
         "lora_steps": int(module.lora_steps),
         "generator_steps": int(module.generator_steps),
         "live_share": (search[0]["generator/live_share"], search[-1]["generator/live_share"]) if search else None,
@@ -157,7 +174,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lasso-eta", type=float, default=0.02)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="latency: interleaved pruned / dense forwards")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=True,
+        help="LoRA and generator steps under CPU bfloat16 autocast (Lightning bf16-mixed); --no-bf16: float32",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-bf16", action=argparse.BooleanOptionalAction, default=False,
+        help="perplexity under bfloat16 autocast (default float32: the table's numbers stay exact)",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -188,35 +214,50 @@ def main() -> None:
     general = token_chunks([license_text], tokenizer, args.seq_len, args.general_chunks)
     timing_ids = domain[: args.batch_size]
     dense_params = decoder_parameters(dense.config)
+
+    def evaluate(model) -> tuple[float, float]:
+        return (
+            perplexity(model, domain, args.eval_batch_size, args.eval_bf16),
+            perplexity(model, general, args.eval_batch_size, args.eval_bf16),
+        )
+
     started = time.perf_counter()
-    dense_row = (perplexity(dense, domain, 8), perplexity(dense, general, 8))
+    dense_row = evaluate(dense)
     eval_seconds = time.perf_counter() - started
     print(f"dense: domain {dense_row[0]:.2f}, general {dense_row[1]:.2f} (evaluation {eval_seconds:.1f} s)", flush=True)
     runs: dict[tuple[str, float], list[dict]] = {}
+    scores: dict = {}  # calibrated once per method (and per seed for random)
+    begun = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         grid = [(ratio, method, seed) for ratio in args.ratios for method in args.methods for seed in args.seeds]
         for ratio, method, seed in progress(grid, "structural runs", unit="run"):
-            run = run_method(args, method, ratio, seed, datamodule, Path(scratch, f"{method}_{ratio}_{seed}"))
+            export = Path(scratch, f"{method}_{ratio}_{seed}")
+            run = run_method(args, dense, method, ratio, seed, datamodule, export, scores)
             model = run.pop("model")
             params = sum(p.numel() for p in model.model.layers.parameters())
-            run.update(
-                domain=perplexity(model, domain, 8),
-                general=perplexity(model, general, 8),
-                params=params,
-                kept=params / dense_params,
-                latency=latency_ratio(model, dense, timing_ids, args.repeats),
-            )
+            started = time.perf_counter()
+            run["domain"], run["general"] = evaluate(model)
+            run["eval_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            run["latency"] = latency_ratio(model, dense, timing_ids, args.repeats)
+            run.update(latency_s=time.perf_counter() - started, params=params, kept=params / dense_params)
             runs.setdefault((method, ratio), []).append(run)
             print(
                 f"{method} {ratio:.0%} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items()),
                 flush=True,
             )
+            del model
+            shutil.rmtree(export)
+    total = time.perf_counter() - begun
+    print(f"\n{len(grid)} runs in {total / 60:.1f} min ({total / len(grid):.0f} s per run), plus the dense evaluation")
     print(
         f"\nSettings: {'tiny Llama (smoke)' if args.tiny else args.model}, {args.steps} LoRA steps of "
         f"{args.batch_size} x {args.seq_len} tokens over {args.epochs} epochs (ATP searches {args.control_epochs}), "
-        f"rank {args.lora_rank}; generator lr {args.generator_lr}, {args.noise} noise; baselines calibrated on "
+        f"rank {args.lora_rank}, {'bf16 autocast' if args.bf16 else 'float32'}; generator lr {args.generator_lr}, "
+        f"{args.noise} noise; baselines calibrated on "
         f"{args.calibration_chunks} training chunks; eval on {domain.numel()} held-out domain tokens and "
-        f"{general.numel()} general tokens; seeds {args.seeds}; mean ± sample std over seeds.\n"
+        f"{general.numel()} general tokens ({'bf16 autocast' if args.eval_bf16 else 'float32'}); seeds {args.seeds}; "
+        "mean ± sample std over seeds.\n"
     )
     print("| method | pruned | domain ppl | general ppl | decoder params | kept | forward latency | train s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -8,7 +8,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from atp.data.llava_format import LlavaConversationDataset, collate
 from atp.data.shapes import write_dataset
@@ -158,4 +158,45 @@ def prepare_configured_data(data) -> None:
             data.test_samples,
             data.pruner_train_samples,
             data.questions_per_image,
+        )
+
+
+class StructuralLlavaDataModule(LlavaDataModule):
+    """LLaVA-format data for ATP structural pruning of a VLM's language model
+    (`StructuralPruningModule`): training yields `{"train": batch, "held_out": batch}`, the
+    LoRA steps' and the generator's streams, two disjoint parts of `train_json` (the last
+    `held_out_fraction` of its records, at least one, feed the generator [ours: the official
+    code splits its instruction data the same way]); validation yields supervised batches
+    (prompt and answer, with labels) of `val_json`, for a validation loss."""
+
+    def __init__(
+        self, processor, train_json: str, val_json: str, image_folder: str, held_out_fraction: float = 0.1, **kwargs
+    ) -> None:
+        if not 0 < held_out_fraction < 1:
+            raise ValueError(
+                f"held_out_fraction must be in (0, 1): the share of training records that feed the generator, "
+                f"got {held_out_fraction!r}."
+            )
+        super().__init__(processor, train_json, val_json, image_folder, **kwargs)
+        self.held_out_fraction = held_out_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        records = LlavaConversationDataset(self.train_json, self.image_folder, self.processor, self.max_train_samples)
+        if len(records) < 2:
+            raise ValueError(f"{self.train_json} holds {len(records)} record(s); the two streams need at least 2.")
+        held_out = min(len(records) - 1, max(1, round(self.held_out_fraction * len(records))))
+        self.train_set = Subset(records, range(len(records) - held_out))
+        self.held_out_set = Subset(records, range(len(records) - held_out, len(records)))
+        self.val_set = LlavaConversationDataset(self.val_json, self.image_folder, self.processor, self.max_val_samples)
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        return {"train": self._stream(self.train_set, 0), "held_out": self._stream(self.held_out_set, 1)}
+
+    def _stream(self, dataset, offset: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed * 2 + offset),
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
         )

@@ -52,6 +52,24 @@ from atp.structural.masking import StructureMasker, decoder_layers, group_lasso_
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def lora_target_names(model: nn.Module) -> list[str]:
+    """Full names of the seven projections of every decoder layer (`LORA_TARGETS`), so that LoRA
+    goes to the language model only: a VLM's vision tower also has q_proj / k_proj / v_proj
+    (CLIP), which a suffix match would adapt too."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefix + ".") and name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(module, nn.Linear)
+    ]
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a batch (a LLaVA-format batch also carries answers and ids as lists)."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
 def check_prune_ratio(prune_ratio: float) -> float:
     if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio < 1:
         raise ValueError(
@@ -105,7 +123,9 @@ def no_grad_for(parameters: list[nn.Parameter]):
 
 
 class StructuralPruningModule(L.LightningModule):
-    """model: an HF Llama / Mistral / Qwen2 causal LM (frozen; LoRA is added here)."""
+    """model: an HF Llama / Mistral / Qwen2 causal LM, or a VLM whose language model is one
+    (LLaVA, `model.model.language_model`): frozen; LoRA is added to the decoder layers here.
+    Batches are the model's keyword inputs with labels (a VLM's include pixel_values)."""
 
     def __init__(
         self,
@@ -132,7 +152,8 @@ class StructuralPruningModule(L.LightningModule):
         self.prune_ratio = check_prune_ratio(prune_ratio)
         family(model.config)  # a clear error for a family without group definitions
         self.config = model.config
-        lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        targets = lora_target_names(model)
+        lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0)
         self.model = get_peft_model(model, lora)
         self.groups = layer_groups(self.config)
         self.generator = DecisionGenerator(self.groups, noise=noise, seed=seed)
@@ -210,7 +231,7 @@ class StructuralPruningModule(L.LightningModule):
                 self.has_sample.fill_(True)
         mask = self.current_mask()
         self.masker.set(mask, "frozen")
-        loss = self.model(**batch["train"]).loss
+        loss = self.model(**model_inputs(batch["train"])).loss
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -228,7 +249,7 @@ class StructuralPruningModule(L.LightningModule):
         with no_grad_for(self.lora_parameters()):
             sample = self.generator(noise=True)
             self.masker.set(sample.soft, "full")
-            ce = self.model(**batch).loss
+            ce = self.model(**model_inputs(batch)).loss
             target = torch.tensor(1.0 - self.prune_ratio, dtype=torch.float64)
             kept = self.keep_ratio(sample.hard)
             regulariser = (kept.log() - target.log()).abs()
@@ -251,7 +272,7 @@ class StructuralPruningModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.masker.set(self.current_mask(), "full")
-        loss = self.model(**batch).loss
+        loss = self.model(**model_inputs(batch)).loss
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("val/perplexity", torch.exp(loss), batch_size=batch["input_ids"].shape[0])
 

@@ -268,7 +268,12 @@ def baseline_mask(
     model: nn.Module, method: str, prune_ratio: float, calibration: list[dict] | None = None, seed: int = 0
 ) -> StructureMask:
     """The structures a two-stage baseline keeps at `prune_ratio` of the decoder parameters."""
-    scores = baseline_scores(model, method, calibration, seed)
+    return allocate(baseline_scores(model, method, calibration, seed), method, model.config, prune_ratio)
+
+
+def allocate(scores: StructureMask, method: str, config, prune_ratio: float) -> StructureMask:
+    """The mask `method`'s allocation (global or uniform) keeps from its `scores` at `prune_ratio`;
+    scores do not depend on the ratio, so one calibration serves every ratio."""
     if method in GLOBAL:
-        return greedy_allocation(scores, model.config, (1 - prune_ratio) * decoder_parameters(model.config))
-    return uniform_allocation(scores, model.config, prune_ratio)
+        return greedy_allocation(scores, config, (1 - prune_ratio) * decoder_parameters(config))
+    return uniform_allocation(scores, config, prune_ratio)

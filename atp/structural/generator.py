@@ -67,9 +67,11 @@ class DecisionGenerator(nn.Module):
         self.noise_rng = torch.Generator().manual_seed(seed + 1)  # CPU stream; its state travels in checkpoints
 
     def logits(self) -> list[torch.Tensor]:
-        """Per layer, [G_l + m_l] logits z."""
-        features = self.norm(self.encoder(self.inputs[None]))[0]  # [L, width]
-        return [head(features[index]) for index, head in enumerate(self.heads)]
+        """Per layer, [G_l + m_l] logits z, in float32 even under mixed-precision autocast (bf16
+        logits would quantise z + 3 to steps of 1/64 and move the 0.5 thresholds) [ours]."""
+        with torch.autocast(self.inputs.device.type, enabled=False):
+            features = self.norm(self.encoder(self.inputs[None]))[0]  # [L, width]
+            return [head(features[index]) for index, head in enumerate(self.heads)]
 
     def draw_noise(self, shape: torch.Size) -> torch.Tensor:
         """[shape] noise g of the configured kind, from `noise_rng` (CPU)."""

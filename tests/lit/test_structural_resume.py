@@ -108,3 +108,32 @@ def test_deepspeed_config_for_the_structural_module():
     assert structural_deepspeed_config(cfg3)["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="not a DeepSpeed strategy"):
         structural_deepspeed_config(compose_structural(["experiment=atp_struct_tiny", "logger=none"]))
+
+
+def test_deepspeed_config_follows_precision_and_offload_and_reaches_the_strategy(monkeypatch):
+    """bf16 follows trainer.precision, the offload flags become ZeRO's offload entries, and the
+    strategy is built with this config (DeepSpeed itself is not installed here: the class is
+    replaced by a recorder, no op is compiled)."""
+    import hydra.utils
+
+    from atp.lit.structural_run import build_structural_strategy, structural_deepspeed_config
+    from tests.lit.test_structural import compose_structural
+
+    overrides = ["experiment=atp_struct_tiny", "strategy=deepspeed_stage_3", "logger=none", "trainer=gpu"]
+    offloaded = overrides + ["strategy.offload_optimizer=true", "strategy.offload_parameters=true"]
+    config = structural_deepspeed_config(compose_structural(offloaded))
+    assert config["bf16"] == {"enabled": True}  # conf/trainer/gpu.yaml: bf16-mixed
+    assert config["zero_optimization"] == {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}
+    }  # fmt: skip
+    built = {}
+
+    def recorder(target):
+        assert target == "lightning.pytorch.strategies.DeepSpeedStrategy"
+        return lambda **kwargs: built.update(kwargs) or "strategy"
+
+    monkeypatch.setattr(hydra.utils, "get_class", recorder)
+    cfg = compose_structural(overrides)
+    assert build_structural_strategy(cfg) == "strategy"
+    assert built == {"config": structural_deepspeed_config(cfg)}
+    assert build_structural_strategy(compose_structural(["experiment=atp_struct_tiny", "logger=none"])) is None

@@ -35,6 +35,21 @@ def test_gumbel_noise_is_one_gumbel_sample_per_entry_and_soft_hard_come_from_the
         DecisionGenerator(layer_groups(config), noise="uniform")
 
 
+def test_the_generator_draws_in_float32_under_bf16_autocast():
+    """Mixed-precision training (the SmolLM2 benchmark's bf16 autocast) leaves the mask search in
+    float32: the same logits and the same draw as without autocast."""
+    generator = DecisionGenerator(layer_groups(tiny_decoder("llama").config), seed=3)
+    state = generator.noise_rng.get_state()
+    plain = generator(noise=True)
+    generator.noise_rng.set_state(state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = generator(noise=True)
+        logits = generator.logits()
+    assert all(z.dtype == torch.float32 for z in logits)
+    for a, b in zip(plain.soft.attention + plain.soft.channels, mixed.soft.attention + mixed.soft.channels):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_live_gradient_share_counts_groups_with_s_one_minus_s_over_t_above_threshold():
     soft = StructureMask([torch.tensor([0.5, 0.9999])], [torch.tensor([0.001, 0.3, 1.0, 0.99])])
     values = [0.5, 0.9999, 0.001, 0.3, 1.0, 0.99]
