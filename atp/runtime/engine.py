@@ -34,7 +34,7 @@ from torch import nn
 from atp.models import get_adapter
 from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
-from atp.runtime.layout import Layout, decode_mask, prefill_mask
+from atp.runtime.layout import Layout, causal_only, decode_mask, prefill_mask
 from atp.runtime.probe import (
     ProjectionCapture,
     attention_received,
@@ -62,11 +62,17 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 @dataclass
 class LayerInputs:
-    """What one decoder layer is given: its layout, mask [B,1,Q,K] and rotary (cos, sin)."""
+    """What one decoder layer is given: its layout, mask [B,1,Q,K] and rotary (cos, sin).
+
+    causal_only: the mask is exactly the causal triangle (no padding, no hidden or soft-weighted
+    key; a prefill): under SDPA the layer is given no mask and SDPA runs its is_causal kernel, as
+    stock HF does for such inputs, instead of the explicit mask's full-square kernel. The probes
+    read `mask` either way."""
 
     layout: Layout
     mask: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor]
+    causal_only: bool = False
 
 
 class _Prefill:
@@ -425,7 +431,7 @@ class PruningRuntime:
                 inputs = self._decode_layer(index, hidden, kwargs)
             else:
                 raise RuntimeError("atp runtime: a decoder layer ran outside a model forward; call the full model.")
-            kwargs["attention_mask"] = inputs.mask
+            kwargs["attention_mask"] = None if inputs.causal_only and self._sdpa_is_causal(kwargs) else inputs.mask
             kwargs["position_embeddings"] = inputs.rotary
             kwargs["position_ids"] = (
                 inputs.layout.position if self._prefill is not None else self._decode_positions(inputs.layout)
@@ -456,7 +462,7 @@ class PruningRuntime:
         else:
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
-            inputs = LayerInputs(state.layout, mask, rotary)
+            inputs = LayerInputs(state.layout, mask, rotary, causal_only(state.layout))
         state.layer_inputs[index] = inputs
         return hidden, inputs
 
@@ -489,6 +495,16 @@ class PruningRuntime:
             state.by_layout[key] = (mask, rotary)
         mask, rotary = state.by_layout[key]
         return LayerInputs(layout, mask, rotary)
+
+    def _sdpa_is_causal(self, kwargs: dict) -> bool:
+        """Whether a layer given no mask attends causally: HF's SDPA path with the is_causal flag
+        (`sdpa_attention_forward`: no mask, more than one query, the module's or the call's is_causal).
+        Read at every call, so a model switched to eager after atp.apply still gets its explicit masks."""
+        return (
+            self.adapter.attn_implementation == "sdpa"
+            and kwargs.get("is_causal", True) is True
+            and all(getattr(layer.self_attn, "is_causal", True) is True for layer in self.adapter.layers)
+        )
 
     def _decode_positions(self, layout: Layout) -> torch.Tensor:
         return self._decode.position - layout.shift[:, None]
