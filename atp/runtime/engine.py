@@ -34,6 +34,7 @@ from torch import nn
 from atp.models import get_adapter
 from atp.models.adapter import VisualGeometry
 from atp.models.hf_compat import cache_of
+from atp.runtime.key_reuse import KeyReuse
 from atp.runtime.layout import Layout, causal_only, decode_mask, prefill_mask
 from atp.runtime.probe import (
     ProjectionCapture,
@@ -50,6 +51,8 @@ from atp.runtime.stage import (
     apply_mask,
     apply_merge,
     check_decision,
+    drop_slots,
+    gather_rows,
     present_visual,
     remaining_visual,
 )
@@ -160,6 +163,7 @@ class PruningRuntime:
         self._prefill: _Prefill | None = None  # the forward in flight, if a prefill
         self._decode: _Decode | None = None  # the forward in flight, if a decode step
         self._last_prefill: _Prefill | None = None  # what a cache continuation attends to
+        self._key_reuse = KeyReuse()  # a probe's keys of the layer about to run, reused by that layer
         self.last_stats: PruningStats | None = None
 
     # -- install / remove -------------------------------------------------------------
@@ -234,6 +238,7 @@ class PruningRuntime:
         return {layer % depth: ProjectionCapture() for layer in sorted(layers)}
 
     def remove(self) -> None:
+        self._key_reuse.restore()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -287,6 +292,7 @@ class PruningRuntime:
             capture.armed = start
 
     def _begin_forward(self, _module, args, kwargs):
+        self._key_reuse.restore()  # an override a failed forward left unused
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise RuntimeError("atp runtime: the language model was called without inputs_embeds; call the full VLM.")
@@ -525,13 +531,19 @@ class PruningRuntime:
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
+        keys = self._key_reuse.take(index, hidden)  # the probe's keys of this layer, if it projected them
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
+            keys = None  # merged tokens' hidden states changed
         compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
         if self.mode == "drop":
+            if keys is not None:
+                keys = gather_rows(keys, drop_slots(layout, decision)[0])
             layout, hidden = apply_drop(layout, hidden, decision, compact)
         else:
             layout = apply_mask(layout, decision, compact)
+        if keys is not None:
+            self._key_reuse.serve(self.adapter.layers[index].self_attn.k_proj, keys)
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
         return hidden
@@ -718,6 +730,7 @@ class PruningRuntime:
         state = self._prefill
         if layer == stage:
             query, key = project_qk(self.adapter.layers[layer], hidden, query_slots)
+            self._key_reuse.offer(stage, hidden, key)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
         elif (
@@ -788,6 +801,7 @@ class PruningRuntime:
         return full[:, : state.original_length]
 
     def _finish_prefill(self, state: _Prefill) -> None:
+        self._key_reuse.restore()
         for capture in (*self.captures.values(), *self.vision_captures.values()):
             capture.armed = False
             capture.clear()

@@ -29,8 +29,10 @@ def test_none_equals_stock_forward_on_padded_batch(model_factory, attn, text):
 def masks_seen(model, batch, layer: int = 1) -> list:
     """The attention_mask decoder layer `layer` receives in each call of one forward."""
     seen = []
-    handle = atp.runtime_of(model).adapter.layers[layer].register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["attention_mask"]), with_kwargs=True
+    handle = (
+        atp.runtime_of(model)
+        .adapter.layers[layer]
+        .register_forward_pre_hook(lambda m, a, k: seen.append(k["attention_mask"]), with_kwargs=True)
     )
     with torch.no_grad():
         model(**batch)
