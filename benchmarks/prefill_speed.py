@@ -8,11 +8,13 @@ is in the measured numbers and not in the analytic ones, which errs against the 
 
   llava15     LlavaForConditionalGeneration, Vicuna-7B's layer shapes (hidden 4096, MLP 11008,
               32 heads), a 336 px image: 24 x 24 = 576 visual tokens, LLaVA-1.5's template
-  llava_next  the same class and shapes at 672 px: 48 x 48 = 2,304 visual tokens, the count of
-              a LLaVA-NeXT-7B anyres image (base view + crops + newlines): a LLaVA-1.5 model with
-              NeXT's token count (one grid, no newline tokens), the LLM's cost of such an image
-              without the anyres layout (a real LlavaNextForConditionalGeneration stack is not
-              in this benchmark yet)
+  llava_next  LlavaNextForConditionalGeneration, LLaVA-NeXT-7B's layer shapes (Vicuna-7B) and its
+              anyres settings (CLIP crops of 336 px, patch 14, pinpoints 1x2, 2x1, 2x2, 3x1, 1x3
+              crops), one 640 x 480 image (a COCO photo's size): a base view of 24 x 24 tokens and
+              a 2 x 2 crop grid of 48 x 48 unpadded to 36 x 48, each row closed by an
+              image_newline token: 576 + 1,728 content tokens and 36 newline tokens (structural:
+              never pruned, not counted as visual tokens), 2,340 image tokens, counted by the
+              model's own get_image_features; LLaVA-NeXT's template (as LLaVA-1.5's)
   qwen2_5_vl  Qwen2_5_VLForConditionalGeneration, Qwen2.5-VL-7B's layer shapes (hidden 3584,
               MLP 18944, 28 query / 4 KV heads, M-RoPE), one image of 72 x 72 tower patches:
               36 x 36 = 1,296 visual tokens after the 2x2 merger, Qwen's chat template
@@ -45,7 +47,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import atp
 from atp.budget import pdrop_schedule
@@ -67,7 +77,7 @@ QWEN_PATCH = 14
 FASTV_LAYER = 2
 # ATP's constant theta_r per stack: S_r > theta_r keeps about 18-21 % of the visual tokens at the first
 # module (measured on each stack's layer 0; theta_s = 0.6 adds SAP's stride-4 grid: about 25 % in all)
-ATP_THETA_R = {"llava15": 0.68, "llava_next": 0.54, "qwen2_5_vl": 0.58}
+ATP_THETA_R = {"llava15": 0.68, "llava_next": 0.43, "qwen2_5_vl": 0.58}
 
 
 # -- stacks ---------------------------------------------------------------------------------------
@@ -121,14 +131,96 @@ def llava_stack(name: str, image_size: int, full_layers: int, smoke: bool) -> St
     ids = torch.cat([torch.tensor([1]), before, torch.full((num_visual,), image_token), after])[None]
     pixels = torch.randn(1, 3, image_size, image_size, generator=generator)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, logits_to_keep=1)
-    if name == "llava15":
-        title = f"LLaVA-1.5-7B's layer shapes (Vicuna-7B), {num_visual} visual tokens (336 px)"
-    else:
-        title = (
-            f"LLaVA-NeXT-7B's layer shapes (Vicuna-7B) with an anyres image's token count: a LLaVA-1.5 model class "
-            f"at {image_size} px, {num_visual} visual tokens in one grid (not a real anyres layout)"
-        )
+    title = f"LLaVA-1.5-7B's layer shapes (Vicuna-7B), {num_visual} visual tokens ({image_size} px)"
     return Stack(name, title, full_layers, num_visual, build, inputs)
+
+
+NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # LLaVA-NeXT-7B's anyres layouts, (rows, cols) of crops
+
+
+def llava_next_config(grid: int, smoke: bool, layers: int, attn: str) -> LlavaNextConfig:
+    """LLaVA-NeXT-7B's settings: CLIP crops of grid x grid patches of 14 px (the tower's [CLS] dropped,
+    layer -2 read), anyres pinpoints NEXT_PINPOINTS, Vicuna-7B's layer shapes (tiny ones with `smoke`)."""
+    crop = grid * 14
+    vision = CLIPVisionConfig(
+        hidden_size=32 if smoke else 64,
+        intermediate_size=64 if smoke else 128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=crop,
+        patch_size=14,
+    )
+    vision._attn_implementation = "sdpa"
+    text = LlamaConfig(
+        **(SMOKE_LLAMA if smoke else VICUNA_7B),
+        num_hidden_layers=layers,
+        vocab_size=LLAVA_VOCAB,
+        max_position_embeddings=4096,
+    )
+    text._attn_implementation = attn
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=LLAVA_VOCAB - 1,
+        image_grid_pinpoints=[[rows * crop, cols * crop] for rows, cols in NEXT_PINPOINTS],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def next_image_tokens(grid: int, image: tuple[int, int], smoke: bool) -> tuple[int, int]:
+    """(image placeholder tokens, newline tokens) of one `image` (height, width) as the stock model packs
+    it: its own get_image_features (tiny text widths: the packing does not depend on them) on zeros."""
+    config = llava_next_config(grid, True, 1, "sdpa")
+    config.vision_config = llava_next_config(grid, smoke, 1, "sdpa").vision_config
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    crop = grid * 14
+    views = image_size_to_num_patches(image, config.image_grid_pinpoints, crop)
+    with torch.no_grad():
+        model.model.image_newline.fill_(float("nan"))  # newline rows are the NaN rows
+        features = model.model.get_image_features(
+            pixel_values=torch.zeros(1, views, 3, crop, crop), image_sizes=torch.tensor([image])
+        )
+    packed = features.pooler_output[0]
+    return packed.shape[0], int(packed.isnan().all(1).sum())
+
+
+def llava_next_stack(grid: int, image: tuple[int, int], smoke: bool) -> Stack:
+    """A LlavaNextForConditionalGeneration (`llava_next_config`) with one `image` (height, width) in
+    LLaVA-NeXT's Vicuna template: ~35 system/USER tokens, the image's placeholders (base view, unpadded
+    crop grid, newline tokens), a question and 'ASSISTANT:' (30 tokens)."""
+    image_token = LLAVA_VOCAB - 1
+    tokens, newlines = next_image_tokens(grid, image, smoke)
+
+    def build(layers: int, attn: str) -> LlavaNextForConditionalGeneration:
+        config = llava_next_config(grid, smoke, layers, attn)
+        torch.manual_seed(0)
+        return LlavaNextForConditionalGeneration(config).eval()
+
+    crop = grid * 14
+    views = image_size_to_num_patches(image, llava_next_config(grid, True, 1, "sdpa").image_grid_pinpoints, crop)
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, LLAVA_VOCAB - 100, (35,), generator=generator)
+    after = torch.randint(3, LLAVA_VOCAB - 100, (30,), generator=generator)
+    ids = torch.cat([torch.tensor([1]), before, torch.full((tokens,), image_token), after])[None]
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=torch.randn(1, views, 3, crop, crop, generator=generator),
+        image_sizes=torch.tensor([image]),
+        logits_to_keep=1,
+    )
+    content = tokens - newlines
+    title = (
+        f"LLaVA-NeXT-7B's layer shapes (Vicuna-7B) and anyres layout, one {image[1]} x {image[0]} image: "
+        f"{views} crops of {crop} px (base view + {views - 1}), {tokens} image tokens = {content} visual tokens "
+        f"+ {newlines} newline tokens (structural, never pruned)"
+    )
+    return Stack("llava_next", title, 32, content, build, inputs)
 
 
 def qwen_stack(grid: int, smoke: bool) -> Stack:
@@ -187,7 +279,7 @@ def build_stack(name: str, smoke: bool = False) -> Stack:
     if name == "llava15":
         stack = llava_stack(name, 112 if smoke else 336, 32, smoke)
     elif name == "llava_next":
-        stack = llava_stack(name, 168 if smoke else 672, 32, smoke)
+        stack = llava_next_stack(4 if smoke else 24, (84, 112) if smoke else (480, 640), smoke)
     elif name == "qwen2_5_vl":
         stack = qwen_stack(8 if smoke else 36, smoke)
     else:
@@ -346,6 +438,36 @@ class StackResult:
     rows: list[Row]
     tower_seconds: list[float]
     text_config: object
+    layer_seconds: dict[int, list[float]] = field(default_factory=dict)  # tokens -> a stock layer's seconds
+
+
+def time_stock_layers(model: torch.nn.Module, lengths: list[int], repeats: int) -> dict[int, list[float]]:
+    """Wall seconds of stock decoder layer 0 (no atp hooks, SDPA, no mask: is_causal, as stock HF runs a
+    batch of one) on random hidden states of each length in `lengths`, `repeats` interleaved rounds:
+    what the CPU charges for one layer at n tokens, the reference for the runtime's pruned layers."""
+    adapter = get_adapter(model)
+    layer, width = adapter.layers[0], adapter.text_config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+    for n in lengths:
+        hidden = torch.randn(1, n, width, generator=generator)
+        position = torch.arange(n)[None]
+        inputs[n] = (hidden, position, adapter.rotary(hidden, position, None))
+    seconds: dict[int, list[float]] = {n: [] for n in lengths}
+    with torch.inference_mode():
+        layer(
+            inputs[lengths[-1]][0],
+            attention_mask=None,
+            position_ids=inputs[lengths[-1]][1],
+            position_embeddings=inputs[lengths[-1]][2],
+        )  # warm-up
+        for repeat in range(repeats):
+            for n in lengths if repeat % 2 == 0 else lengths[::-1]:
+                hidden, position, rotary = inputs[n]
+                start = time.perf_counter()
+                layer(hidden, attention_mask=None, position_ids=position, position_embeddings=rotary)
+                seconds[n].append(time.perf_counter() - start)
+    return seconds
 
 
 def run_stack(
@@ -388,7 +510,13 @@ def run_stack(
     atp.remove(model)
     tower.remove()
     language_model.remove()
-    return StackResult(stack, layers, repeats, keep_ratio, rows, tower.seconds, model.config.text_config)
+    lengths = {int(stack.inputs["input_ids"].shape[1])}
+    for row in rows:
+        if row.stats is not None:
+            lengths.update(int(n) for n in row.stats.tokens[0])
+    set_text_attention(model, "sdpa")
+    layer_seconds = time_stock_layers(model, sorted(lengths, reverse=True), repeats)
+    return StackResult(stack, layers, repeats, keep_ratio, rows, tower.seconds, model.config.text_config, layer_seconds)
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -400,6 +528,8 @@ COLUMNS = (
     "measured speedup",
     "analytic speedup",
     "measured/analytic",
+    "stock-layer speedup",
+    "measured/stock-layer",
     "CPU-time speedup",
     "whole-forward speedup",
     "scoring overhead",
@@ -418,6 +548,7 @@ class TableRow:
     seconds: float  # the language model's prefill, wall
     measured: float  # of the language model's wall time
     analytic: float  # 1 / atp.metrics.cost_report(...).flops_ratio
+    stock_layers: float  # sum_l t(N) / sum_l t(n_l), t: a stock decoder layer's median seconds at n tokens
     cpu_measured: float  # of the language model's process CPU time
     forward_measured: float  # of the whole forward's wall time (tiny vision tower included)
     overhead: float | None  # scoring seconds / the stock language model's prefill, in %
@@ -432,12 +563,17 @@ def table_rows(result: StackResult) -> list[TableRow]:
         statistics.median(x) for x in (stock.seconds, stock.cpu_seconds, stock.forward_seconds)
     )
     depth = result.stack.full_layers / result.layers
+    layer_time = {n: statistics.median(times) for n, times in result.layer_seconds.items()}
+    full_length = int(result.stack.inputs["input_ids"].shape[1])
     out = []
     for row in result.rows:
         median = statistics.median(row.seconds)
         if row.stats is None:
             analytic, kv, visual, overhead, full = 1.0, 1.0, float(result.stack.num_visual), None, None
+            stock_layers = 1.0
         else:
+            tokens = [int(n) for n in row.stats.tokens[0]]
+            stock_layers = len(tokens) * layer_time[full_length] / sum(layer_time[n] for n in tokens)
             report = cost_report(result.text_config, row.stats)
             analytic, kv = 1.0 / report.flops_ratio, report.kv_ratio
             visual = float(row.stats.average_visual_tokens()[0])
@@ -446,7 +582,20 @@ def table_rows(result: StackResult) -> list[TableRow]:
         cpu = base_cpu / statistics.median(row.cpu_seconds)
         forward = base_forward / statistics.median(row.forward_seconds)
         out.append(
-            TableRow(row.name, row.attn, visual, median, base / median, analytic, cpu, forward, overhead, full, kv)
+            TableRow(
+                row.name,
+                row.attn,
+                visual,
+                median,
+                base / median,
+                analytic,
+                stock_layers,
+                cpu,
+                forward,
+                overhead,
+                full,
+                kv,
+            )
         )
     return out
 
@@ -478,7 +627,8 @@ def format_table(result: StackResult, load: tuple[float, float, float] | None = 
         full = "-" if r.overhead_full_depth is None else f"{r.overhead_full_depth:.2f} %"
         lines.append(
             f"| {r.name} | {r.attn} | {r.visual_tokens:.1f} | {r.seconds:.3f} | {r.measured:.2f}x | {r.analytic:.2f}x "
-            f"| {r.measured / r.analytic:.3f} | {r.cpu_measured:.2f}x | {r.forward_measured:.2f}x | {overhead} "
+            f"| {r.measured / r.analytic:.3f} | {r.stock_layers:.2f}x | {r.measured / r.stock_layers:.3f} "
+            f"| {r.cpu_measured:.2f}x | {r.forward_measured:.2f}x | {overhead} "
             f"| {full} | {100 * r.kv_ratio:.1f} % |"
         )
     ours = next(r for r in rows if r.name.startswith("fastv") and "atp" in r.name)
@@ -494,18 +644,23 @@ def format_table(result: StackResult, load: tuple[float, float, float] | None = 
         f"forward ({forward:.3f} s).",
         "LM prefill s per round, in configuration order: "
         + "; ".join(" / ".join(f"{t:.2f}" for t in row.seconds) for row in result.rows),
+        "Stock decoder layer s at n tokens (median): "
+        + ", ".join(f"{n}: {statistics.median(t):.3f}" for n, t in sorted(result.layer_seconds.items(), reverse=True)),
     ]
     return "\n".join(lines)
 
 
 NOTES = (
-    "Speedups relative to stock HF with SDPA, medians. Measured: wall time of the language model's forward "
-    "(decoder stack, the runtime's hooks and the pruner's scoring, final norm; what the analytic FLOPs count); "
-    "CPU-time: the same span in process CPU time; whole-forward: the full HF forward (tiny vision tower, "
-    "projector, LM head on one token). Analytic: prefill FLOPs of the decoder stack by atp's accounting "
-    "(atp.metrics.cost_report on atp.stats). Scoring overhead: time inside the pruner (scores, probes, ATP's MLPs) "
-    "as % of the stock language model's prefill; at full depth: the same seconds over a prefill of the 7B model's "
-    "depth (prefill time scaled by full / benchmarked layers). KV cache: bytes after prefill relative to unpruned."
+    "Speedups relative to stock HF with SDPA, medians. Measured: wall time of the language model's forward (decoder"
+    " stack, the runtime's hooks and the pruner's scoring, final norm; what the analytic FLOPs count); CPU-time: "
+    "the same span in process CPU time; whole-forward: the full HF forward (tiny vision tower, projector, LM head "
+    "on one token). Analytic: prefill FLOPs of the decoder stack by atp's accounting (atp.metrics.cost_report on "
+    "atp.stats). Stock-layer: the speedup stock HF decoder layers would give at the row's tokens per layer on this "
+    "machine, sum_l t(N) / sum_l t(n_l) with t(n) a stock layer's time at n tokens (SDPA, is_causal), timed in the "
+    "same process; measured/stock-layer isolates what the runtime and the pruner add or save beyond what the CPU "
+    "charges per layer at fewer tokens. Scoring overhead: time inside the pruner (scores, probes, ATP's MLPs) as % "
+    "of the stock language model's prefill; at full depth: the same seconds over a prefill of the 7B model's depth "
+    "(prefill time scaled by full / benchmarked layers). KV cache: bytes after prefill relative to unpruned."
 )
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("prefill_speed", ROOT / "benchmarks/prefill_speed.py")
@@ -77,6 +78,9 @@ def test_table_rows_match_atp_stats_and_the_documented_flops_rule(results, name)
         assert row.kv_ratio == pytest.approx(sum(tokens) / sum(unpruned), rel=1e-12)
         assert row.visual_tokens == pytest.approx(sum(stats.visual_tokens[0].tolist()) / LAYERS)
         assert row.overhead == pytest.approx(100 * statistics.median(measured.scoring) / base)
+        layer_time = {n: statistics.median(t) for n, t in result.layer_seconds.items()}
+        full = layer_time[int(stats.input_tokens[0])]
+        assert row.stock_layers == pytest.approx(LAYERS * full / sum(layer_time[n] for n in tokens), rel=1e-12)
     kept = round(0.25 * num_visual)
     by_name = {r.name: r for r in result.rows}
     for fastv in ROW_NAMES[2:4]:  # both FastV rows keep 25 % from layer 2 on
@@ -96,11 +100,32 @@ def test_printed_table_is_the_rows(results, name):
         assert float(cells[2]) == pytest.approx(row.visual_tokens, abs=0.05)
         assert float(cells[5].rstrip("x")) == pytest.approx(row.analytic, abs=0.005)
         assert float(cells[6]) == pytest.approx(row.measured / row.analytic, abs=0.0005)
-        assert float(cells[7].rstrip("x")) == pytest.approx(row.cpu_measured, abs=0.005)
-        assert (cells[9] == "-") == (row.overhead is None)
+        assert float(cells[7].rstrip("x")) == pytest.approx(row.stock_layers, abs=0.005)
+        assert float(cells[8]) == pytest.approx(row.measured / row.stock_layers, abs=0.0005)
+        assert float(cells[9].rstrip("x")) == pytest.approx(row.cpu_measured, abs=0.005)
+        assert (cells[11] == "-") == (row.overhead is None)
     common, kept = prefill_speed.kept_agreement(result)
     assert f"both keep {kept} tokens, {common} of them the same" in text
     assert "load average 1.00 / 2.00 / 3.00" in text
+
+
+def test_llava_next_stack_is_a_real_anyres_layout(results):
+    """The NeXT stack is a LlavaNextForConditionalGeneration whose image placeholders are what the stock
+    model packs (base view, unpadded crop grid, one newline per grid row) and whose visual tokens are
+    the content tokens: the runtime never counts or prunes the newlines."""
+    result = results["llava_next"]
+    model = result.stack.build(1, "sdpa")
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    inputs = result.stack.inputs
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        ).pooler_output[0]
+    newline = (packed == model.model.image_newline.to(packed.dtype)).all(1)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0]
+    assert 0 < int(newline.sum()) and result.stack.num_visual == packed.shape[0] - int(newline.sum())
+    for row in result.rows[1:]:
+        assert int(row.stats.num_visual[0]) == result.stack.num_visual
 
 
 def test_reference_fastv_reads_eager_weights_and_keeps_fastvs_tokens(results):

@@ -34,7 +34,8 @@ from torch import nn
 from atp.models import get_adapter
 from atp.models.adapter import TowerAttention, VisualGeometry
 from atp.models.hf_compat import cache_of
-from atp.runtime.layout import Layout, decode_mask, prefill_mask
+from atp.runtime.key_reuse import KeyReuse
+from atp.runtime.layout import Layout, causal_only, decode_mask, prefill_mask
 from atp.runtime.probe import (
     ProjectionCapture,
     TowerCapture,
@@ -53,6 +54,8 @@ from atp.runtime.stage import (
     apply_merge,
     check_decision,
     check_protected,
+    drop_slots,
+    gather_rows,
     present_text,
     present_visual,
     remaining_visual,
@@ -66,11 +69,17 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 @dataclass
 class LayerInputs:
-    """What one decoder layer is given: its layout, mask [B,1,Q,K] and rotary (cos, sin)."""
+    """What one decoder layer is given: its layout, mask [B,1,Q,K] and rotary (cos, sin).
+
+    causal_only: the mask is exactly the causal triangle (no padding, no hidden or soft-weighted
+    key; a prefill): under SDPA the layer is given no mask and SDPA runs its is_causal kernel, as
+    stock HF does for such inputs, instead of the explicit mask's full-square kernel. The probes
+    read `mask` either way."""
 
     layout: Layout
     mask: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor]
+    causal_only: bool = False
 
 
 class _Prefill:
@@ -171,6 +180,7 @@ class PruningRuntime:
         self._prefill: _Prefill | None = None  # the forward in flight, if a prefill
         self._decode: _Decode | None = None  # the forward in flight, if a decode step
         self._last_prefill: _Prefill | None = None  # what a cache continuation attends to
+        self._key_reuse = KeyReuse()  # a probe's keys of the layer about to run, reused by that layer
         self.last_stats: PruningStats | None = None
         self.revival: RevivalDecoder | None = None  # decode steps with revival (pruner.revives, drop mode)
 
@@ -247,6 +257,7 @@ class PruningRuntime:
         return {layer % depth: TowerCapture() for layer in sorted(layers)}
 
     def remove(self) -> None:
+        self._key_reuse.restore()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -320,6 +331,7 @@ class PruningRuntime:
             capture.armed = start
 
     def _begin_forward(self, _module, args, kwargs):
+        self._key_reuse.restore()  # an override a failed forward left unused
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise RuntimeError("atp runtime: the language model was called without inputs_embeds; call the full VLM.")
@@ -499,7 +511,7 @@ class PruningRuntime:
                 inputs = self._decode_layer(index, hidden, kwargs)
             else:
                 raise RuntimeError("atp runtime: a decoder layer ran outside a model forward; call the full model.")
-            kwargs["attention_mask"] = inputs.mask
+            kwargs["attention_mask"] = None if inputs.causal_only and self._sdpa_is_causal(kwargs) else inputs.mask
             kwargs["position_embeddings"] = inputs.rotary
             kwargs["position_ids"] = (
                 inputs.layout.position if self._prefill is not None else self._decode_positions(inputs.layout)
@@ -530,7 +542,7 @@ class PruningRuntime:
         else:
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
-            inputs = LayerInputs(state.layout, mask, rotary)
+            inputs = LayerInputs(state.layout, mask, rotary, causal_only(state.layout))
         state.layer_inputs[index] = inputs
         return hidden, inputs
 
@@ -564,6 +576,16 @@ class PruningRuntime:
         mask, rotary = state.by_layout[key]
         return LayerInputs(layout, mask, rotary)
 
+    def _sdpa_is_causal(self, kwargs: dict) -> bool:
+        """Whether a layer given no mask attends causally: HF's SDPA path with the is_causal flag
+        (`sdpa_attention_forward`: no mask, more than one query, the module's or the call's is_causal).
+        Read at every call, so a model switched to eager after atp.apply still gets its explicit masks."""
+        return (
+            self.adapter.attn_implementation == "sdpa"
+            and kwargs.get("is_causal", True) is True
+            and all(getattr(layer.self_attn, "is_causal", True) is True for layer in self.adapter.layers)
+        )
+
     def _decode_positions(self, layout: Layout) -> torch.Tensor:
         return self._decode.position - layout.shift[:, None]
 
@@ -585,16 +607,22 @@ class PruningRuntime:
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
+        keys = self._key_reuse.take(index, hidden)  # the probe's keys of this layer, if it projected them
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
+            keys = None  # merged tokens' hidden states changed
         compact = self.pruner.stage_position_policy(index, self.position_policy) == "compact"
         prunable = ctx.prunable
         if state.aux is not None:
             state.aux.store(index, layout, hidden, prunable & ~decision)
         if self.mode == "drop":
+            if keys is not None:
+                keys = gather_rows(keys, drop_slots(layout, decision, prunable)[0])
             layout, hidden = apply_drop(layout, hidden, decision, compact, prunable)
         else:
             layout = apply_mask(layout, decision, compact, prunable)
+        if keys is not None:
+            self._key_reuse.serve(self.adapter.layers[index].self_attn.k_proj, keys)
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
         if self.pruner.prunes_text:
@@ -808,6 +836,7 @@ class PruningRuntime:
         state = self._prefill
         if layer == stage:
             query, key = project_qk(self.adapter.layers[layer], hidden, query_slots)
+            self._key_reuse.offer(stage, hidden, key)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
         elif (
@@ -881,6 +910,7 @@ class PruningRuntime:
         return full[:, : state.original_length]
 
     def _finish_prefill(self, state: _Prefill) -> None:
+        self._key_reuse.restore()
         for capture in self.captures.values():
             capture.armed = False
             capture.clear()

@@ -145,6 +145,12 @@ def key_bias(layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill(~layout.visible(), minimum)
 
 
+def causal_only(layout: Layout) -> bool:
+    """Whether `prefill_mask(layout)` is exactly the causal triangle: every slot a real, visible token
+    with no soft weight (a batch without padding, before any pruning or after a drop)."""
+    return layout.weight is None and bool(layout.visible().all())
+
+
 def prefill_mask(layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, S, S] additive causal mask for a layer that sees `layout`.
 

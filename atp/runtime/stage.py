@@ -110,9 +110,22 @@ def apply_drop(
     removed = prunable & ~keep
     if compact:
         layout = _compacted(layout, removed)
-    slot, filled = left_filled_slots(layout.valid & ~removed)
-    hidden = torch.gather(hidden, 1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
-    return layout.gather(slot, filled), hidden
+    slot, filled = drop_slots(layout, keep, prunable)
+    return layout.gather(slot, filled), gather_rows(hidden, slot)
+
+
+def drop_slots(
+    layout: Layout, keep: torch.Tensor, prunable: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot, filled) [B, S']: `apply_drop`'s gather plan (`left_filled_slots` of the slots it keeps;
+    prunable as in `apply_drop`)."""
+    prunable = layout.visual_alive() if prunable is None else prunable
+    return left_filled_slots(layout.valid & ~(prunable & ~keep))
+
+
+def gather_rows(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """values [B, S, D] -> [B, S', D]: row slot[b, i] of sample b in new slot i."""
+    return torch.gather(values, 1, slot[..., None].expand(-1, -1, values.shape[-1]))
 
 
 def apply_mask(layout: Layout, decision: torch.Tensor, compact: bool, prunable: torch.Tensor | None = None) -> Layout:

@@ -26,18 +26,35 @@ def test_none_equals_stock_forward_on_padded_batch(model_factory, attn, text):
     assert stats.tokens[:, 0].tolist() == real.sum(1).tolist()
 
 
-def test_none_runs_through_the_runtime_masks(model_factory):
-    """Guard against a parity test that passes because nothing was patched."""
-    model = model_factory()
-    atp.apply(model, atp.build_pruner("none"))
-    runtime = atp.runtime_of(model)
+def masks_seen(model, batch, layer: int = 1) -> list:
+    """The attention_mask decoder layer `layer` receives in each call of one forward."""
     seen = []
-    layer = runtime.adapter.layers[1]
-    handle = layer.register_forward_pre_hook(lambda m, a, k: seen.append(k["attention_mask"]), with_kwargs=True)
+    handle = (
+        atp.runtime_of(model)
+        .adapter.layers[layer]
+        .register_forward_pre_hook(lambda m, a, k: seen.append(k["attention_mask"]), with_kwargs=True)
+    )
     with torch.no_grad():
-        model(**make_batch([(2, 3)]))
+        model(**batch)
     handle.remove()
-    assert seen and seen[0] is not None and seen[0].dtype == torch.float32 and seen[0].shape[-1] == 22
+    return seen
+
+
+@pytest.mark.parametrize("prompts", [[(2, 3)], [(2, 3), (5, 6)]])
+def test_none_runs_through_the_runtime_masks(model_factory, attn, prompts):
+    """Guard against a parity test that passes because nothing was patched: the runtime hands every
+    layer its own explicit mask, except a plain causal prefill (batch 1, no padding) under SDPA,
+    which gets no mask (SDPA's is_causal kernel, as stock HF does)."""
+    model = model_factory(attn_implementation=attn)
+    atp.apply(model, atp.build_pruner("none"))
+    batch = make_batch(prompts)
+    seen = masks_seen(model, batch)
+    assert len(seen) == 1
+    if attn == "sdpa" and len(prompts) == 1:
+        assert seen[0] is None
+    else:
+        length = batch["input_ids"].shape[1]
+        assert seen[0] is not None and seen[0].dtype == torch.float32 and seen[0].shape[-2:] == (length, length)
 
 
 def hook_ids(model):
