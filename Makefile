@@ -45,7 +45,7 @@ TEST_WORKERS ?= auto
 test:  ## the whole suite (CPU, minutes), one pytest-xdist worker per core (TEST_WORKERS=0: one process)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-bench:  ## prefill speed tables (README): Qwen2.5-VL-7B, LLaVA-1.5-7B and LLaVA-NeXT-7B layer shapes, 4 layers each (~50 min on 2 busy cores)
+bench:  ## prefill speed tables (README): Qwen2.5-VL-7B, LLaVA-1.5-7B and LLaVA-NeXT-7B layer shapes, 4 layers each (Qwen and NeXT stacks: 10 min on 2 idle cores)
 	$(BIN)/python benchmarks/prefill_speed.py --stack qwen2_5_vl --layers 4 --repeats 3
 	$(BIN)/python benchmarks/prefill_speed.py --stack llava15 --layers 4 --repeats 3
 	$(BIN)/python benchmarks/prefill_speed.py --stack llava_next --layers 4 --repeats 2
