@@ -21,29 +21,13 @@ from atp.lit.evaluate_run import run_evaluation
 from atp.lit.run import run_training
 from atp.models.adapter import MODEL_INPUT_KEYS
 from atp.models.build import load_vlm
-from tests.lit.test_train import ROOT, TINY_MODEL, compose_train, tiny_data
+from tests.lit.test_train import ROOT, compose_train, tiny_data, train_base
 
 
 @pytest.fixture(scope="module")
 def qwen_base(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL testbed model trained for 2 steps with experiment=shapes_base_qwen and exported."""
-    root = tmp_path_factory.mktemp("qwen_base")
-    cfg = compose_train(
-        [
-            "experiment=shapes_base_qwen",
-            f"output_dir={root}/run",
-            f"export_dir={root}/model",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-            *TINY_MODEL,
-            *tiny_data(root / "data"),
-        ]
-    )
-    metrics = run_training(cfg)
-    assert "val/accuracy" in metrics
-    return root / "model"
+    return train_base("shapes_base_qwen", tmp_path_factory.mktemp("qwen_base"))
 
 
 def test_the_base_export_is_a_qwen_model_with_its_processor(qwen_base):

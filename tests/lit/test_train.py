@@ -82,13 +82,11 @@ def tiny_data(root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A tiny testbed model trained for 2 steps with experiment=shapes_base and exported."""
-    root = tmp_path_factory.mktemp("base")
+def train_base(experiment: str, root: Path) -> Path:
+    """Train the testbed base of `experiment` for 2 steps on tiny data under `root`; returns its export."""
     cfg = compose_train(
         [
-            "experiment=shapes_base",
+            f"experiment={experiment}",
             f"output_dir={root}/run",
             f"export_dir={root}/model",
             "trainer.max_steps=2",
@@ -101,8 +99,39 @@ def base_model(tmp_path_factory) -> Path:
     )
     metrics = run_training(cfg)
     assert "val/accuracy" in metrics
-    assert (root / "model" / "config.json").is_file() and (root / "model" / "processor_config.json").is_file()
     return root / "model"
+
+
+def train_pruner_steps(experiment: str, model_path: Path, run: Path, data: Path, steps: int = 3) -> dict:
+    """Train only the pruner of `experiment` on `model_path` for `steps` steps (a checkpoint every step,
+    no validation) and export it to `run`/export; returns the training metrics."""
+    return run_training(
+        compose_train(
+            [
+                f"experiment={experiment}",
+                f"model.path={model_path}",
+                f"output_dir={run}",
+                f"export_dir={run}/export",
+                f"trainer.max_steps={steps}",
+                "trainer.val_check_interval=null",
+                "trainer.check_val_every_n_epoch=100",
+                "logger=none",
+                "trainer.enable_progress_bar=false",
+                "callbacks.checkpoint.every_n_train_steps=1",
+                "module.train_parts=pruner",
+                "pruner.hidden=16",
+                *tiny_data(data),
+            ]
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny testbed model trained for 2 steps with experiment=shapes_base and exported."""
+    model = train_base("shapes_base", tmp_path_factory.mktemp("base"))
+    assert (model / "config.json").is_file() and (model / "processor_config.json").is_file()
+    return model
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -22,31 +22,15 @@ from atp.data.processor import InternVLImageProcessor, load_processor
 from atp.evaluation import first_word
 from atp.export import load_pruned
 from atp.lit.evaluate_run import run_evaluation
-from atp.lit.run import MissingAssetError, run_job, run_training
+from atp.lit.run import MissingAssetError, run_job
 from atp.models.adapter import MODEL_INPUT_KEYS
-from tests.lit.test_train import ROOT, TINY_MODEL, compose_train, tiny_data
+from tests.lit.test_train import ROOT, compose_train, tiny_data, train_base, train_pruner_steps
 
 
 @pytest.fixture(scope="module")
 def internvl_base(tmp_path_factory) -> Path:
     """A tiny InternVL testbed model trained for 2 steps with experiment=shapes_base_internvl and exported."""
-    root = tmp_path_factory.mktemp("internvl_base")
-    cfg = compose_train(
-        [
-            "experiment=shapes_base_internvl",
-            f"output_dir={root}/run",
-            f"export_dir={root}/model",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-            *TINY_MODEL,
-            *tiny_data(root / "data"),
-        ]
-    )
-    metrics = run_training(cfg)
-    assert "val/accuracy" in metrics
-    return root / "model"
+    return train_base("shapes_base_internvl", tmp_path_factory.mktemp("internvl_base"))
 
 
 def image_tokens_of_a_test_image(processor, data: Path) -> int:
@@ -72,25 +56,7 @@ def test_the_base_export_is_an_internvl_model_with_its_processor(internvl_base):
 def test_atp_trains_exports_loads_and_evaluates_on_internvl(internvl_base, tmp_path):
     data = tmp_path / "data"
     run = tmp_path / "run"
-    metrics = run_training(
-        compose_train(
-            [
-                "experiment=atp_internvl_shapes",
-                f"model.path={internvl_base}",
-                f"output_dir={run}",
-                f"export_dir={run}/export",
-                "trainer.max_steps=3",
-                "trainer.val_check_interval=null",
-                "trainer.check_val_every_n_epoch=100",
-                "logger=none",
-                "trainer.enable_progress_bar=false",
-                "callbacks.checkpoint.every_n_train_steps=1",
-                "module.train_parts=pruner",
-                "pruner.hidden=16",
-                *tiny_data(data),
-            ]
-        )
-    )
+    metrics = train_pruner_steps("atp_internvl_shapes", internvl_base, run, data)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     # the exported pruner is the trained one: the final checkpoint's pruner weights, on disk and loaded
     final = torch.load(run / "checkpoints/last.ckpt", weights_only=False)

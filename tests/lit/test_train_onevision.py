@@ -22,9 +22,8 @@ from atp.data.shapes import write_dataset
 from atp.evaluation import first_word
 from atp.export import load_pruned
 from atp.lit.evaluate_run import run_evaluation
-from atp.lit.run import run_training
 from atp.models.adapter import MODEL_INPUT_KEYS
-from tests.lit.test_train import ROOT, compose_train, tiny_data
+from tests.lit.test_train import ROOT, tiny_data, train_pruner_steps
 from tests.next_inputs import save_onevision_testbed
 
 
@@ -52,25 +51,7 @@ def test_dataset_items_are_what_the_onevision_processor_makes(onevision, tmp_pat
 
 def test_atp_trains_exports_loads_and_evaluates_on_onevision(onevision, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    metrics = run_training(
-        compose_train(
-            [
-                "experiment=atp_llava_shapes",
-                f"model.path={onevision}",
-                f"output_dir={run}",
-                f"export_dir={run}/export",
-                "trainer.max_steps=3",
-                "trainer.val_check_interval=null",
-                "trainer.check_val_every_n_epoch=100",
-                "logger=none",
-                "trainer.enable_progress_bar=false",
-                "callbacks.checkpoint.every_n_train_steps=1",
-                "module.train_parts=pruner",
-                "pruner.hidden=16",
-                *tiny_data(data),
-            ]
-        )
-    )
+    metrics = train_pruner_steps("atp_llava_shapes", onevision, run, data)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     final = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     trained = {k.removeprefix("pruner."): v for k, v in final["state_dict"].items() if k.startswith("pruner.")}
