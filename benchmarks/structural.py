@@ -140,7 +140,18 @@ def run_method(args, dense, method: str, ratio: float, seed: int, datamodule, ex
         "generator_steps": int(module.generator_steps),
         "live_share": (search[0]["generator/live_share"], search[-1]["generator/live_share"]) if search else None,
         "sampled_keep": (search[0]["generator/keep_ratio"], search[-1]["generator/keep_ratio"]) if search else None,
+        "keep_curve": search_curve(search, "generator/keep_ratio"),
+        "live_curve": search_curve(search, "generator/live_share"),
     }
+
+
+def search_curve(search: list[dict], key: str, points: int = 6) -> str | None:
+    """`key` at about `points` generator steps spread over the search (first and last included), as
+    "step:value" pairs: where the search moved and where it stopped."""
+    if not search:
+        return None
+    picks = sorted({round(i * (len(search) - 1) / (points - 1)) for i in range(points)})
+    return " ".join(f"{search[i]['step']}:{search[i][key]:.3f}" for i in picks)
 
 
 def mean_spread(values: list[float]) -> str:
