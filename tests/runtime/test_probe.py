@@ -39,11 +39,22 @@ class Recorder(TokenPruner):
         return torch.ones_like(ctx.visual)
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 700, 2**21])  # one query row per chunk .. all rows at once
+@pytest.mark.parametrize(
+    ("chunk_elements", "min_rows"),
+    [
+        (1, 64),  # one query row and one key group's heads per block
+        (700, 64),  # a few rows, one key group (GQA: 2 of the 4 heads) per block
+        (2**21, 64),  # all rows and heads at once
+        (2**21, 10**6),  # all rows, one key group per block
+    ],
+)
 @pytest.mark.parametrize("heads", ["mean", "max"])
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_attention_received_equals_reduced_full_rows(model_factory, monkeypatch, chunk_elements, heads, exclude_self):
+def test_attention_received_equals_reduced_full_rows(
+    model_factory, monkeypatch, chunk_elements, min_rows, heads, exclude_self
+):
     monkeypatch.setattr(probe, "QUERY_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(probe, "MIN_CHUNK_ROWS", min_rows)
     model = model_factory()
     recorder = Recorder(heads, exclude_self)
     atp.apply(model, recorder, mode="drop")
