@@ -30,8 +30,10 @@ about a quarter of the visual tokens, theta_s = 0.6: SAP keeps the stride-4 grid
 configuration runs in the same process, interleaved, median of repeats, after one warm-up
 forward of the stock model. Analytic speedups come from atp's accounting
 (`atp.metrics.cost_report` on `atp.stats`); scoring overhead is the time inside the pruner
-(`PruningStats.scoring_seconds`: scores, probes, ATP's MLPs) as % of the unpruned prefill,
-and, because the stacks are shallower than the 7B models, also scaled to the full depth.
+(`PruningStats.scoring_seconds`: scores, probes, ATP's MLPs) less the key projections its
+layer then reuses (`reused_seconds`: PDrop's probe of the layer about to run projects that
+layer's keys, which the layer takes instead of projecting them again), as % of the unpruned
+prefill, and, because the stacks are shallower than the 7B models, also scaled to the full depth.
 
     python benchmarks/prefill_speed.py --stack qwen2_5_vl --layers 4 --repeats 3
     python benchmarks/prefill_speed.py --smoke          # tiny widths, every stack, seconds
@@ -506,7 +508,9 @@ def run_stack(
                     config.pruner.detach()
                 if config.pruner is not None:
                     row.stats = atp.stats(model)
-                row.scoring.append(row.stats.scoring_seconds if row.stats is not None else 0.0)
+                row.scoring.append(
+                    row.stats.scoring_seconds - row.stats.reused_seconds if row.stats is not None else 0.0
+                )
     atp.remove(model)
     tower.remove()
     language_model.remove()
@@ -658,8 +662,9 @@ NOTES = (
     "atp.stats). Stock-layer: the speedup stock HF decoder layers would give at the row's tokens per layer on this "
     "machine, sum_l t(N) / sum_l t(n_l) with t(n) a stock layer's time at n tokens (SDPA, is_causal), timed in the "
     "same process; measured/stock-layer isolates what the runtime and the pruner add or save beyond what the CPU "
-    "charges per layer at fewer tokens. Scoring overhead: time inside the pruner (scores, probes, ATP's MLPs) as % "
-    "of the stock language model's prefill; at full depth: the same seconds over a prefill of the 7B model's depth "
+    "charges per layer at fewer tokens. Scoring overhead: time inside the pruner (scores, probes, ATP's MLPs), less "
+    "the key projections the next layer reuses instead of computing (PDrop), as % of the stock language model's "
+    "prefill; at full depth: the same seconds over a prefill of the 7B model's depth "
     "(prefill time scaled by full / benchmarked layers). KV cache: bytes after prefill relative to unpruned."
 )
 

@@ -108,6 +108,7 @@ class _Prefill:
         self.layouts: list[Layout] = []  # per layer, kept after the forward for decode steps
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.scoring_seconds = 0.0
+        self.reused_seconds = 0.0  # of scoring_seconds: key projections the layers then reused
         self.cache = None
         self.additions: list[torch.Tensor] = []  # [N, d] rows added to visual tokens after layer i
         self.sublayer: dict[int, dict[str, torch.Tensor]] = {}  # layer -> part -> [B, S] by original position
@@ -607,7 +608,9 @@ class PruningRuntime:
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.scoring_seconds += time.perf_counter() - start  # the pruner alone: scores and probes
-        keys = self._key_reuse.take(index, hidden)  # the probe's keys of this layer, if it projected them
+        taken = self._key_reuse.take(index, hidden)  # the probe's keys of this layer, if it projected them
+        keys, key_seconds = taken if taken is not None else (None, 0.0)
+        projected = layout.length
         if isinstance(decision, MergeDecision):
             layout, hidden, decision = apply_merge(layout, hidden, decision)
             keys = None  # merged tokens' hidden states changed
@@ -623,6 +626,7 @@ class PruningRuntime:
             layout = apply_mask(layout, decision, compact, prunable)
         if keys is not None:
             self._key_reuse.serve(self.adapter.layers[index].self_attn.k_proj, keys)
+            state.reused_seconds += key_seconds * keys.shape[1] / projected  # the rows the layer receives
         state.layout = layout
         state.kept[index] = remaining_visual(layout, torch.gather(state.visual_index, 1, layout.index))
         if self.pruner.prunes_text:
@@ -835,8 +839,8 @@ class PruningRuntime:
         for the layer about to run with `query_slots` [B, Q], q holds those slots' rows only."""
         state = self._prefill
         if layer == stage:
-            query, key = project_qk(self.adapter.layers[layer], hidden, query_slots)
-            self._key_reuse.offer(stage, hidden, key)
+            query, key, key_seconds = project_qk(self.adapter.layers[layer], hidden, query_slots)
+            self._key_reuse.offer(stage, hidden, key, key_seconds)
             mask = prefill_mask(state.layout, hidden.dtype)
             rotary = self._rotary(hidden, state.layout)
         elif (
@@ -932,6 +936,7 @@ class PruningRuntime:
             input_tokens=state.input_tokens.cpu(),
             soft_visual_tokens=torch.stack([_soft_count(lay) for lay in layouts], 1).detach().cpu(),
             scoring_seconds=state.scoring_seconds,
+            reused_seconds=state.reused_seconds,
             vision_tokens=state.vision_tokens,
             vision_input_tokens=None if self.tower is None else self.tower.layout.tokens,
             mode=self.mode,

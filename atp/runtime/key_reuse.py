@@ -20,20 +20,21 @@ class KeyReuse:
     """One pending offer (the probe's keys of one layer) and at most one served k_proj."""
 
     def __init__(self) -> None:
-        self._offer: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, hidden, keys)
+        self._offer: tuple[int, torch.Tensor, torch.Tensor, float] | None = None  # (layer, hidden, keys, seconds)
         self._served: nn.Module | None = None
 
-    def offer(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor) -> None:
-        """The probe projected `keys` [B, S, H_kv * hd] of decoder layer `layer` from `hidden` [B, S, d]."""
-        self._offer = None if torch.is_grad_enabled() else (layer, hidden, keys)
+    def offer(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor, seconds: float = 0.0) -> None:
+        """The probe projected `keys` [B, S, H_kv * hd] of decoder layer `layer` from `hidden` [B, S, d]
+        in `seconds` (wall)."""
+        self._offer = None if torch.is_grad_enabled() else (layer, hidden, keys, seconds)
 
-    def take(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The offered keys if they were projected for `layer` from exactly `hidden` (the same tensor),
-        else None; the offer is withdrawn either way."""
+    def take(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(keys, seconds) offered if they were projected for `layer` from exactly `hidden` (the same
+        tensor), else None; the offer is withdrawn either way."""
         offer, self._offer = self._offer, None
         if offer is None or offer[0] != layer or offer[1] is not hidden or torch.is_grad_enabled():
             return None
-        return offer[2]
+        return offer[2], offer[3]
 
     def serve(self, k_proj: nn.Module, keys: torch.Tensor) -> None:
         """The next call of this `k_proj` instance returns `keys` [B, S', H_kv * hd] instead of projecting

@@ -24,6 +24,9 @@ class PruningStats:
                    without pruning)
     soft_visual_tokens: [B, L] float, sum of soft keep weights per layer (mask mode)
     scoring_seconds: wall time spent inside the pruner (scores and probes), this prefill
+    reused_seconds: the part of scoring_seconds that projected keys a layer then reused instead of
+                   projecting them itself (drop mode, no gradients: `key_reuse`), counted for the
+                   rows that layer received; scoring_seconds - reused_seconds is the pruner's overhead
     vision_tokens: [I, Lv] long, real tokens each vision-tower layer ran on, per image, when the
                    pruner cuts inside the tower (None otherwise: the tower ran unpruned)
     vision_input_tokens: tokens per image at the tower input (what every tower layer runs on
@@ -44,6 +47,7 @@ class PruningStats:
     input_tokens: torch.Tensor
     soft_visual_tokens: torch.Tensor
     scoring_seconds: float = 0.0
+    reused_seconds: float = 0.0
     vision_tokens: torch.Tensor | None = None
     vision_input_tokens: int | None = None
     mode: str = "drop"

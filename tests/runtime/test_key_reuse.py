@@ -49,6 +49,9 @@ def test_reused_keys_give_the_same_logits_and_save_exactly_the_kept_rows_k_proj(
         rows = [batch["input_ids"].shape[1]] * len(LAYERS)
     saved = sum(2 * len(prompts) * n * config.hidden_size * config.num_key_value_heads * head_dim for n in rows)
     assert reference_flops - reused_flops == saved
+    # the reused projections are booked apart from the pruner's overhead, and only when reused
+    assert 0.0 < stats.reused_seconds < stats.scoring_seconds
+    assert reference_stats.reused_seconds == 0.0
 
 
 def test_no_override_outlives_the_forward(model_factory):
