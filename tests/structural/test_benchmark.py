@@ -1,10 +1,13 @@
-"""benchmarks/structural.py reuses each baseline's calibration across ratios and seeds: the masks it
-trains with equal `baseline_mask` called afresh for every (method, ratio, seed), and each
-calibrated method scores the dense model once."""
+"""benchmarks/structural.py: each baseline's calibration is reused across ratios and seeds (the masks it
+trains with equal `baseline_mask` called afresh for every (method, ratio, seed), and each calibrated
+method scores the dense model once); perplexity; and the split of the methods over worker processes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -57,3 +60,40 @@ def test_perplexity_is_the_exponent_of_the_mean_token_loss(bf16):
         losses.append(sum(-float(log_probs[t, row[t + 1]]) for t in range(len(row) - 1)) / (len(row) - 1))
     expected = torch.tensor(losses).mean().exp()
     assert benchmark.perplexity(model, chunks, 2, bf16) == pytest.approx(float(expected), rel=1e-2 if bf16 else 1e-5)
+
+
+def test_methods_split_into_groups_of_about_equal_cost_each_method_once():
+    methods = ["atp", "flap", "llm_pruner", "wanda_sp", "wanda_sp_global", "magnitude", "random"]
+    groups = benchmark.split_methods(methods, 2)
+    assert sorted(m for group in groups for m in group) == sorted(methods)
+    costs = [sum(benchmark.METHOD_COST.get(m, 1.0) for m in group) for group in groups]
+    assert max(costs) - min(costs) <= 1.0  # no move of one method between the groups would balance them better
+    assert benchmark.split_methods(["flap"], 4) == [["flap"]]
+
+
+def test_two_worker_processes_give_the_runs_of_one_process(tmp_path):
+    """The same records (masks, training, perplexities) whether the methods run here or split over two
+    worker processes of one thread each (up to float summation order across thread counts)."""
+    argv = ["--tiny", "--steps", "2", "--epochs", "2", "--control-epochs", "1", "--eval-tokens", "512"]
+    argv += ["--ratios", "0.3", "--methods", "atp", "random", "--general-chunks", "4", "--repeats", "1"]
+    out = tmp_path / "records.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/structural.py"), *argv, "--workers", "2", "--records", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    split = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(split) == {"atp", "random"}
+    args = benchmark.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = {r["method"]: r for r in benchmark.run_methods(args, args.methods)}
+    finally:
+        torch.set_num_threads(threads)
+    for method, record in here.items():
+        assert split[method]["params"] == record["params"]
+        for key in ("domain", "general", "keep"):
+            assert split[method][key] == pytest.approx(record[key], rel=1e-4), (method, key)
