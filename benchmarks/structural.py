@@ -102,6 +102,7 @@ def run_method(args, dense, method: str, ratio: float, seed: int, datamodule, ex
         prune_ratio=ratio,
         control_epochs=args.control_epochs,
         generator_lr=args.generator_lr,
+        alpha=args.alpha,
         lora_lr=args.lora_lr,
         lora_rank=args.lora_rank,
         lora_alpha=2 * args.lora_rank,
@@ -185,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general-chunks", type=int, default=None, help="LICENSE.txt chunks (all by default)")
     parser.add_argument("--calibration-chunks", type=int, default=64, help="baselines' calibration (train split)")
     parser.add_argument("--generator-lr", type=float, default=1e-3, help="official v1 rate")
+    parser.add_argument("--alpha", type=float, default=5.0, help="weight of ATP's ratio loss (the module's default: 5)")
     parser.add_argument("--noise", default="gumbel", choices=("gumbel", "logistic"))
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -316,6 +318,7 @@ def print_table(args: argparse.Namespace, setup: Setup, dense_row: tuple[float, 
         f"\nSettings: {'tiny Llama (smoke)' if args.tiny else args.model}, {args.steps} LoRA steps of "
         f"{args.batch_size} x {args.seq_len} tokens over {args.epochs} epochs (ATP searches {args.control_epochs}), "
         f"rank {args.lora_rank}, {'bf16 autocast' if args.bf16 else 'float32'}; generator lr {args.generator_lr}, "
+        f"ratio-loss alpha {args.alpha}, "
         f"{args.noise} noise; baselines calibrated on "
         f"{args.calibration_chunks} training chunks; eval on {setup.domain.numel()} held-out domain tokens and "
         f"{setup.general.numel()} general tokens ({'bf16 autocast' if args.eval_bf16 else 'float32'}); "
