@@ -20,6 +20,18 @@ IMAGE = VOCAB - 1
 PAD = 0
 
 
+def text_batch(lengths=(11, 8, 5), seed: int = 1) -> dict:
+    """A left-padded text-only batch: input_ids / attention_mask [B, max(lengths)], random ids in [3, 500)."""
+    generator = torch.Generator().manual_seed(seed)
+    length = max(lengths)
+    ids = torch.zeros(len(lengths), length, dtype=torch.long)
+    mask = torch.zeros(len(lengths), length, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, length - n :] = torch.randint(3, 500, (n,), generator=generator)
+        mask[b, length - n :] = 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
 def make_batch(text_lengths, seed: int = 0, padding: str = "left", with_image=None):
     """A batch of prompts `[bos, prefix..., <image>*16, suffix...]`, padded to one length.
 

@@ -12,6 +12,16 @@ from __future__ import annotations
 import torch
 
 
+def forward_with_hooks(model, batch: dict, handles: list) -> None:
+    """One forward of `model` on `batch` without gradients; the hook `handles` are removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def processor_positions(h: int, w: int) -> list[tuple[int, int]]:
     """(row, col) of each tower patch of an h x w image in the processor's order: 2x2 merge units in
     raster order, each unit's 4 patches in raster order."""
@@ -59,12 +69,7 @@ def brute_force_attention(model, batch, index: int) -> list[torch.Tensor]:
         tower.blocks[0].register_forward_pre_hook(lambda _m, args: embedded.update(x=args[0])),
         tower.patch_embed.register_forward_hook(lambda _m, _a, out: embedded.setdefault("patches", out)),
     ]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, handles)
     grids = batch["image_grid_thw"].tolist()
     order, group = reference_layout(model, grids)
     if not hasattr(tower, "pos_embed"):  # Qwen3-VL adds position embeddings before block 0

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from atp.models import get_adapter
 from atp.runtime.probe import TowerCapture
 from tests.qwen_inputs import FAMILIES, qwen_batch, qwen_model
-from tests.qwen_tower_reference import brute_force_attention, reference_layout
+from tests.qwen_tower_reference import brute_force_attention, forward_with_hooks, reference_layout
 
 # images of different sizes (tower patches h x w); (6, 10) has 3 x 5 merge units: windows of 2 x 2 units
 # that the image's edge cuts short
@@ -24,12 +24,7 @@ def adapter_attention(model, batch, index: int):
     capture = TowerCapture()
     handles = adapter.vision_attention_hooks(index, capture.record)
     capture.armed = True
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, handles)
     return adapter.tower_attention(index, capture.parts)
 
 
@@ -72,12 +67,7 @@ def test_tower_rows_are_the_merge_units_the_merger_reads(family):
             lambda _m, _a, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
         ),
     ]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, handles)
     grids = batch["image_grid_thw"].tolist()
     order, _ = reference_layout(model, grids)
     x = torch.empty_like(seen["x"])

@@ -15,7 +15,7 @@ import torch
 from atp.models.causal import tiny_causal_lm
 from atp.models.hf_compat import cache_kwargs
 from atp.runtime.a2sf import A2SFCache
-from tests.conftest import IMAGE, make_batch, single
+from tests.conftest import IMAGE, make_batch, single, text_batch
 
 STEPS = 8
 
@@ -23,17 +23,6 @@ STEPS = 8
 def causal_lm(attn: str):
     torch.manual_seed(0)
     return tiny_causal_lm(attn_implementation=attn, num_layers=2, initializer_range=0.3).eval()  # peaked attention
-
-
-def text_batch(lengths=(11, 8, 5)):
-    generator = torch.Generator().manual_seed(1)
-    length = max(lengths)
-    ids = torch.zeros(len(lengths), length, dtype=torch.long)
-    mask = torch.zeros(len(lengths), length, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, length - n :] = torch.randint(3, 500, (n,), generator=generator)
-        mask[b, length - n :] = 1
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 def attention_modules(model):

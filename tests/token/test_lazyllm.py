@@ -20,7 +20,7 @@ import torch
 import atp
 from atp.models import get_adapter
 from atp.models.causal import tiny_causal_lm
-from tests.conftest import make_batch, single
+from tests.conftest import make_batch, single, text_batch
 
 STEPS = 6
 LAYERS, RATIOS = [1, 3], [0.5, 0.5]
@@ -29,17 +29,6 @@ LAYERS, RATIOS = [1, 3], [0.5, 0.5]
 def causal_lm(attn: str):
     torch.manual_seed(0)
     return tiny_causal_lm(attn_implementation=attn, num_layers=4, initializer_range=0.3).eval()  # peaked attention
-
-
-def text_batch(lengths=(11, 8, 5), seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    length = max(lengths)
-    ids = torch.zeros(len(lengths), length, dtype=torch.long)
-    mask = torch.zeros(len(lengths), length, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, length - n :] = torch.randint(3, 500, (n,), generator=generator)
-        mask[b, length - n :] = 1
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 def greedy(model, inputs):
